@@ -1,0 +1,3 @@
+"""lit-factor: fine-tune Hugging Face transformers while factorizing their linear layers."""
+
+__version__ = "0.1.0"

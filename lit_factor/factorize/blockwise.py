@@ -1,0 +1,140 @@
+"""Block-wise low-rank layer: W split into a b x b grid of blocks, each of rank R.
+
+Stored as two batched block-diagonal products, the same layout Monarch uses (see ``monarch.py``):
+
+    x (n) --pad--> b input blocks of p --[blocks_in: b blocks, (b R) x p]--> b x b x R values
+          --regroup by output block--> b x (b R) --[blocks_out: b blocks, q x (b R)]--> b output blocks of q
+
+so block (i, j) of W is ``blocks_out[i][:, jR:(j+1)R] @ blocks_in[j][iR:(i+1)R, :]``: b R (m + n) params
+(b^2 R (p + q) with p = ceil(n/b), q = ceil(m/b) once padded). Here output block i is the contiguous rows
+i q .. (i+1) q - 1; :class:`~lit_factor.factorize.monarch.MonarchLinear` only changes that row order.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import FactorizedLinear, truncated_factors
+
+
+class BlockLowRankLinear(FactorizedLinear):
+    """b x b grid of contiguous blocks, each a rank-R product. Projection: rank-R SVD of every block."""
+
+    method = "blockwise"
+
+    def __init__(self, in_features: int, out_features: int, nblocks: int, rank: int | None = None,
+                 bias: bool = True, device=None, dtype=None) -> None:
+        super().__init__(in_features, out_features, bias, device, dtype)
+        if not 1 <= nblocks <= min(in_features, out_features):
+            raise ValueError(f"nblocks={nblocks} must be in 1..{min(in_features, out_features)} "
+                             f"for a {out_features}x{in_features} layer")
+        self.nblocks = b = nblocks
+        self.in_block = p = math.ceil(in_features / b)
+        self.out_block = q = math.ceil(out_features / b)
+        if rank is None:
+            rank = self.default_rank(out_features, in_features, b)
+        if not 1 <= rank <= min(p, q):
+            raise ValueError(f"rank={rank} must be in 1..{min(p, q)} (the size of a {q}x{p} block) "
+                             f"for nblocks={b}")
+        self.rank = rank
+        self.blocks_in = nn.Parameter(torch.empty(b, b * rank, p, device=device, dtype=dtype))
+        self.blocks_out = nn.Parameter(torch.empty(b, q, b * rank, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    @staticmethod
+    def default_rank(out_features: int, in_features: int, nblocks: int) -> int:
+        """R = min(m, n) / b^2: keeps min(m, n)(m + n) / b weights (37.5 % of a BERT block at b = 4)."""
+        full = min(math.ceil(in_features / nblocks), math.ceil(out_features / nblocks))
+        return max(1, min(full, min(in_features, out_features) // nblocks**2))
+
+    def reset_parameters(self) -> None:
+        """Random init with the output variance of nn.Linear's default (see LowRankLinear.reset_parameters)."""
+        bound = (3.0 / (self.rank * self.in_features)) ** 0.25
+        nn.init.uniform_(self.blocks_in, -bound, bound)
+        nn.init.uniform_(self.blocks_out, -bound, bound)
+        # Padded input columns never see data, padded output rows are cut: zero them so to_dense() is exact.
+        self._zero_padding()
+        if self.bias is not None:
+            nn.init.uniform_(self.bias, -1 / math.sqrt(self.in_features), 1 / math.sqrt(self.in_features))
+
+    def _zero_padding(self) -> None:
+        with torch.no_grad():
+            pad_cols = self.nblocks * self.in_block - self.in_features
+            if pad_cols:
+                self.blocks_in[-1, :, self.in_block - pad_cols:] = 0
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, nblocks: int, rank: int | None = None, init: str = "svd"):
+        """Project ``linear`` block by block (``init="svd"``), or initialise randomly (``"random"``)."""
+        if init not in ("svd", "random"):
+            raise ValueError(f"init={init!r} is not one of 'svd', 'random'")
+        w = linear.weight
+        layer = cls(linear.in_features, linear.out_features, nblocks, rank, bias=linear.bias is not None,
+                    device=w.device, dtype=w.dtype)
+        if init == "svd":
+            layer.project_(w)
+            layer._copy_bias(linear)
+        return layer
+
+    @torch.no_grad()
+    def project_(self, weight: Tensor) -> None:
+        """Set the factors to the best approximation of ``weight`` this structure allows (per-block SVD)."""
+        b, p, q, r = self.nblocks, self.in_block, self.out_block, self.rank
+        padded = F.pad(weight.detach().to(torch.float64),
+                       (0, b * p - self.in_features, 0, b * q - self.out_features))
+        up, down = truncated_factors(self._rows_to_blocks(padded), r)  # (i, j, q, R), (i, j, R, p)
+        self.blocks_in.copy_(down.permute(1, 0, 2, 3).reshape(b, b * r, p))
+        self.blocks_out.copy_(up.permute(0, 2, 1, 3).reshape(b, q, b * r))
+
+    # Row order: the only difference between block-wise low rank and Monarch. --------------------------
+    def _rows_to_blocks(self, padded: Tensor) -> Tensor:
+        """(b q, b p) -> (i, j, q, p) with output block i = rows i q .. (i + 1) q - 1."""
+        b, p, q = self.nblocks, self.in_block, self.out_block
+        return padded.reshape(b, q, b, p).permute(0, 2, 1, 3)
+
+    def _blocks_to_rows(self, blocks: Tensor) -> Tensor:
+        """Inverse of :meth:`_rows_to_blocks`."""
+        b, p, q = self.nblocks, self.in_block, self.out_block
+        return blocks.permute(0, 2, 1, 3).reshape(b * q, b * p)
+
+    def _order_output(self, y: Tensor) -> Tensor:
+        """(b_i, N, q) per-block outputs -> (N, b q) in row order."""
+        return y.transpose(0, 1).reshape(y.shape[1], -1)
+
+    # ---------------------------------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        b, p, r = self.nblocks, self.in_block, self.rank
+        lead = x.shape[:-1]
+        x = x.reshape(-1, self.in_features)
+        if b * p != self.in_features:
+            x = F.pad(x, (0, b * p - self.in_features))
+        n = x.shape[0]
+        h = torch.bmm(x.reshape(n, b, p).transpose(0, 1), self.blocks_in.transpose(1, 2))  # (b_j, N, b R)
+        # The fixed permutation: regroup the b x b x R values by output block i.
+        h = h.reshape(b, n, b, r).permute(2, 1, 0, 3).reshape(b, n, b * r)  # (b_i, N, b_j R)
+        y = torch.bmm(h, self.blocks_out.transpose(1, 2))  # (b_i, N, q)
+        y = self._order_output(y)[:, : self.out_features]
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*lead, self.out_features)
+
+    def to_dense(self) -> Tensor:
+        b, p, q, r = self.nblocks, self.in_block, self.out_block, self.rank
+        up = self.blocks_out.reshape(b, q, b, r).permute(0, 2, 1, 3)  # (i, j, q, R)
+        down = self.blocks_in.reshape(b, b, r, p).permute(1, 0, 2, 3)  # (i, j, R, p)
+        return self._blocks_to_rows(up @ down)[: self.out_features, : self.in_features]
+
+    @staticmethod
+    def param_count(out_features: int, in_features: int, nblocks: int, rank: int | None = None) -> int:
+        b = nblocks
+        p, q = math.ceil(in_features / b), math.ceil(out_features / b)
+        if rank is None:
+            rank = BlockLowRankLinear.default_rank(out_features, in_features, b)
+        return b * b * rank * (p + q)
+
+    def structure(self) -> dict:
+        return {"nblocks": self.nblocks, "rank": self.rank}

@@ -1,0 +1,67 @@
+"""Low-rank linear layer: W (m x n) ~= A B with A (m x r) and B (r x n); r (m + n) parameters."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import FactorizedLinear, truncated_factors
+
+
+class LowRankLinear(FactorizedLinear):
+    """``y = A (B x) + b``. Projection from dense is the truncated SVD (Eckart-Young optimal)."""
+
+    method = "lowrank"
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
+                 device=None, dtype=None) -> None:
+        super().__init__(in_features, out_features, bias, device, dtype)
+        if not 1 <= rank <= min(in_features, out_features):
+            raise ValueError(f"rank={rank} must be in 1..{min(in_features, out_features)} "
+                             f"for a {out_features}x{in_features} layer")
+        self.rank = rank
+        # Named by role: `down` maps the input to the rank-r bottleneck, `up` maps back out.
+        self.down = nn.Parameter(torch.empty(rank, in_features, device=device, dtype=dtype))  # B = sqrt(S) V^T
+        self.up = nn.Parameter(torch.empty(out_features, rank, device=device, dtype=dtype))  # A = U sqrt(S)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Random init whose product has the variance of nn.Linear's default init (the paper's baseline)."""
+        # nn.Linear draws W ~ U(+-1/sqrt(n)), var 1/(3n). With A,B ~ U(+-a): var(AB) = r a^4 / 9 -> a^4 = 3/(r n).
+        bound = (3.0 / (self.rank * self.in_features)) ** 0.25
+        nn.init.uniform_(self.down, -bound, bound)
+        nn.init.uniform_(self.up, -bound, bound)
+        if self.bias is not None:
+            nn.init.uniform_(self.bias, -1 / math.sqrt(self.in_features), 1 / math.sqrt(self.in_features))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, rank: int, init: str = "svd") -> "LowRankLinear":
+        """``init="svd"`` projects the dense weight (best rank-r approximation); ``"random"`` ignores it."""
+        if init not in ("svd", "random"):
+            raise ValueError(f"init={init!r} is not one of 'svd', 'random'")
+        w = linear.weight
+        layer = cls(linear.in_features, linear.out_features, rank, bias=linear.bias is not None,
+                    device=w.device, dtype=w.dtype)
+        if init == "svd":
+            a, b = truncated_factors(w, rank)
+            with torch.no_grad():
+                layer.up.copy_(a)
+                layer.down.copy_(b)
+            layer._copy_bias(linear)
+        return layer
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(F.linear(x, self.down), self.up, self.bias)
+
+    def to_dense(self) -> Tensor:
+        return self.up @ self.down
+
+    @staticmethod
+    def param_count(out_features: int, in_features: int, rank: int) -> int:
+        return rank * (out_features + in_features)
+
+    def structure(self) -> dict:
+        return {"rank": self.rank}

@@ -1,0 +1,266 @@
+"""Model surgery: find the target linears of a Hugging Face model, plan their factorization, apply the plan.
+
+The **plan** is the single source of truth for a factorized architecture. It is plain JSON (one entry per
+targeted module: path, method, shape, structure, parameters before/after), goes into hyperparameters and
+checkpoints, and rebuilds the factorized model before its weights load (``apply_plan(project=False)``).
+
+    plan = build_plan(model, method="lowrank", budget=0.5)
+    errors = apply_plan(model, plan)           # project the current weights; relative Frobenius errors
+    print(format_report(model, plan, errors))
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from .factorize import METHODS, BudgetError, FactorizedLinear, check_saves, structure_for_budget
+
+# Module-name regular expressions (``re.search`` on the dotted path) of the linears factorized by default:
+# attention Q/K/V/O and the FFN in/out of every transformer block. Never embeddings, pooler or classifier.
+_BERT_LIKE = r"encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)$"
+TARGET_PRESETS: dict[str, list[str]] = {
+    "bert": [_BERT_LIKE],
+    "roberta": [_BERT_LIKE],
+    "t5": [
+        r"(encoder|decoder)\.block\.\d+\.layer\.\d+\.(SelfAttention|EncDecAttention)\.(q|k|v|o)$",
+        r"(encoder|decoder)\.block\.\d+\.layer\.\d+\.DenseReluDense\.(wi|wi_0|wi_1|wo)$",
+    ],
+}
+# Other BERT-shaped families share the preset.
+for _family in ("distilroberta", "xlm-roberta", "camembert", "electra", "ernie", "megatron-bert"):
+    TARGET_PRESETS.setdefault(_family, [_BERT_LIKE])
+#: Fallback for architectures without a preset: every nn.Linear except these.
+_NEVER_BY_DEFAULT = re.compile(r"(classifier|classification_head|pooler|embed|lm_head|score|qa_outputs)")
+
+
+class PlanError(ValueError):
+    """A plan that does not fit the model (no targets, wrong shapes, unknown method)."""
+
+
+@dataclass
+class PlanEntry:
+    """How one ``nn.Linear`` is factorized."""
+
+    path: str
+    method: str
+    out_features: int
+    in_features: int
+    bias: bool
+    structure: dict  # keyword arguments of the layer class: {"rank": r} or {"nblocks": b, "rank": R}
+    params_dense: int  # weights + bias of the nn.Linear
+    params_factorized: int  # weights + bias of the factorized layer
+    init: str = "svd"  # "svd" (project the dense weight) or "random"
+
+
+@dataclass
+class Plan:
+    """The factorization of a whole model. ``budget`` is the requested kept fraction of targeted weights."""
+
+    method: str
+    budget: float | None
+    entries: list[PlanEntry] = field(default_factory=list)
+
+    # --- JSON round trip -----------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {"method": self.method, "budget": self.budget, "entries": [asdict(e) for e in self.entries]}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Plan":
+        return cls(data["method"], data.get("budget"), [PlanEntry(**e) for e in data["entries"]])
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        return cls.from_dict(json.loads(text))
+
+    # --- summary numbers -------------------------------------------------------------------------------
+    @property
+    def paths(self) -> list[str]:
+        return [e.path for e in self.entries]
+
+    @property
+    def params_dense(self) -> int:
+        return sum(e.params_dense for e in self.entries)
+
+    @property
+    def params_factorized(self) -> int:
+        return sum(e.params_factorized for e in self.entries)
+
+    @property
+    def kept_fraction(self) -> float:
+        """Kept fraction of the targeted layers' weights (the budget's unit; biases excluded)."""
+        dense = sum(e.out_features * e.in_features for e in self.entries)
+        kept = sum(e.params_factorized - (e.out_features if e.bias else 0) for e in self.entries)
+        return kept / dense if dense else 1.0
+
+
+def target_patterns(model: nn.Module, targets: str | Iterable[str] | None = None) -> list[str]:
+    """Resolve ``targets``: None -> the preset of the model's ``config.model_type``; a preset name; or regexes."""
+    if targets is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        return TARGET_PRESETS.get(model_type, [])
+    if isinstance(targets, str):
+        return TARGET_PRESETS.get(targets, [targets])
+    return list(targets)
+
+
+def find_targets(model: nn.Module, targets: str | Iterable[str] | None = None) -> dict[str, nn.Linear]:
+    """The ``nn.Linear`` modules whose dotted names match ``targets`` (see :func:`target_patterns`)."""
+    patterns = target_patterns(model, targets)
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise PlanError(f"targets pattern {pattern!r} is not a valid regular expression: {err}") from None
+    found = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or isinstance(module, FactorizedLinear):
+            continue
+        if patterns:
+            if any(re.search(p, name) for p in patterns):
+                found[name] = module
+        elif not _NEVER_BY_DEFAULT.search(name):
+            found[name] = module
+    if not found:
+        raise PlanError(f"targets {patterns or 'default'} match no nn.Linear in {type(model).__name__}")
+    return found
+
+
+def build_plan(model: nn.Module, method: str, budget: float | None = 0.5, *,
+               targets: str | Iterable[str] | None = None, nblocks: int = 4, rank: int | None = None,
+               rank_multiple: int = 1, init: str = "svd") -> Plan:
+    """Plan the factorization of every target linear of ``model``.
+
+    Args:
+        method: ``lowrank``, ``monarch`` or ``blockwise``.
+        budget: kept fraction of each targeted layer's weights, in (0, 1]. ``None`` with an explicit
+            ``rank`` (or, for Monarch/block-wise, the default rank min(m, n) / b^2).
+        targets: a preset name (``bert``, ``roberta``, ``t5``), a regex, or a list of regexes on module names;
+            ``None`` picks the preset of ``model.config.model_type``.
+        nblocks: blocks b for Monarch and block-wise low rank.
+        rank: fixed rank (low rank) or per-block rank (Monarch, block-wise) instead of a budget.
+        rank_multiple: round ranks down to this multiple (8 or 64 on GPUs).
+        init: ``svd`` projects the current dense weights; ``random`` re-initialises the factors.
+    """
+    if method not in METHODS:
+        raise PlanError(f"method={method!r} is not one of {', '.join(METHODS)}")
+    if init not in ("svd", "random"):
+        raise PlanError(f"init={init!r} is not one of 'svd', 'random'")
+    if budget is not None and rank is not None:
+        raise PlanError(f"give a budget or a rank, not both (budget={budget}, rank={rank})")
+    if budget is None and rank is None and method == "lowrank":
+        raise PlanError("method='lowrank' needs a budget in (0, 1] or a rank")
+    entries = []
+    for path, linear in find_targets(model, targets).items():
+        m, n = linear.out_features, linear.in_features
+        try:
+            if budget is not None:
+                structure = structure_for_budget(method, m, n, budget, nblocks=nblocks, rank_multiple=rank_multiple)
+            else:
+                structure = {"rank": rank} if method == "lowrank" else {"nblocks": nblocks, "rank": rank}
+                if structure["rank"] is None:
+                    structure["rank"] = METHODS[method].default_rank(m, n, nblocks)
+                check_saves(method, m, n, **structure)
+        except BudgetError as err:
+            raise BudgetError(f"{path}: {err}") from None
+        bias = linear.bias is not None
+        layer_cls = METHODS[method]
+        entries.append(PlanEntry(
+            path=path, method=method, out_features=m, in_features=n, bias=bias, structure=structure,
+            params_dense=m * n + (m if bias else 0),
+            params_factorized=layer_cls.param_count(m, n, **structure) + (m if bias else 0), init=init,
+        ))
+    return Plan(method=method, budget=budget, entries=entries)
+
+
+
+def set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, name, module)
+
+
+def build_layer(entry: PlanEntry, linear: nn.Linear, project: bool = True) -> FactorizedLinear:
+    """The factorized layer for ``entry``: projected from ``linear`` (or random if the plan says so), or an
+    empty shell of the right shape, dtype and device when ``project=False`` (weights come from a checkpoint)."""
+    layer_cls = METHODS[entry.method]
+    if project:
+        return layer_cls.from_linear(linear, init=entry.init, **entry.structure)
+    w = linear.weight
+    return layer_cls(entry.in_features, entry.out_features, bias=entry.bias, device=w.device, dtype=w.dtype,
+                     **entry.structure)
+
+
+def relative_error(dense: torch.Tensor, layer: FactorizedLinear) -> float:
+    """||W - W_hat||_F / ||W||_F of a projection."""
+    w = dense.detach().to(torch.float64)
+    diff = w - layer.to_dense().detach().to(torch.float64)
+    return (diff.norm() / w.norm().clamp_min(1e-300)).item()
+
+
+@torch.no_grad()
+def apply_plan(model: nn.Module, plan: Plan, project: bool = True) -> dict[str, float]:
+    """Replace every planned ``nn.Linear`` in ``model`` (in place) by its factorized layer.
+
+    ``project=True`` projects the current weights and returns each layer's relative Frobenius error;
+    ``project=False`` builds empty shells to ``load_state_dict`` a factorized checkpoint into (returns {}).
+    """
+    errors = {}
+    for entry in plan.entries:
+        try:
+            linear = model.get_submodule(entry.path)
+        except AttributeError:
+            raise PlanError(f"plan entry {entry.path!r} is not a module of {type(model).__name__}") from None
+        if not isinstance(linear, nn.Linear) or (linear.out_features, linear.in_features) != (
+                entry.out_features, entry.in_features):
+            raise PlanError(f"plan entry {entry.path!r} expects nn.Linear {entry.out_features}x{entry.in_features}, "
+                            f"found {linear!r}")
+        layer = build_layer(entry, linear, project)
+        if project and entry.init == "svd":
+            errors[entry.path] = relative_error(linear.weight, layer)
+        set_module(model, entry.path, layer)
+    return errors
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def format_report(model: nn.Module, plan: Plan, errors: dict[str, float] | None = None,
+                  dense_model_params: int | None = None) -> str:
+    """A table of every planned layer (structure, params before/after, relative error) and the totals.
+
+    ``model`` is the factorized model; the dense whole-model count is derived from the plan unless given.
+    """
+    errors = errors or {}
+    rows = [("layer", "method", "shape", "structure", "dense", "factorized", "kept", "rel. error")]
+    for e in plan.entries:
+        struct = ",".join(f"{k}={v}" for k, v in e.structure.items())
+        err = f"{errors[e.path]:.4f}" if e.path in errors else "-"
+        rows.append((e.path, e.method, f"{e.out_features}x{e.in_features}", struct, f"{e.params_dense:,}",
+                     f"{e.params_factorized:,}", f"{e.params_factorized / e.params_dense:.1%}", err))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i < 4 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    total_now = count_params(model)
+    total_dense = dense_model_params or total_now + plan.params_dense - plan.params_factorized
+    budget = f"budget {plan.budget}" if plan.budget is not None else "fixed structure"
+    lines += [
+        "-" * len(lines[0]),
+        f"targeted layers: {len(plan.entries)} ({plan.method}, {budget}); "
+        f"weights kept: {plan.kept_fraction:.1%} of targeted linear weights",
+        f"targeted params (incl. bias): {plan.params_dense:,} -> {plan.params_factorized:,} "
+        f"({plan.params_factorized / max(plan.params_dense, 1):.1%})",
+        f"whole model params: {total_dense:,} -> {total_now:,} ({total_now / max(total_dense, 1):.1%})",
+    ]
+    if errors:
+        vals = list(errors.values())
+        lines.append(f"relative Frobenius error: mean {sum(vals) / len(vals):.4f}, max {max(vals):.4f}")
+    return "\n".join(lines)
