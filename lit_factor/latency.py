@@ -1,0 +1,331 @@
+"""Inference latency of a factorized model side by side with its dense equivalent (one process, one device).
+
+The one measurement used by both :class:`lit_factor.callbacks.LatencyCallback` and ``benchmarks/latency.py``:
+
+    dense = dense_equivalent(factorized)             # every factorized layer -> its to_linear()
+    rows = compare_latency(dense, {"lowrank@0.5": factorized}, LatencySettings(batch_sizes=(8,), seq_lens=(128,)))
+    print(format_table(rows))
+
+How it measures (each point is a DESIGN.md section 6 pitfall avoided):
+
+* eval mode, ``torch.inference_mode``, the same random token ids for every model, full-length sequences (no padding,
+  so no attention mask is passed: that keeps the forward free of host-device syncs and CUDA-graph capturable);
+* ``warmup`` untimed calls per model and shape (torch.compile compiles here, CUDA graphs are captured here);
+* ``torch.cuda.synchronize()`` around every timed call on CUDA;
+* the models are timed in alternation, call after call, for ``repeats`` rounds, so drift (thermal, other
+  processes on shared cores) hits all of them alike; median and 90th percentile over the rounds;
+* one call is the model's whole forward (embeddings, encoder, pooler, classification head): what a user runs.
+
+Parameters are whole-model counts; multiply-adds per token are those of all linear layers (the part factorization
+changes; attention scores add 2 * seq_len * hidden per layer and token to both alike).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from .factorize import FactorizedLinear
+from .surgery import set_module
+
+MODES = ("eager", "compile", "cudagraph")
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+class LatencyError(ValueError):
+    """A measurement setting that cannot be honoured (unknown mode/dtype, CUDA graphs on CPU...)."""
+
+
+@dataclass
+class LatencySettings:
+    """What to measure.
+
+    Args:
+        batch_sizes: batch sizes to sweep.
+        seq_lens: sequence lengths (tokens) to sweep; each batch size is measured at each length.
+        repeats: timed rounds per shape (each round times every model once); median and p90 over them.
+        warmup: untimed calls per model and shape before timing.
+        mode: ``eager``; ``compile`` (``torch.compile``, default inductor); ``cudagraph`` (the forward captured
+            once into a CUDA graph and replayed; CUDA only).
+        dtype: ``float32``, ``bfloat16`` or ``float16`` for the measured copies; ``None`` keeps the model's dtype.
+        device: ``cpu``, ``cuda``, ``cuda:1``...; ``None`` keeps the model's device.
+        threads: CPU threads (``torch.set_num_threads``) during the measurement; ``None`` leaves it alone.
+        seed: seed of the random token ids.
+    """
+
+    batch_sizes: Sequence[int] = (8,)
+    seq_lens: Sequence[int] = (128,)
+    repeats: int = 10
+    warmup: int = 2
+    mode: str = "eager"
+    dtype: str | None = None
+    device: str | None = None
+    threads: int | None = None
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.mode not in MODES:
+            raise LatencyError(f"mode={self.mode!r} is not one of {', '.join(MODES)}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise LatencyError(f"dtype={self.dtype!r} is not one of {', '.join(DTYPES)}")
+        for name in ("batch_sizes", "seq_lens"):
+            values = list(getattr(self, name))
+            if not values or any(int(v) != v or v < 1 for v in values):
+                raise LatencyError(f"{name}={values} must be a non-empty list of positive integers")
+        if self.repeats < 1 or self.warmup < 0:
+            raise LatencyError(f"repeats={self.repeats} must be >= 1 and warmup={self.warmup} >= 0")
+        if self.threads is not None and self.threads < 1:
+            raise LatencyError(f"threads={self.threads} must be a positive integer")
+
+
+@dataclass
+class LatencyRow:
+    """One (model, shape) measurement next to the dense baseline measured in the same rounds."""
+
+    name: str
+    method: str
+    budget: float | None
+    kept_fraction: float
+    device: str
+    dtype: str
+    batch_size: int
+    seq_len: int
+    mode: str
+    dense_ms: float
+    factorized_ms: float
+    speedup: float  # dense_ms / factorized_ms: > 1 means the factorized model is faster
+    dense_p90_ms: float
+    factorized_p90_ms: float
+    params_dense: int
+    params_factorized: int
+    macs_per_token_dense: int
+    macs_per_token_factorized: int
+    repeats: int
+    threads: int | None
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        row = asdict(self)
+        row.update(row.pop("extra"))
+        return row
+
+
+# --- models ------------------------------------------------------------------------------------------------
+def _densifiable(module: nn.Module) -> bool:
+    """Anything that can turn itself back into an nn.Linear (FactorizedLinear, switchable layers...)."""
+    return callable(getattr(module, "to_linear", None)) and type(module) is not nn.Linear
+
+
+def dense_equivalent(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` with every factorized layer replaced by the dense ``nn.Linear`` it represents.
+
+    Same weights (up to the factorization's rounding), same device and dtype: the fair baseline.
+    """
+    dense = copy.deepcopy(model)
+    done: list[str] = []
+    for name, module in list(dense.named_modules()):
+        if name and _densifiable(module) and not any(name.startswith(p + ".") for p in done):
+            with torch.no_grad():
+                set_module(dense, name, module.to_linear())
+            done.append(name)
+    return dense
+
+
+def linear_macs_per_token(model: nn.Module) -> int:
+    """Multiply-adds of all linear layers for one token (factorized layers by their structure)."""
+    total = 0
+    for module in model.modules():
+        if isinstance(module, FactorizedLinear):
+            total += module.macs_per_token
+        elif isinstance(module, nn.Linear):
+            total += module.in_features * module.out_features
+        elif _densifiable(module) and hasattr(module, "macs_per_token"):
+            total += int(module.macs_per_token)
+    return total
+
+
+def param_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def describe(model: nn.Module) -> dict:
+    """method / budget / kept fraction of a model factorized by lit-factor (read from its layers)."""
+    layers = [m for m in model.modules() if isinstance(m, FactorizedLinear)]
+    if not layers:
+        return {"method": "dense", "kept_fraction": 1.0}
+    methods = sorted({m.method for m in layers})
+    kept = sum(m.weight_params for m in layers) / sum(m.in_features * m.out_features for m in layers)
+    return {"method": "+".join(methods), "kept_fraction": kept}
+
+
+# --- inputs and runners --------------------------------------------------------------------------------------
+def make_inputs(model: nn.Module, batch_size: int, seq_len: int, device: torch.device, seed: int = 0) -> dict:
+    """Random full-length token ids (no special ids, except an end-of-sequence token where the model pools on it)."""
+    config = getattr(model, "config", None)
+    vocab = getattr(config, "vocab_size", None) or 1000
+    gen = torch.Generator().manual_seed(seed)
+    low = min(1000, vocab // 2)  # stay clear of [PAD]/[CLS]/[SEP]/[unused] ids
+    ids = torch.randint(low, vocab, (batch_size, seq_len), generator=gen)
+    eos = getattr(config, "eos_token_id", None)
+    if isinstance(eos, int) and getattr(config, "is_encoder_decoder", False):
+        ids[:, -1] = eos  # T5ForSequenceClassification pools at the (single) end-of-sequence token
+    return {"input_ids": ids.to(device)}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _runner(model: nn.Module, inputs: dict, mode: str, warmup: int, device: torch.device) -> Callable[[], object]:
+    """A no-argument callable running one forward in ``mode``, already warmed up (compiled / captured)."""
+    if mode == "cudagraph":
+        # Warm up on a side stream (as torch.cuda.graphs requires), then capture one forward and replay it.
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(max(warmup, 2)):
+                model(**inputs)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            model(**inputs)
+        graph.replay()
+        _sync(device)
+        return graph.replay
+    fn = torch.compile(model, dynamic=False) if mode == "compile" else model
+
+    def run():
+        return fn(**inputs)
+
+    for _ in range(warmup):
+        run()
+    _sync(device)
+    return run
+
+
+def _time_once(run: Callable[[], object], device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    run()
+    _sync(device)
+    return (time.perf_counter() - start) * 1e3
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def _prepare(model: nn.Module, settings: LatencySettings) -> nn.Module:
+    """An eval-mode copy on the measurement device and dtype (the caller's model is never touched)."""
+    params = next(model.parameters(), None)
+    device = torch.device(settings.device) if settings.device else (params.device if params is not None else "cpu")
+    dtype = DTYPES[settings.dtype] if settings.dtype else None
+    clone = copy.deepcopy(model).to(device=device, dtype=dtype)
+    for p in clone.parameters():
+        p.requires_grad_(False)
+    return clone.eval()
+
+
+# --- the measurement -----------------------------------------------------------------------------------------
+def compare_latency(dense: nn.Module, factorized: Mapping[str, nn.Module], settings: LatencySettings,
+                    meta: Mapping[str, dict] | None = None) -> list[LatencyRow]:
+    """Time ``dense`` and every model in ``factorized`` ({name: model}) over the batch x length sweep.
+
+    All models run in the same rounds, alternating, on the same inputs. ``meta[name]`` may give ``method``,
+    ``budget``, ``kept_fraction`` and extra JSON fields for that model's rows (read from its layers otherwise).
+    Returns one row per (factorized model, batch size, sequence length).
+    """
+    settings.check()
+    meta = meta or {}
+    old_threads = torch.get_num_threads()
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    try:
+        models = {"dense": _prepare(dense, settings), **{k: _prepare(m, settings) for k, m in factorized.items()}}
+        device = next(models["dense"].parameters()).device
+        if settings.mode == "cudagraph" and device.type != "cuda":
+            raise LatencyError(f"mode='cudagraph' needs a CUDA device, got device={device}")
+        dtype_name = str(next(models["dense"].parameters()).dtype).removeprefix("torch.")
+        counts = {k: (param_count(m), linear_macs_per_token(m)) for k, m in models.items()}
+        rows = []
+        for batch_size in settings.batch_sizes:
+            for seq_len in settings.seq_lens:
+                inputs = make_inputs(models["dense"], batch_size, seq_len, device, settings.seed)
+                times: dict[str, list[float]] = {k: [] for k in models}
+                with torch.inference_mode():
+                    runners = {k: _runner(m, inputs, settings.mode, settings.warmup, device)
+                               for k, m in models.items()}
+                    for _ in range(settings.repeats):
+                        for key, run in runners.items():
+                            times[key].append(_time_once(run, device))
+                del runners
+                dense_ms = statistics.median(times["dense"])
+                for key in factorized:
+                    info = {**describe(models[key]), **meta.get(key, {})}
+                    fact_ms = statistics.median(times[key])
+                    rows.append(LatencyRow(
+                        name=key, method=info.pop("method"), budget=info.pop("budget", None),
+                        kept_fraction=round(float(info.pop("kept_fraction")), 4),
+                        device=_device_name(device), dtype=dtype_name, batch_size=batch_size, seq_len=seq_len,
+                        mode=settings.mode, dense_ms=round(dense_ms, 4), factorized_ms=round(fact_ms, 4),
+                        speedup=round(dense_ms / fact_ms, 3),
+                        dense_p90_ms=round(_percentile(times["dense"], 0.9), 4),
+                        factorized_p90_ms=round(_percentile(times[key], 0.9), 4),
+                        params_dense=counts["dense"][0], params_factorized=counts[key][0],
+                        macs_per_token_dense=counts["dense"][1], macs_per_token_factorized=counts[key][1],
+                        repeats=settings.repeats, threads=torch.get_num_threads() if device.type == "cpu" else None,
+                        extra=info,
+                    ))
+        return rows
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return "cpu"
+
+
+def _human(n: int) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return str(n)
+
+
+def format_table(rows: Sequence[LatencyRow], title: str = "") -> str:
+    """A plain-text table; every row where factorization is slower than dense says so."""
+    if not rows:
+        return "(no latency rows)"
+    head = ("model", "kept", "batch x len", "mode", "dense ms", "factorized ms", "p90 d/f ms", "speedup",
+            "params d -> f", "MACs/token d -> f")
+    lines = [head]
+    for r in rows:
+        verdict = f"{r.speedup:.2f}x" + ("  SLOWER than dense" if r.speedup < 1 else "")
+        lines.append((
+            r.name, f"{r.kept_fraction:.1%}", f"{r.batch_size} x {r.seq_len}", r.mode, f"{r.dense_ms:.2f}",
+            f"{r.factorized_ms:.2f}", f"{r.dense_p90_ms:.2f}/{r.factorized_p90_ms:.2f}", verdict,
+            f"{_human(r.params_dense)} -> {_human(r.params_factorized)}",
+            f"{_human(r.macs_per_token_dense)} -> {_human(r.macs_per_token_factorized)}",
+        ))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    text = ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines]
+    first = rows[0]
+    threads = f", {first.threads} CPU threads" if first.threads else ""
+    header = (title + "\n" if title else "") + (
+        f"latency of the whole model forward on {first.device}, {first.dtype}{threads}; "
+        f"median of {first.repeats} alternating rounds (speedup = dense ms / factorized ms)")
+    return "\n".join([header, text[0], "-" * len(text[0]), *text[1:]])
