@@ -70,6 +70,15 @@ class FactorizedLinear(nn.Module, ABC):
         """Multiply-adds for one input vector. Each factor entry is used exactly once per token."""
         return self.weight_params
 
+    @property
+    def weight(self) -> Tensor:
+        """The dense matrix, materialised on every access (costly: prefer ``to_dense()`` knowingly).
+
+        Exists because model code written for ``nn.Linear`` reads ``.weight`` -- HF T5's feed-forward reads
+        ``wo.weight.dtype`` on each call -- and a drop-in replacement must not break it.
+        """
+        return self.to_dense()
+
     def to_linear(self) -> nn.Linear:
         """Materialise the dense ``nn.Linear`` this layer represents (for comparison and export)."""
         ref = self.to_dense()
