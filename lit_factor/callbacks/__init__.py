@@ -1,0 +1,5 @@
+"""Lightning callbacks of lit-factor."""
+
+from .latency import LatencyCallback
+
+__all__ = ["LatencyCallback"]

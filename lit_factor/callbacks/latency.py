@@ -1,0 +1,109 @@
+"""Measure the inference latency of the model being trained next to its dense equivalent (after fit / test).
+
+In a LightningCLI config::
+
+    trainer:
+      callbacks:
+        - class_path: lit_factor.callbacks.LatencyCallback
+          init_args: {batch_sizes: [8, 32], seq_lens: [128], repeats: 10, when: [fit_end, test_end]}
+
+A :class:`~lightning.pytorch.callbacks.Callback` rather than a ``Profiler``: a profiler times the *training* hooks
+as they run, while this needs its own controlled inference runs (eval mode, fixed shapes, a dense baseline) at a
+well-defined moment. The measured "factorized" model is what would be exported now: staged layers that have not
+switched yet count as dense. The dense baseline is the same model with every factorized layer multiplied back
+into an ``nn.Linear``. Both are copies: the trained model is never touched.
+
+Under DDP only global rank 0 measures (on its own device; the table says ``rank 0``) while the other ranks wait
+at a barrier, so the numbers are not disturbed by sibling processes competing for the same device.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import lightning.pytorch as pl
+from torch import nn
+
+from ..latency import LatencyRow, LatencySettings, compare_latency, dense_equivalent, format_table
+from ..surgery import set_module
+
+WHEN = ("fit_end", "test_end")
+
+
+def deployed_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` as it would be exported now: every switchable layer replaced by its live path."""
+    deployed = copy.deepcopy(model)
+    for name, module in list(deployed.named_modules()):
+        live = getattr(module, "live_module", None)
+        if name and isinstance(live, nn.Module):
+            set_module(deployed, name, live)
+    return deployed
+
+
+class LatencyCallback(pl.Callback):
+    """Time the trained model's forward against its dense equivalent; print a table, log to the loggers."""
+
+    def __init__(self, batch_sizes: list[int] = (8,), seq_lens: list[int] = (128,), repeats: int = 10,
+                 warmup: int = 2, mode: str = "eager", dtype: str | None = None, device: str | None = None,
+                 threads: int | None = None, when: list[str] = ("fit_end",)) -> None:
+        """
+        Args:
+            batch_sizes: batch sizes to sweep.
+            seq_lens: sequence lengths to sweep (every batch size at every length).
+            repeats: timed rounds per shape; the table shows the median and the 90th percentile.
+            warmup: untimed calls per model and shape before timing.
+            mode: ``eager``, ``compile`` (torch.compile) or ``cudagraph`` (CUDA only).
+            dtype: ``float32``, ``bfloat16``, ``float16`` for the measured copies; ``null`` keeps the model's.
+            device: where to measure; ``null`` = the device the model is trained on (rank 0's under DDP).
+            threads: CPU threads during the measurement; ``null`` leaves the setting alone.
+            when: ``fit_end`` and/or ``test_end``.
+        """
+        super().__init__()
+        bad = [w for w in when if w not in WHEN]
+        if bad or not when:
+            raise ValueError(f"when={list(when)} must be a non-empty list of {', '.join(WHEN)}")
+        self.settings = LatencySettings(batch_sizes=list(batch_sizes), seq_lens=list(seq_lens), repeats=repeats,
+                                        warmup=warmup, mode=mode, dtype=dtype, device=device, threads=threads)
+        self.settings.check()
+        self.when = list(when)
+        #: rows of the last measurement (rank 0 only)
+        self.rows: list[LatencyRow] = []
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if "fit_end" in self.when:
+            self.measure(trainer, pl_module, "fit_end")
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if "test_end" in self.when:
+            self.measure(trainer, pl_module, "test_end")
+
+    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> list[LatencyRow]:
+        if trainer.global_rank == 0:
+            model = getattr(pl_module, "model", pl_module)
+            factorized = deployed_copy(model)
+            dense = dense_equivalent(factorized)
+            plan = getattr(pl_module, "plan", None)
+            meta = {"budget": plan.budget, "kept_fraction": plan.kept_fraction} if plan is not None else {}
+            self.rows = compare_latency(dense, {"factorized": factorized}, self.settings, {"factorized": meta})
+            ranks = f"rank 0 of {trainer.world_size}" if trainer.world_size > 1 else "single process"
+            print(format_table(self.rows, title=f"inference latency at {stage} ({ranks})"), flush=True)
+            self._log(trainer, stage)
+        trainer.strategy.barrier("latency_callback")
+        return self.rows
+
+    def _log(self, trainer: pl.Trainer, stage: str) -> None:
+        metrics = {}
+        for r in self.rows:
+            key = f"latency/{stage}/b{r.batch_size}_s{r.seq_len}"
+            metrics.update({f"{key}/dense_ms": r.dense_ms, f"{key}/factorized_ms": r.factorized_ms,
+                            f"{key}/speedup": r.speedup})
+        if self.rows:
+            metrics["latency/params_dense"] = self.rows[0].params_dense
+            metrics["latency/params_factorized"] = self.rows[0].params_factorized
+        table = format_table(self.rows)
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+            experiment = getattr(logger, "experiment", None)
+            if hasattr(experiment, "add_text"):  # TensorBoard: the table itself, monospaced
+                experiment.add_text(f"latency/{stage}", "```\n" + table + "\n```", trainer.global_step)
+            logger.save()

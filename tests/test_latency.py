@@ -1,0 +1,167 @@
+"""The latency measurement: core, benchmark command, Lightning callback (tiny models, CPU, eager)."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from lit_factor.callbacks import LatencyCallback
+from lit_factor.factorize import FactorizedLinear
+from lit_factor.latency import (
+    LatencyError,
+    LatencySettings,
+    compare_latency,
+    dense_equivalent,
+    format_table,
+    linear_macs_per_token,
+    make_inputs,
+)
+from lit_factor.models import load_model
+from lit_factor.surgery import apply_plan, build_plan
+
+ROOT = Path(__file__).resolve().parents[1]
+REQUIRED = {"method", "budget", "kept_fraction", "device", "dtype", "batch_size", "seq_len", "dense_ms",
+            "factorized_ms", "speedup", "params_dense", "params_factorized", "mode"}
+FAST = dict(batch_sizes=[2], seq_lens=[8], repeats=2, warmup=1)
+
+
+def factorized_tiny(method="lowrank", budget=0.5):
+    torch.manual_seed(0)
+    model = load_model("random:tiny-bert")
+    apply_plan(model, build_plan(model, method, budget))
+    return model.eval()
+
+
+def test_dense_equivalent_computes_the_same_function_with_plain_linears():
+    fact = factorized_tiny("monarch", None)
+    dense = dense_equivalent(fact).eval()
+    assert not any(isinstance(m, FactorizedLinear) for m in dense.modules())
+    assert any(isinstance(m, FactorizedLinear) for m in fact.modules())  # the original is untouched
+    inputs = make_inputs(fact, 2, 8, torch.device("cpu"))
+    with torch.no_grad():
+        torch.testing.assert_close(dense(**inputs).logits, fact(**inputs).logits, atol=1e-5, rtol=1e-4)
+    assert linear_macs_per_token(fact) < linear_macs_per_token(dense)
+
+
+def test_compare_latency_rows_and_table():
+    fact = factorized_tiny()
+    dense = dense_equivalent(fact)
+    settings = LatencySettings(batch_sizes=[1, 2], seq_lens=[8], repeats=3, warmup=1, threads=1)
+    rows = compare_latency(dense, {"lr": fact}, settings, {"lr": {"budget": 0.5}})
+    assert [(r.batch_size, r.seq_len) for r in rows] == [(1, 8), (2, 8)]
+    row = rows[0].to_dict()
+    assert REQUIRED <= set(row)
+    assert row["speedup"] == pytest.approx(row["dense_ms"] / row["factorized_ms"], rel=1e-2)
+    assert row["params_factorized"] < row["params_dense"] and row["threads"] == 1
+    assert row["dense_p90_ms"] >= row["dense_ms"] > 0
+    assert 0.4 < row["kept_fraction"] <= 0.5 and row["method"] == "lowrank" and row["budget"] == 0.5
+    rows[0].speedup, rows[1].speedup = 0.5, 2.0
+    table = format_table(rows).splitlines()
+    assert "SLOWER" in table[3] and "SLOWER" not in table[4]
+    assert torch.get_num_threads() != 1 or settings.threads == 1  # thread count restored (or was already 1)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(mode="jit"), "mode='jit'"), (dict(dtype="int8"), "dtype='int8'"), (dict(batch_sizes=[0]), "batch_sizes"),
+])
+def test_bad_settings_name_the_value(bad, message):
+    with pytest.raises(LatencyError, match=message):
+        LatencySettings(**bad).check()
+
+
+def test_cudagraph_mode_refuses_cpu():
+    fact = factorized_tiny()
+    with pytest.raises(LatencyError, match="cudagraph"):
+        compare_latency(dense_equivalent(fact), {"f": fact}, LatencySettings(mode="cudagraph", device="cpu", **FAST))
+
+
+def test_benchmark_command_writes_json(tmp_path):
+    out = tmp_path / "out.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "latency.py"), "--model", "tiny-bert", "--method", "lowrank",
+           "monarch", "--budget", "0.5", "--device", "cpu", "--dtype", "float32", "--batch-sizes", "2",
+           "--seq-lens", "8", "--repeats", "2", "--warmup", "1", "--init", "random", "--json", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(out.read_text())
+    assert [r["method"] for r in rows] == ["lowrank", "monarch"]
+    for row in rows:
+        assert REQUIRED <= set(row)
+        assert row["device"] == "cpu" and row["dtype"] == "float32" and row["mode"] == "eager"
+        assert row["budget"] == 0.5 and row["batch_size"] == 2 and row["seq_len"] == 8
+        assert row["speedup"] == pytest.approx(row["dense_ms"] / row["factorized_ms"], rel=1e-2)
+    assert "speedup" in done.stdout and "lowrank@0.5" in done.stdout
+
+
+def test_benchmark_command_rejects_a_bad_budget(capsys):
+    spec = importlib.util.spec_from_file_location("latency_benchmark", ROOT / "benchmarks" / "latency.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    with pytest.raises(SystemExit):
+        bench.main(["--model", "tiny-bert", "--budget", "1.5"])
+    assert "1.5" in capsys.readouterr().err
+    assert bench.model_source("bert-base") == "random:bert-base"
+    assert bench.model_source("bert-base-uncased") == "bert-base-uncased"  # hub names pass through
+
+
+# --- the callback in a real (tiny) fit ------------------------------------------------------------------------
+class TinyData(torch.utils.data.Dataset):
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        gen = torch.Generator().manual_seed(i)
+        return {"input_ids": torch.randint(1000, 2000, (8,), generator=gen),
+                "attention_mask": torch.ones(8, dtype=torch.long), "labels": torch.tensor(i % 2)}
+
+
+def tiny_module():
+    try:
+        from lit_factor.module import FactorizedClassifier
+    except ImportError:
+        pytest.skip("lit_factor.module is not available")
+    return FactorizedClassifier("random:tiny-bert", task="sst2", factorization={"method": "lowrank", "budget": 0.5})
+
+
+def test_callback_in_fast_dev_run_prints_its_table(capsys, tmp_path):
+    callback = LatencyCallback(**FAST)
+    trainer = pl.Trainer(fast_dev_run=True, accelerator="cpu", callbacks=[callback], default_root_dir=tmp_path,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(tiny_module(), train_dataloaders=DataLoader(TinyData(), batch_size=4))
+    assert len(callback.rows) == 1 and callback.rows[0].method == "lowrank"
+    assert callback.rows[0].params_factorized < callback.rows[0].params_dense
+    out = capsys.readouterr().out
+    assert "inference latency at fit_end (single process)" in out and "speedup" in out
+
+
+def test_callback_logs_scalars_and_table_to_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    callback = LatencyCallback(**FAST, when=["fit_end", "test_end"])
+    module = tiny_module()
+    trainer = pl.Trainer(max_epochs=1, limit_train_batches=1, accelerator="cpu", callbacks=[callback],
+                         logger=pl.loggers.TensorBoardLogger(tmp_path), enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, train_dataloaders=DataLoader(TinyData(), batch_size=4))
+    before = copy.deepcopy(module.model.state_dict())
+    trainer.test(module, dataloaders=DataLoader(TinyData(), batch_size=4), verbose=False)
+    for key, value in module.model.state_dict().items():  # measuring never changes the trained model
+        assert torch.equal(value, before[key]), key
+    events = EventAccumulator(trainer.logger.log_dir, size_guidance={"tensors": 0}).Reload()
+    scalars = set(events.Tags()["scalars"])
+    for stage in ("fit_end", "test_end"):
+        assert {f"latency/{stage}/b2_s8/speedup", f"latency/{stage}/b2_s8/dense_ms"} <= scalars
+    assert any("latency/fit_end" in tag for tag in events.Tags()["tensors"])  # the text table
+
+
+def test_callback_rejects_bad_when():
+    with pytest.raises(ValueError, match="when=.*fit_end, test_end"):
+        LatencyCallback(when=["epoch_end"])
