@@ -174,7 +174,8 @@ class FactorizedClassifier(L.LightningModule):
             return
         info = self._factorize(project=True)
         self._factorized = True
-        self.rel_errors = {k: float(v) for k, v in info.items()} if isinstance(info, dict) else {}
+        # apply_plan returns {path: rel. error}; staged layers are projected later (StagingCallback logs theirs).
+        self.rel_errors = {k: float(v) for k, v in info.items()} if isinstance(info, dict) and not self.staged else {}
         self._report()
 
     @property

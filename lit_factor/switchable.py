@@ -74,6 +74,11 @@ class SwitchableLinear(nn.Module):
         return self.dense.out_features
 
     @property
+    def weight(self) -> Tensor:
+        """The live weight: model code written for ``nn.Linear`` reads ``.weight`` (HF T5: ``wo.weight.dtype``)."""
+        return self.factorized.weight if self._is_switched else self.dense.weight
+
+    @property
     def live_module(self) -> nn.Module:
         return self.factorized if self.is_switched else self.dense
 

@@ -1,0 +1,203 @@
+"""Training stability: stop a diverging run, and say whether a run *succeeded*.
+
+The seed paper measures stability as the share of seeds whose fine-tuning run succeeds. Here a run **succeeded**
+when all of these hold:
+
+1. its training never diverged: every step's loss was finite and never exceeded ``factor`` times the running
+   (exponential moving average) loss, once ``warmup_steps`` steps have built that average;
+2. its final training loss is finite;
+3. its final dev metric (``monitor``, the last validation value) beats the **majority-class baseline**: the score
+   that always predicting the most frequent dev label gets with the same metric (accuracy: that label's share;
+   binary F1: 2p/(1+p) if the majority label is the positive class 1, else 0; Matthews correlation, Pearson or
+   Spearman correlation: 0), or ``success_threshold`` when given. Without ``monitor`` only 1-2 count.
+
+Why not Lightning's ``EarlyStopping(check_finite=True, divergence_threshold=...)``: it checks a logged metric at
+epoch/validation ends against an absolute threshold; a run that explodes mid-epoch trains on garbage until then,
+and a useful threshold is relative to the loss's own scale.
+
+On divergence the step that produced the bad loss is skipped (all gradients dropped before the optimizer step,
+so the weights keep their last finite values), the run stops, ``stability/diverged`` = 1 is logged, and a
+``RUN FAILED`` line is printed. At the end of training ``stability/succeeded`` (1 or 0) is logged, a
+``RUN SUCCEEDED``/``RUN FAILED`` line printed, and the summary written to ``<log_dir>/stability.json``
+(also :attr:`StabilityMonitor.summary`). Under DDP every rank takes the same decision (any rank diverging stops all).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
+
+
+def majority_baseline(metric: str, counts: dict[int, int]) -> float:
+    """Score of the constant predictor of the most frequent label, for a metric named ``metric``."""
+    total = sum(counts.values())
+    if not total:
+        raise ValueError("majority baseline: no dev labels were seen")
+    label, top = max(counts.items(), key=lambda kv: (kv[1], -kv[0]))
+    name = metric.lower()
+    if "f1" in name:
+        p = counts.get(1, 0) / total
+        return 2 * p / (1 + p) if label == 1 else 0.0
+    if "acc" in name:
+        return top / total
+    if any(k in name for k in ("mcc", "matthews", "pearson", "spearman", "corr")):
+        return 0.0
+    raise ValueError(f"majority baseline: no rule for metric {metric!r} (known: acc, f1, mcc/matthews, "
+                     "pearson/spearman/corr); give success_threshold")
+
+
+class StabilityMonitor(Callback):
+    """Stop diverging runs and record whether the run succeeded (see the module docstring for the definition).
+
+    Args:
+        factor: a step's loss above ``factor`` x the running loss counts as divergence.
+        warmup_steps: optimizer steps that build the running loss before the ratio test applies (non-finite
+            losses count from the first step).
+        smoothing: decay of the exponential moving average of the loss (0.98 ~ the last 50 steps).
+        monitor: logged dev metric that must beat the baseline (e.g. ``val/acc``); ``None`` checks only the loss.
+        success_threshold: the dev metric must exceed this; ``None`` uses the majority-class baseline.
+    """
+
+    def __init__(self, factor: float = 10.0, warmup_steps: int = 20, smoothing: float = 0.98,
+                 monitor: str | None = None, success_threshold: float | None = None) -> None:
+        if factor <= 1:
+            raise ValueError(f"divergence factor={factor} must be > 1 (times the running loss)")
+        if not 0 <= smoothing < 1:
+            raise ValueError(f"smoothing={smoothing} must be in [0, 1)")
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps={warmup_steps} must be >= 0")
+        if monitor is not None and success_threshold is None:
+            majority_baseline(monitor, {0: 1})  # fail now, not after training, on a metric without a baseline rule
+        self.factor, self.warmup_steps, self.smoothing = factor, warmup_steps, smoothing
+        self.monitor, self.success_threshold = monitor, success_threshold
+        self.ema = 0.0
+        self.steps = 0  # steps folded into the running loss
+        self.diverged: dict[str, Any] | None = None
+        self.summary: dict[str, Any] = {}
+        self._window: list[torch.Tensor] = []
+        self._label_counts: dict[int, int] = {}
+
+    # --- divergence --------------------------------------------------------------------------------------------
+    @property
+    def running_loss(self) -> float | None:
+        """Bias-corrected moving average of the loss (None before the first step)."""
+        return self.ema / (1 - self.smoothing ** self.steps) if self.steps else None
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        # The loss is already divided by accumulate_grad_batches; undo it to compare like with like.
+        self._window.append(loss.detach() * trainer.accumulate_grad_batches)
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
+        if not self._window:
+            return
+        loss = float(torch.stack(self._window).float().mean())
+        self._window.clear()
+        reason = None
+        if not math.isfinite(loss):
+            reason = "not finite"
+        elif self.steps >= max(self.warmup_steps, 1) and loss > self.factor * self.running_loss:
+            reason = f"more than {self.factor:g}x the running loss {self.running_loss:.4g}"
+        if trainer.strategy.reduce_boolean_decision(reason is not None, all=False):
+            reason = reason or "diverged on another rank"
+            self._fail(trainer, optimizer, loss, reason)
+            return
+        self.ema = self.smoothing * self.ema + (1 - self.smoothing) * loss
+        self.steps += 1
+
+    def _fail(self, trainer: pl.Trainer, optimizer, loss: float, reason: str) -> None:
+        # Skip this step: AdamW leaves parameters without gradient untouched, so the weights stay finite.
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = None
+        trainer.should_stop = True
+        if self.diverged is None:
+            self.diverged = {"step": trainer.global_step, "loss": loss, "reason": reason}
+            rank_zero_warn(f"RUN FAILED: training diverged at step {trainer.global_step}: loss {loss:.4g} "
+                           f"({reason}); stopping")
+            for logger in trainer.loggers:
+                logger.log_metrics({"stability/diverged": 1.0}, step=trainer.global_step)
+
+    # --- dev labels for the majority baseline ------------------------------------------------------------------
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._label_counts = {}
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
+        labels = batch.get("labels") if isinstance(batch, dict) else None
+        if isinstance(labels, torch.Tensor) and not labels.is_floating_point():
+            values, counts = labels.unique(return_counts=True)
+            for v, c in zip(values.tolist(), counts.tolist(), strict=True):
+                self._label_counts[v] = self._label_counts.get(v, 0) + c
+
+    def _global_label_counts(self, trainer: pl.Trainer) -> dict[int, int]:
+        if trainer.world_size == 1:
+            return dict(self._label_counts)
+        # Each rank saw a shard of the dev set: sum the counts (labels are small non-negative integers).
+        size = trainer.strategy.reduce(torch.tensor(max(self._label_counts, default=-1) + 1.0,
+                                                    device=trainer.strategy.root_device), reduce_op="max")
+        vec = torch.zeros(int(size), device=trainer.strategy.root_device)
+        for k, c in self._label_counts.items():
+            vec[k] = c
+        vec = trainer.strategy.reduce(vec, reduce_op="sum")
+        return {k: int(c) for k, c in enumerate(vec.tolist()) if c}
+
+    # --- the verdict ---------------------------------------------------------------------------------------------
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        metrics = trainer.callback_metrics
+        summary: dict[str, Any] = {"diverged": self.diverged is not None, "divergence": self.diverged,
+                                   "running_loss": self.running_loss, "steps": trainer.global_step}
+        reasons = []
+        if self.diverged:
+            reasons.append(f"diverged at step {self.diverged['step']} (loss {self.diverged['loss']:.4g}, "
+                           f"{self.diverged['reason']})")
+        elif self.running_loss is None or not math.isfinite(self.running_loss):
+            reasons.append("no finite training loss")
+        if self.monitor is not None:
+            counts = self._global_label_counts(trainer)  # collective: every rank runs it
+            value = metrics.get(self.monitor)
+            value = float(value) if value is not None else None
+            threshold = self.success_threshold
+            if threshold is None and counts:
+                threshold = majority_baseline(self.monitor, counts)
+            summary.update(monitor=self.monitor, dev_metric=value, threshold=threshold,
+                           threshold_kind="given" if self.success_threshold is not None else "majority-class")
+            if value is None or not math.isfinite(value):
+                reasons.append(f"no dev metric {self.monitor!r} was logged")
+            elif threshold is None:
+                reasons.append("no dev labels seen for the majority baseline (give success_threshold)")
+            elif value <= threshold:
+                reasons.append(f"{self.monitor} {value:.4f} <= baseline {threshold:.4f}")
+        summary["succeeded"] = not reasons
+        summary["reasons"] = reasons
+        self.summary = summary
+        for logger in trainer.loggers:
+            logger.log_metrics({"stability/succeeded": float(summary["succeeded"]),
+                                "stability/diverged": float(summary["diverged"])}, step=trainer.global_step)
+        self._report(trainer, summary)
+
+    @rank_zero_only
+    def _report(self, trainer: pl.Trainer, summary: dict[str, Any]) -> None:
+        if summary["succeeded"]:
+            detail = (f"{summary['monitor']} {summary['dev_metric']:.4f} > baseline {summary['threshold']:.4f}"
+                      if self.monitor else "finite loss, no divergence")
+            rank_zero_info(f"RUN SUCCEEDED: {detail}")
+        else:
+            rank_zero_info(f"RUN FAILED: {'; '.join(summary['reasons'])}")
+        if trainer.log_dir:
+            os.makedirs(trainer.log_dir, exist_ok=True)
+            with open(os.path.join(trainer.log_dir, "stability.json"), "w") as f:
+                json.dump(summary, f, indent=1)
+
+    # --- checkpointing -----------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"ema": self.ema, "steps": self.steps, "diverged": self.diverged}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.ema, self.steps, self.diverged = state_dict["ema"], state_dict["steps"], state_dict["diverged"]

@@ -1,0 +1,273 @@
+"""StagingCallback and StabilityMonitor on a tiny random BERT (CPU, a few seconds per fit)."""
+
+import math
+import types
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch.utils.data import DataLoader
+
+from lit_factor.callbacks.stability import StabilityMonitor, majority_baseline
+from lit_factor.callbacks.staging import StagingCallback, block_of, plan_stages
+from lit_factor.models import load_model
+from lit_factor.module import Factorization, FactorizedClassifier
+from lit_factor.surgery import apply_plan
+from lit_factor.switchable import SwitchableLinear, finalize, find_switchable
+
+BATCH, SEQ = 4, 12
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny tensors on a shared 2-core machine: a second intra-op thread only adds contention (20x slower here).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+
+def _data(n: int, seed: int = 0) -> list[dict]:
+    """Synthetic, learnable examples: the label says whether token 7 occurs."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        ids = torch.randint(1000, 1100, (SEQ,), generator=g)
+        label = int(torch.rand((), generator=g) < 0.5)
+        if label:
+            ids[torch.randint(1, SEQ, (1,), generator=g)] = 7
+        rows.append({"input_ids": ids, "attention_mask": torch.ones(SEQ, dtype=torch.long),
+                     "token_type_ids": torch.zeros(SEQ, dtype=torch.long), "labels": torch.tensor(label)})
+    return rows
+
+
+def _loader(n: int, seed: int = 0) -> DataLoader:
+    return DataLoader(_data(n, seed), batch_size=BATCH, shuffle=False)
+
+
+def _module(method: str = "lowrank", lr: float = 1e-3, **kw) -> FactorizedClassifier:
+    torch.manual_seed(0)
+    module = FactorizedClassifier("random:tiny-bert", task="sst2", learning_rate=lr, warmup_ratio=0.0,
+                                  factorization=Factorization(method=method, budget=0.5), **kw)
+    for m in module.modules():  # deterministic: dropout draws from an RNG a resumed run does not restore
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    return module
+
+
+def _trainer(tmp_path, callbacks, **kw) -> L.Trainer:
+    args = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                enable_model_summary=False, deterministic=True, limit_val_batches=0, default_root_dir=tmp_path)
+    args.update(kw)
+    return L.Trainer(callbacks=callbacks, **args)
+
+
+class Probe(Callback):
+    """After every optimizer step: live parameters moved, replaced/not-yet-live ones did not, optimizer clean."""
+
+    def __init__(self):
+        self.checked_steps = 0
+        self.after_stage = 0  # steps checked with at least one layer switched
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        # Runs after StagingCallback's hook (callbacks run in list order): any due stage has happened.
+        self.before = {id(p): p.detach().clone() for p in pl_module.parameters()}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        in_optim = [p for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]]
+        assert {id(p) for p in in_optim} == {id(p) for p in pl_module.parameters()}  # no stale, none missing
+        state = trainer.optimizers[0].state
+        for path, s in find_switchable(pl_module.model).items():
+            live = {id(p) for p in s.live_parameters()}
+            for name, p in s.named_parameters():
+                moved = not torch.equal(p, self.before[id(p)])
+                assert moved == (id(p) in live), f"{path}.{name}: moved={moved}, switched={s.is_switched}"
+                if id(p) not in live:
+                    assert p.grad is None and p not in state, f"{path}.{name} has a gradient or optimizer state"
+        self.checked_steps += 1
+        self.after_stage += any(s.is_switched for s in find_switchable(pl_module.model).values())
+
+
+@pytest.mark.parametrize("method", ["lowrank", "monarch", "blockwise"])
+def test_staged_fit_trains_exactly_the_live_parameters(tmp_path, method):
+    module, staging, probe = _module(method), StagingCallback(granularity="block", every_n_steps=2, offset=1), Probe()
+    logger = CSVLogger(tmp_path)
+    trainer = _trainer(tmp_path, [staging, probe], max_steps=6, logger=logger, log_every_n_steps=1)
+    trainer.fit(module, _loader(24))
+    assert all(isinstance(module.model.get_submodule(p), SwitchableLinear) for p in module.plan.paths)
+    assert staging.done == 2 and [h["step"] for h in staging.history] == [0, 1, 3]
+    assert staging.stages == [[p for p in module.plan.paths if f"layer.{i}." in p] for i in (0, 1)]
+    assert probe.checked_steps == 6 and probe.after_stage == 5
+    assert all(h["rel_error"] > 0 for h in staging.history[1:])
+    assert staging.history[-1]["params"] == module.factorized_params
+    # TensorBoard/CSV got the stage records
+    import csv
+    rows = list(csv.DictReader(open(logger.log_dir + "/metrics.csv")))
+    stage_rows = [r for r in rows if r.get("staging/stage")]
+    assert [float(r["staging/stage"]) for r in stage_rows] == [0, 1, 2]
+    assert all(r["staging/rel_error"] and r["staging/loss"] for r in stage_rows[1:])
+    # the final model is what the plan says
+    finalize(module.model)
+    shells = load_model("random:tiny-bert", num_labels=2)
+    apply_plan(shells, module.plan, project=False)
+    assert {k: v.shape for k, v in module.model.state_dict().items()} == {
+        k: v.shape for k, v in shells.state_dict().items()}
+    assert sum(p.numel() for p in module.model.parameters()) == module.factorized_params
+
+
+def test_matrix_granularity_top_down_spread(tmp_path):
+    module, staging = _module(), StagingCallback(granularity="matrix", order="top_down", spread=0.5)
+    trainer = _trainer(tmp_path, [staging], max_steps=24)
+    trainer.fit(module, _loader(24))  # 6 steps per epoch, 4 epochs
+    paths = module.plan.paths
+    assert staging.stages == [[p] for p in reversed(paths)]
+    assert staging.stage_steps == list(range(12))  # 12 matrices spread over the first half
+    assert staging.done == 12 and all(s.is_switched for s in find_switchable(module.model).values())
+
+
+def test_epoch_schedule_and_explicit_order(tmp_path):
+    order = [r"layer\.1\.", r"layer\.0\.attention", r"layer\.0\.(intermediate|output)"]
+    module, staging = _module(), StagingCallback(order=order, every_n_epochs=1, offset=1)
+    trainer = _trainer(tmp_path, [staging], max_epochs=3)
+    trainer.fit(module, _loader(8))  # 2 steps per epoch
+    assert [len(s) for s in staging.stages] == [6, 4, 2]
+    assert [h["epoch"] for h in staging.history] == [0, 1, 2]
+    assert staging.done == 2  # the third stage would be due at epoch 3
+    switched = {p for p, s in find_switchable(module.model).items() if s.is_switched}
+    assert switched == set(staging.stages[0] + staging.stages[1])
+
+
+def test_plan_stages_and_settings_are_validated():
+    paths = [f"bert.encoder.layer.{i}.{n}" for i in range(2) for n in ("a", "b")]
+    assert block_of(paths[2]) == "bert.encoder.layer.1" and block_of("pooler.dense") == "pooler.dense"
+    assert plan_stages(paths, "block", "top_down") == [paths[2:], paths[:2]]
+    with pytest.raises(ValueError, match="leaves 2 planned layers out"):
+        plan_stages(paths, order=[r"layer\.0\."])
+    with pytest.raises(ValueError, match="matches both"):
+        plan_stages(paths, order=[r"layer\.0\.", r"\.a$", r"layer\.1"])
+    with pytest.raises(ValueError, match="matches no planned layer"):
+        plan_stages(paths, order=[r"layer\.7"])
+    with pytest.raises(ValueError, match="one schedule"):
+        StagingCallback(every_n_steps=2, spread=0.5)
+    with pytest.raises(ValueError, match="granularity='layer'"):
+        StagingCallback(granularity="layer")
+    with pytest.raises(ValueError, match="spread=1.5"):
+        StagingCallback(spread=1.5)
+    # plain DDP would crash in the reducer on the unused parameters: refuse it up front, in one line
+    module = types.SimpleNamespace()
+    with pytest.raises(MisconfigurationException, match="ddp_find_unused_parameters_true"):
+        StagingCallback().setup(types.SimpleNamespace(strategy=DDPStrategy()), module, "fit")
+    assert module.staged is True
+    StagingCallback().setup(types.SimpleNamespace(strategy=DDPStrategy(find_unused_parameters=True)), module, "fit")
+
+
+class Killed(Exception):
+    pass
+
+
+class KillAt(Callback):
+    """Crash the run (as a kill would: nothing saved on the way out) once ``step`` optimizer steps are done."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise Killed
+
+
+def _resume_run(tmp_path, name, extra=(), ckpt_path=None):
+    """10 steps (5 epochs of 2), block stages at steps 3 and 6, a checkpoint at the end of every epoch."""
+    ckpt = ModelCheckpoint(dirpath=tmp_path / name, every_n_epochs=1, save_top_k=-1, filename="{step}")
+    module, staging = _module("lowrank"), StagingCallback(every_n_steps=3, offset=3)
+    trainer = _trainer(tmp_path, [staging, ckpt, *extra], max_epochs=5, enable_checkpointing=True)
+    trainer.fit(module, _loader(8), ckpt_path=ckpt_path)
+    return module, staging, trainer
+
+
+def test_resume_is_exact(tmp_path):
+    full, full_staging, _ = _resume_run(tmp_path, "full")
+    expected = {k: v.clone() for k, v in full.state_dict().items()}
+    assert full_staging.done == 2 and [h["step"] for h in full_staging.history] == [0, 3, 6]
+
+    # a real interruption mid-stage (step 5: stage 1 done at 3, stage 2 due at 6); last checkpoint at step 4
+    with pytest.raises(Killed):
+        _resume_run(tmp_path, "stopped", extra=[KillAt(5)])
+    assert sorted(p.name for p in (tmp_path / "stopped").iterdir()) == ["step=2.ckpt", "step=4.ckpt"]
+    resumed = {"mid-stage (killed)": tmp_path / "stopped" / "step=4.ckpt"}
+    # checkpoints written before the first stage, exactly at a stage boundary (stage 2 due at this very step, not
+    # yet applied), and after the last stage
+    for label, step in (("before first", 2), ("boundary", 6), ("after last", 8)):
+        resumed[label] = tmp_path / "full" / f"step={step}.ckpt"
+    for label, path in resumed.items():
+        module, staging, _ = _resume_run(tmp_path, "r" + str(len(label)), ckpt_path=path)
+        assert staging.done == 2 and [h["step"] for h in staging.history] == [0, 3, 6], label
+        got = module.state_dict()
+        assert got.keys() == expected.keys()
+        bad = [k for k in expected if not torch.equal(got[k], expected[k])]
+        assert not bad, f"resumed from {label}: {len(bad)} tensors differ, e.g. {bad[0]}"
+
+
+# --- stability ----------------------------------------------------------------------------------------------------
+def test_absurd_learning_rate_is_reported_failed(tmp_path, caplog):
+    module = _module(lr=1e4)
+    monitor = StabilityMonitor(factor=3.0, warmup_steps=2)
+    logger = CSVLogger(tmp_path)
+    trainer = _trainer(tmp_path, [StagingCallback(every_n_steps=1), monitor], max_steps=40, logger=logger)
+    with pytest.warns(UserWarning, match="RUN FAILED: training diverged at step"):
+        trainer.fit(module, _loader(40))
+    assert monitor.summary["succeeded"] is False and monitor.summary["diverged"] is True
+    assert trainer.global_step < 40  # stopped early rather than training on garbage
+    assert all(torch.isfinite(p).all() for p in module.parameters())  # the bad step was skipped
+    import csv
+    rows = list(csv.DictReader(open(logger.log_dir + "/metrics.csv")))
+    assert any(r.get("stability/diverged") == "1.0" for r in rows)
+    assert any(r.get("stability/succeeded") == "0.0" for r in rows)
+
+
+class NanLoss(FactorizedClassifier):
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("nan") if self.global_step == 3 else loss
+
+
+def test_non_finite_loss_fails_the_run(tmp_path):
+    torch.manual_seed(0)
+    module = NanLoss("random:tiny-bert", task="sst2", factorization=Factorization(method="lowrank"))
+    monitor = StabilityMonitor()
+    with pytest.warns(UserWarning, match=r"diverged at step 3: loss nan \(not finite\)"):
+        _trainer(tmp_path, [monitor], max_steps=10).fit(module, _loader(40))
+    assert monitor.summary["succeeded"] is False and monitor.diverged["step"] == 3
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+def test_success_needs_the_dev_metric_above_the_majority_baseline(tmp_path):
+    val = _data(12, seed=5)
+    share = max(sum(int(r["labels"]) for r in val), sum(1 - int(r["labels"]) for r in val)) / len(val)
+    for threshold, expect in ((None, None), (-1.0, True), (1.0, False)):
+        monitor = StabilityMonitor(monitor="val/accuracy", success_threshold=threshold)
+        trainer = _trainer(tmp_path, [monitor], max_steps=4, limit_val_batches=None, num_sanity_val_steps=0)
+        trainer.fit(_module(), _loader(16), DataLoader(val, batch_size=BATCH))
+        acc = float(trainer.callback_metrics["val/accuracy"])
+        s = monitor.summary
+        assert s["dev_metric"] == pytest.approx(acc)
+        if threshold is None:
+            assert s["threshold"] == pytest.approx(share) and s["threshold_kind"] == "majority-class"
+            expect = acc > share
+        assert s["succeeded"] is expect and s["diverged"] is False
+
+
+def test_majority_baseline_rules():
+    counts = {0: 30, 1: 70}
+    assert majority_baseline("val/accuracy", counts) == pytest.approx(0.7)
+    assert majority_baseline("val/f1", counts) == pytest.approx(1.4 / 1.7)
+    assert majority_baseline("val/f1", {0: 70, 1: 30}) == 0.0
+    assert majority_baseline("val/matthews", counts) == 0.0
+    with pytest.raises(ValueError, match="no rule for metric 'val/loss'"):
+        StabilityMonitor(monitor="val/loss")
+    assert math.isfinite(StabilityMonitor(monitor="val/loss", success_threshold=0.5).success_threshold)
