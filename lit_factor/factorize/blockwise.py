@@ -102,25 +102,46 @@ class BlockLowRankLinear(FactorizedLinear):
         return blocks.permute(0, 2, 1, 3).reshape(b * q, b * p)
 
     def _order_output(self, y: Tensor) -> Tensor:
-        """(b_i, N, q) per-block outputs -> (N, b q) in row order."""
+        """(b_i, N, q) per-block outputs -> (N, b q) in row order (a copy; differentiable)."""
         return y.transpose(0, 1).reshape(y.shape[1], -1)
+
+    def _output_blocks(self, out: Tensor) -> Tensor:
+        """(N, b q) output in row order -> the (b_i, N, q) view of it that block i writes (no copy)."""
+        return out.view(out.shape[0], self.nblocks, self.out_block).transpose(0, 1)
 
     # ---------------------------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
-        b, p, r = self.nblocks, self.in_block, self.rank
+        b, p, q, r = self.nblocks, self.in_block, self.out_block, self.rank
         lead = x.shape[:-1]
         x = x.reshape(-1, self.in_features)
         if b * p != self.in_features:
             x = F.pad(x, (0, b * p - self.in_features))
         n = x.shape[0]
-        h = torch.bmm(x.reshape(n, b, p).transpose(0, 1), self.blocks_in.transpose(1, 2))  # (b_j, N, b R)
-        # The fixed permutation: regroup the b x b x R values by output block i.
-        h = h.reshape(b, n, b, r).permute(2, 1, 0, 3).reshape(b, n, b * r)  # (b_i, N, b_j R)
-        y = torch.bmm(h, self.blocks_out.transpose(1, 2))  # (b_i, N, q)
-        y = self._order_output(y)[:, : self.out_features]
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*lead, self.out_features)
+        # Stage 1: input block j times blocks_in[j]. The (b_j, N, p) operand is a strided view of x: bmm reads
+        # it in place (batch stride p, row stride b p), no transposed copy of the activations.
+        h = torch.bmm(x.view(n, b, p).transpose(0, 1), self.blocks_in.mT)  # (b_j, N, b_i R)
+        # The fixed permutation between the products, as the one unavoidable copy: regroup by output block i
+        # (a single batched GEMM cannot read (j, R) columns that are not evenly strided).
+        h = h.view(b, n, b, r).permute(2, 1, 0, 3).reshape(b, n, b * r)  # (b_i, N, b_j R)
+        y = torch.bmm(h, self.blocks_out.mT)  # (b_i, N, q)
+        bias = self.bias
+        if bias is not None and b * q != self.out_features:
+            bias = F.pad(bias, (0, b * q - self.out_features))
+        if torch.is_grad_enabled() and (y.requires_grad or (bias is not None and bias.requires_grad)):
+            # Training: autograd-friendly ops (torch.compile fuses them).
+            out = self._order_output(y)
+            out = out if bias is None else out + bias
+        else:
+            # Inference: the row order and the bias in one pass, written straight into the output.
+            out = y.new_empty(n, b * q)
+            dst = self._output_blocks(out)
+            if bias is None:
+                dst.copy_(y)
+            else:
+                torch.add(y, self._output_blocks(bias.view(1, b * q)), out=dst)
+        if b * q != self.out_features:
+            out = out[:, : self.out_features]
+        return out.reshape(*lead, self.out_features)
 
     def to_dense(self) -> Tensor:
         b, p, q, r = self.nblocks, self.in_block, self.out_block, self.rank

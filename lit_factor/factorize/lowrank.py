@@ -16,6 +16,14 @@ class LowRankLinear(FactorizedLinear):
 
     method = "lowrank"
 
+    #: Inference fast path. On these devices, with autograd off, a rank that is not a multiple of
+    #: ``pad_rank_to`` runs on zero-padded copies of the factors (cached; rebuilt when the factors change).
+    #: Same math -- the zero rows/columns add nothing -- but GPU bf16/fp16 GEMMs whose leading dimension is not a
+    #: multiple of 8 elements fall off the tensor-core kernels (DESIGN.md section 5: rank 307 ran 2.4x slower
+    #: than dense). ``pad_rank_to = 0`` turns it off. Not used under torch.compile, which pads GEMMs itself.
+    pad_rank_to: int = 8
+    pad_rank_devices: tuple[str, ...] = ("cuda",)
+
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
                  device=None, dtype=None) -> None:
         super().__init__(in_features, out_features, bias, device, dtype)
@@ -38,7 +46,7 @@ class LowRankLinear(FactorizedLinear):
             nn.init.uniform_(self.bias, -1 / math.sqrt(self.in_features), 1 / math.sqrt(self.in_features))
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, rank: int, init: str = "svd") -> "LowRankLinear":
+    def from_linear(cls, linear: nn.Linear, rank: int, init: str = "svd") -> LowRankLinear:
         """``init="svd"`` projects the dense weight (best rank-r approximation); ``"random"`` ignores it."""
         if init not in ("svd", "random"):
             raise ValueError(f"init={init!r} is not one of 'svd', 'random'")
@@ -54,7 +62,25 @@ class LowRankLinear(FactorizedLinear):
         return layer
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(F.linear(x, self.down), self.up, self.bias)
+        down, up = self._padded_factors() if self._pads_rank(x) else (self.down, self.up)
+        return F.linear(F.linear(x, down), up, self.bias)
+
+    def _pads_rank(self, x: Tensor) -> bool:
+        multiple = self.pad_rank_to
+        return (multiple > 1 and self.rank % multiple != 0 and x.device.type in self.pad_rank_devices
+                and not torch.is_grad_enabled() and not torch.compiler.is_compiling())
+
+    def _padded_factors(self) -> tuple[Tensor, Tensor]:
+        """``down`` with zero rows and ``up`` with zero columns up to the next multiple of ``pad_rank_to``."""
+        key = (self.down._version, self.up._version, self.down.data_ptr(), self.up.data_ptr(),
+               self.down.dtype, self.pad_rank_to)
+        cached = self.__dict__.get("_padded")  # a plain attribute: never in the state_dict
+        if cached is None or cached[0] != key:
+            extra = -self.rank % self.pad_rank_to
+            with torch.no_grad():
+                cached = (key, F.pad(self.down, (0, 0, 0, extra)), F.pad(self.up, (0, extra)))
+            self.__dict__["_padded"] = cached
+        return cached[1], cached[2]
 
     def to_dense(self) -> Tensor:
         return self.up @ self.down

@@ -33,3 +33,7 @@ class MonarchLinear(BlockLowRankLinear):
     def _order_output(self, y: Tensor) -> Tensor:
         """(b_i, N, q) -> (N, q b): row t b + i holds y[i, :, t]."""
         return y.permute(1, 2, 0).reshape(y.shape[1], -1)
+
+    def _output_blocks(self, out: Tensor) -> Tensor:
+        """(N, q b) output -> the (b_i, N, q) view block i writes: its rows are the strided t b + i."""
+        return out.view(out.shape[0], self.out_block, self.nblocks).permute(2, 0, 1)
