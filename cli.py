@@ -8,11 +8,12 @@ Bad settings stop with one line ``error: ...`` and exit status 2, before any tra
 
 from __future__ import annotations
 
+import re
 import sys
 
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lit_factor.data import GLUEDataError, GLUEDataModule, get_task, write_submission
 from lit_factor.factorize import BudgetError
@@ -55,6 +56,34 @@ class GLUEPredictionWriter(BasePredictionWriter):
                 print(f"wrote {len(idx)} predictions to {path}")
 
 
+def one_line(message: str) -> str:
+    """Condense a jsonargparse error (nested keys, union alternatives, usage) to one readable line."""
+    lines = [ln.strip() for ln in str(message).splitlines() if ln.strip()]
+    keys = re.findall(r'Parser key "([^"]+)"', message)
+    key = ".".join(keys)
+    got = next((ln for ln in lines if "Got value" in ln), None)
+    if got:
+        return f"{key}: {got[0].lower()}{got[1:]}" if key else got
+    if keys:
+        expected = [m for ln in lines for m in re.findall(r"Expected an? (.+)", ln)]
+        given = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("Given value:")), None)
+        if expected and given is not None:
+            return f"{key}: expected {' or '.join(expected)}; got value: {given}"
+    return " ".join(lines)
+
+
+class OneLineErrorParser(LightningArgumentParser):
+    """Reports a bad argument as one ``error: ...`` line (exit 2) instead of the full usage text."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error:
+            return super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        prog = parser.prog.replace(" [options]", "")
+        print(f"error: {one_line(message)} (see: {prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 class LitFactorCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -76,10 +105,11 @@ def main(args: list[str] | None = None, run: bool = True) -> LitFactorCLI:
             GLUEDataModule,
             subclass_mode_model=False,
             subclass_mode_data=False,
+            parser_class=OneLineErrorParser,
             seed_everything_default=42,
             trainer_defaults={
                 "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                           "init_args": {"save_dir": "logs"}},
+                           "init_args": {"save_dir": "logs", "default_hp_metric": False}},
                 "log_every_n_steps": 10,
             },
             save_config_kwargs={"overwrite": True},

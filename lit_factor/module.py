@@ -133,6 +133,7 @@ class FactorizedClassifier(L.LightningModule):
         self.hparams["factorization"] = asdict(self.factorization)
 
         self.model = load_model(model_name_or_path, num_labels=self.task.num_labels)
+        self.model.train()  # from_pretrained returns eval mode, and Lightning keeps submodules' modes: no dropout
         self.dense_params = count_params(self.model)
         self.staged: bool = False  # set by lit_factor.callbacks.StagingCallback before configure_model
         self._factorized = False
