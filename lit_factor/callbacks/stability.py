@@ -180,19 +180,19 @@ class StabilityMonitor(Callback):
         for logger in trainer.loggers:
             logger.log_metrics({"stability/succeeded": float(summary["succeeded"]),
                                 "stability/diverged": float(summary["diverged"])}, step=trainer.global_step)
-        self._report(trainer, summary)
+        self._report(trainer.log_dir, summary)  # trainer.log_dir is a collective under DDP: every rank reads it
 
     @rank_zero_only
-    def _report(self, trainer: pl.Trainer, summary: dict[str, Any]) -> None:
+    def _report(self, log_dir: str | None, summary: dict[str, Any]) -> None:
         if summary["succeeded"]:
             detail = (f"{summary['monitor']} {summary['dev_metric']:.4f} > baseline {summary['threshold']:.4f}"
                       if self.monitor else "finite loss, no divergence")
             rank_zero_info(f"RUN SUCCEEDED: {detail}")
         else:
             rank_zero_info(f"RUN FAILED: {'; '.join(summary['reasons'])}")
-        if trainer.log_dir:
-            os.makedirs(trainer.log_dir, exist_ok=True)
-            with open(os.path.join(trainer.log_dir, "stability.json"), "w") as f:
+        if log_dir:
+            os.makedirs(log_dir, exist_ok=True)
+            with open(os.path.join(log_dir, "stability.json"), "w") as f:
                 json.dump(summary, f, indent=1)
 
     # --- checkpointing -----------------------------------------------------------------------------------------

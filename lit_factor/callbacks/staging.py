@@ -290,8 +290,15 @@ class StagingCallback(Callback):
             err = f", mean rel. error {record['rel_error']:.4f}" if errs else ""
             loss = f", loss {record['loss']:.4f}" if record["loss"] is not None else ""
             rank_zero_info(f"staging: stage {stage}/{len(self.stages)} at step {trainer.global_step}: "
-                           f"{len(errors)} layers ({block_of(self.stages[stage - 1][0])}...){err}{loss}; "
+                           f"{self._stage_name(stage - 1)}{err}{loss}; "
                            f"{switched} factorized, {record['params']:,} live params")
+
+    def _stage_name(self, i: int) -> str:
+        layers = self.stages[i]
+        if len(layers) == 1:
+            return layers[0]
+        blocks = {block_of(p) for p in layers}
+        return f"{len(layers)} layers of {blocks.pop()}" if len(blocks) == 1 else f"{len(layers)} layers"
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
