@@ -61,7 +61,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[8])
     p.add_argument("--seq-lens", nargs="+", type=int, default=[128])
     p.add_argument("--mode", nargs="+", default=["eager"], choices=MODES,
-                   help="execution mode(s): eager, compile (torch.compile), cudagraph (CUDA only)")
+                   help="execution mode(s): eager, compile (torch.compile), cudagraph (CUDA graph replay, CUDA only), "
+                        "compile-cudagraph (both)")
     p.add_argument("--repeats", type=int, default=10, help="timed rounds per shape (median and p90 over them)")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls per model and shape first")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")

@@ -35,7 +35,7 @@ from torch import nn
 from .factorize import FactorizedLinear
 from .surgery import set_module
 
-MODES = ("eager", "compile", "cudagraph")
+MODES = ("eager", "compile", "cudagraph", "compile-cudagraph")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
@@ -54,7 +54,8 @@ class LatencySettings:
         repeats: timed rounds per shape (each round times every model once); median and p90 over them.
         warmup: untimed calls per model and shape before timing.
         mode: ``eager``; ``compile`` (``torch.compile``, default inductor); ``cudagraph`` (the forward captured
-            once into a CUDA graph and replayed; CUDA only).
+            once into a CUDA graph and replayed; CUDA only); ``compile-cudagraph`` (the compiled forward captured
+            into a CUDA graph: kernel time without Python or launch overhead).
         dtype: ``float32``, ``bfloat16`` or ``float16`` for the measured copies; ``None`` keeps the model's dtype.
         device: ``cpu``, ``cuda``, ``cuda:1``...; ``None`` keeps the model's device.
         threads: CPU threads (``torch.set_num_threads``) during the measurement; ``None`` leaves it alone.
@@ -187,29 +188,30 @@ def _sync(device: torch.device) -> None:
 
 def _runner(model: nn.Module, inputs: dict, mode: str, warmup: int, device: torch.device) -> Callable[[], object]:
     """A no-argument callable running one forward in ``mode``, already warmed up (compiled / captured)."""
-    if mode == "cudagraph":
-        # Warm up on a side stream (as torch.cuda.graphs requires), then capture one forward and replay it.
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            for _ in range(max(warmup, 2)):
-                model(**inputs)
-        torch.cuda.current_stream(device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            model(**inputs)
-        graph.replay()
-        _sync(device)
-        return graph.replay
-    fn = torch.compile(model, dynamic=False) if mode == "compile" else model
+    fn = torch.compile(model, dynamic=False) if mode.startswith("compile") else model
 
     def run():
         return fn(**inputs)
 
-    for _ in range(warmup):
+    if not mode.endswith("cudagraph"):
+        for _ in range(warmup):
+            run()
+        _sync(device)
+        return run
+    # Warm up (compile) on a side stream, as torch.cuda.graphs requires, then capture one forward; replays
+    # rerun its kernels on the same (static) input and output buffers.
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(max(warmup, 2)):
+            run()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
         run()
+    graph.replay()
     _sync(device)
-    return run
+    return graph.replay
 
 
 def _time_once(run: Callable[[], object], device: torch.device) -> float:
@@ -255,8 +257,8 @@ def compare_latency(dense: nn.Module, factorized: Mapping[str, nn.Module], setti
     try:
         models = {"dense": _prepare(dense, settings), **{k: _prepare(m, settings) for k, m in factorized.items()}}
         device = next(models["dense"].parameters()).device
-        if settings.mode == "cudagraph" and device.type != "cuda":
-            raise LatencyError(f"mode='cudagraph' needs a CUDA device, got device={device}")
+        if settings.mode.endswith("cudagraph") and device.type != "cuda":
+            raise LatencyError(f"mode={settings.mode!r} needs a CUDA device, got device={device}")
         dtype_name = str(next(models["dense"].parameters()).dtype).removeprefix("torch.")
         counts = {k: (param_count(m), linear_macs_per_token(m)) for k, m in models.items()}
         rows = []

@@ -52,7 +52,7 @@ class LatencyCallback(pl.Callback):
             seq_lens: sequence lengths to sweep (every batch size at every length).
             repeats: timed rounds per shape; the table shows the median and the 90th percentile.
             warmup: untimed calls per model and shape before timing.
-            mode: ``eager``, ``compile`` (torch.compile) or ``cudagraph`` (CUDA only).
+            mode: ``eager``, ``compile`` (torch.compile), ``cudagraph`` or ``compile-cudagraph`` (CUDA only).
             dtype: ``float32``, ``bfloat16``, ``float16`` for the measured copies; ``null`` keeps the model's.
             device: where to measure; ``null`` = the device the model is trained on (rank 0's under DDP).
             threads: CPU threads during the measurement; ``null`` leaves the setting alone.
