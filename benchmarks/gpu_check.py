@@ -149,6 +149,7 @@ def main() -> None:
             results["errors"].append({"step": label, "error": f"{type(err).__name__}: {err}"})
         finally:
             LowRankLinear.pad_rank_to = 8
+            torch._dynamo.reset()  # drop compiled graphs of this step (inductor's on-disk cache stays warm)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         print(f"[{label}] {time.perf_counter() - t0:.0f} s, total {time.perf_counter() - start:.0f} s", flush=True)

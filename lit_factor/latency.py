@@ -188,6 +188,13 @@ def _sync(device: torch.device) -> None:
 
 def _runner(model: nn.Module, inputs: dict, mode: str, warmup: int, device: torch.device) -> Callable[[], object]:
     """A no-argument callable running one forward in ``mode``, already warmed up (compiled / captured)."""
+    if mode.startswith("compile"):
+        # Each measured copy (dense, every variant, every shape) is one more compiled graph of the same forward
+        # code: past dynamo's default limit of 8 it would silently run eager and the numbers would lie.
+        for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit",
+                     "accumulated_recompile_limit"):
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 256))
     fn = torch.compile(model, dynamic=False) if mode.startswith("compile") else model
 
     def run():
