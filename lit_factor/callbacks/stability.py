@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -130,7 +131,7 @@ class StabilityMonitor(Callback):
 
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
-        labels = batch.get("labels") if isinstance(batch, dict) else None
+        labels = batch.get("labels") if isinstance(batch, Mapping) else None  # dict or transformers BatchEncoding
         if isinstance(labels, torch.Tensor) and not labels.is_floating_point():
             values, counts = labels.unique(return_counts=True)
             for v, c in zip(values.tolist(), counts.tolist(), strict=True):
