@@ -98,6 +98,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--time-budget", type=float, default=420.0, help="seconds; later steps are skipped")
     parser.add_argument("--skip-compile", action="store_true")
+    parser.add_argument("--part", default="model", choices=["model", "encoder"])
+    parser.add_argument("--steps", default=None, help="comma-separated step labels to run (default: all)")
     args = parser.parse_args()
     start = time.perf_counter()
     env = {"torch": torch.__version__, "device": args.device,
@@ -131,13 +133,15 @@ def main() -> None:
 
     def step(label, names, mode, pad=8, dtype=args.dtype, estimate=5.0):
         """One compare_latency call: dense + ``names`` in ``mode`` with LowRankLinear.pad_rank_to = pad."""
+        if args.steps and label not in args.steps.split(","):
+            return
         if time.perf_counter() - start + estimate > args.time_budget:
             results["skipped"].append(label)
             print(f"skipped {label} (time budget)", flush=True)
             return
         LowRankLinear.pad_rank_to = pad
         settings = LatencySettings(batch_sizes=[args.batch_size], seq_lens=[args.seq_len], repeats=args.repeats,
-                                   warmup=3, mode=mode, dtype=dtype, device=args.device)
+                                   warmup=3, mode=mode, dtype=dtype, device=args.device, part=args.part)
         t0 = time.perf_counter()
         try:
             rows = compare_latency(dense, {n: built[n][0] for n in names}, settings,

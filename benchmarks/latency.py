@@ -63,6 +63,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", nargs="+", default=["eager"], choices=MODES,
                    help="execution mode(s): eager, compile (torch.compile), cudagraph (CUDA graph replay, CUDA only), "
                         "compile-cudagraph (both)")
+    p.add_argument("--part", default="model", choices=["model", "encoder"],
+                   help="time the whole model forward, or only the encoder stack on precomputed embeddings "
+                        "(use encoder with cudagraph: see lit_factor/latency.py)")
     p.add_argument("--repeats", type=int, default=10, help="timed rounds per shape (median and p90 over them)")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls per model and shape first")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
@@ -107,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         for mode in args.mode:
             settings = LatencySettings(batch_sizes=args.batch_sizes, seq_lens=args.seq_lens, repeats=args.repeats,
                                        warmup=args.warmup, mode=mode, dtype=args.dtype, device=args.device,
-                                       threads=args.threads)
+                                       threads=args.threads, part=args.part)
             mode_rows = compare_latency(dense, models, settings, meta)
             print(format_table(mode_rows, title=f"model {args.model}, mode {mode}"), flush=True)
             rows += mode_rows

@@ -14,7 +14,8 @@ How it measures (each point is a DESIGN.md section 6 pitfall avoided):
 * ``torch.cuda.synchronize()`` around every timed call on CUDA;
 * the models are timed in alternation, call after call, for ``repeats`` rounds, so drift (thermal, other
   processes on shared cores) hits all of them alike; median and 90th percentile over the rounds;
-* one call is the model's whole forward (embeddings, encoder, pooler, classification head): what a user runs.
+* one call is the model's whole forward (embeddings, encoder, pooler, classification head): what a user runs;
+  or, with ``part="encoder"``, the encoder stack alone on precomputed embeddings.
 
 Parameters are whole-model counts; multiply-adds per token are those of all linear layers (the part factorization
 changes; attention scores add 2 * seq_len * hidden per layer and token to both alike).
@@ -36,6 +37,7 @@ from .factorize import FactorizedLinear
 from .surgery import set_module
 
 MODES = ("eager", "compile", "cudagraph", "compile-cudagraph")
+PARTS = ("model", "encoder")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
@@ -60,6 +62,11 @@ class LatencySettings:
         device: ``cpu``, ``cuda``, ``cuda:1``...; ``None`` keeps the model's device.
         threads: CPU threads (``torch.set_num_threads``) during the measurement; ``None`` leaves it alone.
         seed: seed of the random token ids.
+        part: ``model`` times the whole forward (embeddings, encoder, head); ``encoder`` only the encoder stack
+            on precomputed embeddings (BERT-like: ``base_model.encoder``; encoder-decoders: ``get_encoder()``).
+            Prefer ``encoder`` with ``cudagraph``: during CUDA-graph capture Hugging Face's mask code takes its
+            tracing-safe path (a materialised attention mask, so SDPA falls back to its fp32 math kernel),
+            which is not what an eager forward runs.
     """
 
     batch_sizes: Sequence[int] = (8,)
@@ -71,6 +78,7 @@ class LatencySettings:
     device: str | None = None
     threads: int | None = None
     seed: int = 0
+    part: str = "model"
 
     def check(self) -> None:
         if self.mode not in MODES:
@@ -83,6 +91,8 @@ class LatencySettings:
                 raise LatencyError(f"{name}={values} must be a non-empty list of positive integers")
         if self.repeats < 1 or self.warmup < 0:
             raise LatencyError(f"repeats={self.repeats} must be >= 1 and warmup={self.warmup} >= 0")
+        if self.part not in PARTS:
+            raise LatencyError(f"part={self.part!r} is not one of {', '.join(PARTS)}")
         if self.threads is not None and self.threads < 1:
             raise LatencyError(f"threads={self.threads} must be a positive integer")
 
@@ -181,6 +191,21 @@ def make_inputs(model: nn.Module, batch_size: int, seq_len: int, device: torch.d
     return {"input_ids": ids.to(device)}
 
 
+def timed_target(model: nn.Module, inputs: dict, part: str) -> tuple[nn.Module, dict]:
+    """The module to time and its keyword inputs: the whole model, or its encoder on precomputed embeddings."""
+    if part == "model":
+        return model, inputs
+    base = getattr(model, "base_model", model)
+    if hasattr(base, "embeddings") and hasattr(base, "encoder"):  # BERT, RoBERTa and their kin
+        with torch.inference_mode():
+            hidden = base.embeddings(input_ids=inputs["input_ids"])  # untimed: the same for every model
+        return base.encoder, {"hidden_states": hidden}
+    if callable(getattr(model, "get_encoder", None)):  # T5 and other encoder-decoders
+        return model.get_encoder(), {"input_ids": inputs["input_ids"]}
+    raise LatencyError(f"part='encoder' does not know where the encoder of {type(model).__name__} is; "
+                       "use part='model'")
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -274,8 +299,8 @@ def compare_latency(dense: nn.Module, factorized: Mapping[str, nn.Module], setti
                 inputs = make_inputs(models["dense"], batch_size, seq_len, device, settings.seed)
                 times: dict[str, list[float]] = {k: [] for k in models}
                 with torch.inference_mode():
-                    runners = {k: _runner(m, inputs, settings.mode, settings.warmup, device)
-                               for k, m in models.items()}
+                    runners = {k: _runner(*timed_target(m, inputs, settings.part), settings.mode, settings.warmup,
+                                          device) for k, m in models.items()}
                     for _ in range(settings.repeats):
                         for key, run in runners.items():
                             times[key].append(_time_once(run, device))
@@ -295,7 +320,7 @@ def compare_latency(dense: nn.Module, factorized: Mapping[str, nn.Module], setti
                         params_dense=counts["dense"][0], params_factorized=counts[key][0],
                         macs_per_token_dense=counts["dense"][1], macs_per_token_factorized=counts[key][1],
                         repeats=settings.repeats, threads=torch.get_num_threads() if device.type == "cpu" else None,
-                        extra=info,
+                        extra={"part": settings.part, **info},
                     ))
         return rows
     finally:
@@ -334,7 +359,8 @@ def format_table(rows: Sequence[LatencyRow], title: str = "") -> str:
     text = ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines]
     first = rows[0]
     threads = f", {first.threads} CPU threads" if first.threads else ""
+    what = "the encoder forward" if first.extra.get("part") == "encoder" else "the whole model forward"
     header = (title + "\n" if title else "") + (
-        f"latency of the whole model forward on {first.device}, {first.dtype}{threads}; "
+        f"latency of {what} on {first.device}, {first.dtype}{threads}; "
         f"median of {first.repeats} alternating rounds (speedup = dense ms / factorized ms)")
     return "\n".join([header, text[0], "-" * len(text[0]), *text[1:]])

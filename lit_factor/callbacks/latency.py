@@ -45,7 +45,7 @@ class LatencyCallback(pl.Callback):
 
     def __init__(self, batch_sizes: list[int] = (8,), seq_lens: list[int] = (128,), repeats: int = 10,
                  warmup: int = 2, mode: str = "eager", dtype: str | None = None, device: str | None = None,
-                 threads: int | None = None, when: list[str] = ("fit_end",)) -> None:
+                 threads: int | None = None, when: list[str] = ("fit_end",), part: str = "model") -> None:
         """
         Args:
             batch_sizes: batch sizes to sweep.
@@ -57,13 +57,15 @@ class LatencyCallback(pl.Callback):
             device: where to measure; ``null`` = the device the model is trained on (rank 0's under DDP).
             threads: CPU threads during the measurement; ``null`` leaves the setting alone.
             when: ``fit_end`` and/or ``test_end``.
+            part: ``model`` (the whole forward) or ``encoder`` (the encoder stack on precomputed embeddings).
         """
         super().__init__()
         bad = [w for w in when if w not in WHEN]
         if bad or not when:
             raise ValueError(f"when={list(when)} must be a non-empty list of {', '.join(WHEN)}")
         self.settings = LatencySettings(batch_sizes=list(batch_sizes), seq_lens=list(seq_lens), repeats=repeats,
-                                        warmup=warmup, mode=mode, dtype=dtype, device=device, threads=threads)
+                                        warmup=warmup, mode=mode, dtype=dtype, device=device, threads=threads,
+                                        part=part)
         self.settings.check()
         self.when = list(when)
         #: rows of the last measurement (rank 0 only)
