@@ -126,7 +126,7 @@ def test_matrix_granularity_top_down_spread(tmp_path):
     trainer.fit(module, _loader(24))  # 6 steps per epoch, 4 epochs
     paths = module.plan.paths
     assert staging.stages == [[p] for p in reversed(paths)]
-    assert staging.stage_steps == list(range(12))  # 12 matrices spread over the first half
+    assert staging.stage_steps == list(range(1, 13))  # 12 matrices spread over the first half
     assert staging.done == 12 and all(s.is_switched for s in find_switchable(module.model).values())
 
 

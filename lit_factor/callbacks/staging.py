@@ -104,9 +104,9 @@ class StagingCallback(Callback):
         order: ``bottom_up``, ``top_down``, or a list of regexes on layer paths, one per stage.
         every_n_steps: a stage every N optimizer steps, the first after ``offset`` steps.
         every_n_epochs: a stage at the start of every N-th epoch, the first at epoch ``offset``.
-        spread: the stages spread evenly over this fraction of the run's optimizer steps (after ``offset``); the
-            rest of the run trains the fully factorized model. ``spread=0.5``: the last stage happens before
-            mid-run.
+        spread: the stages spread evenly over this fraction of the run's optimizer steps (after ``offset``):
+            stage i (of k) at step ``offset + (i + 1) * (spread * total - offset) / k``, so the last one lands at
+            ``spread`` of the run and the rest trains the fully factorized model.
         offset: optimizer steps (epochs with ``every_n_epochs``) of dense fine-tuning before the first stage.
     """
 
@@ -208,7 +208,9 @@ class StagingCallback(Callback):
             if span <= 0:
                 raise MisconfigurationException(f"staging: spread={self.spread} of {int(total)} steps ends before "
                                                 f"offset={self.offset}")
-            steps = [self.offset + int(i * span / k) for i in range(k)]
+            # Stage i closes the i-th of k equal intervals: every layer is fine-tuned dense before its projection,
+            # and the last stage lands at spread x the run.
+            steps = [self.offset + int((i + 1) * span / k) for i in range(k)]
         total = trainer.estimated_stepping_batches
         if steps[-1] >= total:
             rank_zero_warn(f"staging: the last stage is due at step {steps[-1]} but the run has {int(total)} steps; "
