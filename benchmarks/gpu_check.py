@@ -131,7 +131,7 @@ def main() -> None:
     print(f"built {len(built)} variants in {time.perf_counter() - start:.0f} s", flush=True)
     results = {"environment": env, "rows": [], "errors": [], "skipped": []}
 
-    def step(label, names, mode, pad=8, dtype=args.dtype, estimate=5.0):
+    def step(label, names, mode, pad=8, dtype=args.dtype, estimate=5.0, batch_sizes=(args.batch_size,)):
         """One compare_latency call: dense + ``names`` in ``mode`` with LowRankLinear.pad_rank_to = pad."""
         if args.steps and label not in args.steps.split(","):
             return
@@ -140,7 +140,7 @@ def main() -> None:
             print(f"skipped {label} (time budget)", flush=True)
             return
         LowRankLinear.pad_rank_to = pad
-        settings = LatencySettings(batch_sizes=[args.batch_size], seq_lens=[args.seq_len], repeats=args.repeats,
+        settings = LatencySettings(batch_sizes=list(batch_sizes), seq_lens=[args.seq_len], repeats=args.repeats,
                                    warmup=3, mode=mode, dtype=dtype, device=args.device, part=args.part)
         t0 = time.perf_counter()
         try:
@@ -173,6 +173,8 @@ def main() -> None:
             step(f"compile-cudagraph-{name}", [name], "compile-cudagraph", estimate=60)
         for name in ("lr50_x8", "monarch4"):
             step(f"compile-{name}", [name], "compile", estimate=40)
+    step("cudagraph-batches", ["lr50_x8", "lr50_x64", "lr25_x8", "monarch4"], "cudagraph", batch_sizes=(8, 128),
+         estimate=15)
     step("cudagraph-fp32", ["lr50_x1", "lr50_x64", "lr25_x1", "monarch4"], "cudagraph", dtype="float32", estimate=15)
     print(f"done in {time.perf_counter() - start:.0f} s; {len(results['rows'])} rows, "
           f"{len(results['errors'])} errors, skipped {results['skipped']}", flush=True)

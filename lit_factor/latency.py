@@ -241,9 +241,16 @@ def _runner(model: nn.Module, inputs: dict, mode: str, warmup: int, device: torc
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         run()
-    graph.replay()
+
+    def replay():
+        graph.replay()
+
+    # The graph reads its inputs from these very buffers: they must live as long as it may replay (an encoder's
+    # precomputed embeddings have no other owner; freed and reused, replays would read garbage or fault).
+    replay.static_inputs = inputs
+    replay()
     _sync(device)
-    return graph.replay
+    return replay
 
 
 def _time_once(run: Callable[[], object], device: torch.device) -> float:

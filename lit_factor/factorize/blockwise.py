@@ -127,8 +127,9 @@ class BlockLowRankLinear(FactorizedLinear):
         bias = self.bias
         if bias is not None and b * q != self.out_features:
             bias = F.pad(bias, (0, b * q - self.out_features))
-        if torch.is_grad_enabled() and (y.requires_grad or (bias is not None and bias.requires_grad)):
-            # Training: autograd-friendly ops (torch.compile fuses them).
+        if (torch.is_grad_enabled() and (y.requires_grad or (bias is not None and bias.requires_grad))) \
+                or torch.compiler.is_compiling():
+            # Training, or torch.compile (which fuses these into one kernel itself): plain differentiable ops.
             out = self._order_output(y)
             out = out if bias is None else out + bias
         else:
