@@ -139,3 +139,16 @@ def test_fast_paths_leave_nn_linear_semantics():
     x = torch.randn(6, 24, dtype=torch.float64)
     with torch.inference_mode():
         torch.testing.assert_close(net(x), dense(x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_compiled_forward_equals_reference():
+    """Under torch.compile the block layers take their plain-ops branch and low rank skips its padding cache."""
+    torch.manual_seed(0)
+    net = nn.Sequential(MonarchLinear(24, 40, nblocks=4), BlockLowRankLinear(40, 24, nblocks=4),
+                        LowRankLinear(24, 24, rank=5)).eval()
+    net[2].pad_rank_devices = ("cpu",)
+    x = torch.randn(6, 24)
+    with torch.inference_mode():
+        expected = reference(net[2], reference(net[1], reference(net[0], x)))
+        torch.testing.assert_close(torch.compile(net, dynamic=False)(x), expected, rtol=1e-5, atol=1e-5)
