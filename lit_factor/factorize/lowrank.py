@@ -21,7 +21,9 @@ class LowRankLinear(FactorizedLinear):
     #: Same math -- the zero rows/columns add nothing -- but GPU bf16/fp16 GEMMs whose leading dimension is not a
     #: multiple of 8 elements fall off the tensor-core kernels (DESIGN.md section 5: rank 307 ran 2.4x slower
     #: than dense). ``pad_rank_to = 0`` turns it off. Not used under torch.compile, which pads GEMMs itself.
-    pad_rank_to: int = 8
+    #: 64 measured slightly faster than 8 on an H100 (BERT-base encoder, bf16: 1.04x vs 1.01x at rank 307,
+    #: 0.42x without padding; benchmarks/results/).
+    pad_rank_to: int = 64
     pad_rank_devices: tuple[str, ...] = ("cuda",)
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
