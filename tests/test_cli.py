@@ -144,8 +144,8 @@ def test_bad_settings_one_line_error(extra, kind, message, glue_writer, tmp_path
 @pytest.mark.slow  # a fresh interpreter importing torch/transformers/lightning: ~10 s, more on a busy machine
 def test_error_from_a_shell_is_one_line(tmp_path):
     """End to end in a fresh process: only the ``error:`` line on stderr (no usage text, no traceback)."""
-    proc = subprocess.run([sys.executable, str(REPO / "cli.py"), "fit", "--model.model_name_or_path", "random:tiny-bert",
-                           "--model.factorization.budget", "2",
+    proc = subprocess.run([sys.executable, str(REPO / "cli.py"), "fit", "--model.model_name_or_path",
+                           "random:tiny-bert", "--model.factorization.budget", "2",
                            "--model.factorization.method", "monarch", "--data.task", "sst-9"],
                           capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert proc.returncode == 2
