@@ -115,6 +115,8 @@ class LatencyRow:
     speedup: float  # dense_ms / factorized_ms: > 1 means the factorized model is faster
     dense_p90_ms: float
     factorized_p90_ms: float
+    dense_min_ms: float  # best round: closest to the uncontended time on a shared machine
+    factorized_min_ms: float
     params_dense: int
     params_factorized: int
     macs_per_token_dense: int
@@ -324,6 +326,7 @@ def compare_latency(dense: nn.Module, factorized: Mapping[str, nn.Module], setti
                         speedup=round(dense_ms / fact_ms, 3),
                         dense_p90_ms=round(_percentile(times["dense"], 0.9), 4),
                         factorized_p90_ms=round(_percentile(times[key], 0.9), 4),
+                        dense_min_ms=round(min(times["dense"]), 4), factorized_min_ms=round(min(times[key]), 4),
                         params_dense=counts["dense"][0], params_factorized=counts[key][0],
                         macs_per_token_dense=counts["dense"][1], macs_per_token_factorized=counts[key][1],
                         repeats=settings.repeats, threads=torch.get_num_threads() if device.type == "cpu" else None,
