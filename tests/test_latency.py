@@ -165,3 +165,18 @@ def test_callback_logs_scalars_and_table_to_tensorboard(tmp_path):
 def test_callback_rejects_bad_when():
     with pytest.raises(ValueError, match="when=.*fit_end, test_end"):
         LatencyCallback(when=["epoch_end"])
+
+
+def test_callback_is_configurable_from_yaml():
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(LatencyCallback, "latency")
+    cfg = parser.parse_string("latency:\n  batch_sizes: [8, 32]\n  seq_lens: [64, 128]\n  repeats: 5\n"
+                              "  when: [fit_end, test_end]\n  part: encoder\n  dtype: bfloat16\n")
+    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
+    callback = instantiate(cfg).latency
+    assert callback.settings.batch_sizes == [8, 32] and callback.settings.seq_lens == [64, 128]
+    assert callback.settings.part == "encoder" and callback.when == ["fit_end", "test_end"]
+    with pytest.raises(Exception, match="part='decoder'"):
+        LatencyCallback(part="decoder")
