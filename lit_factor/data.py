@@ -299,7 +299,7 @@ class GLUEDataModule(L.LightningDataModule):
             import datasets
 
             ds = datasets.load_dataset("nyu-mll/glue", self.task.name, split=self._hf_split(split))
-            cols = {k: ds[k] for k in [*self.task.text_fields, "idx", *(["label"] if labelled else [])]}
+            cols = ds.select_columns([*self.task.text_fields, "idx", *(["label"] if labelled else [])]).to_dict()
         limit = self._limit(split)
         return {k: v[:limit] for k, v in cols.items()} if limit is not None else cols
 

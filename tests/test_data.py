@@ -185,3 +185,34 @@ def test_real_glue_files(glue_dir, task_dir, split, count):
     assert len(cols["idx"]) == len(cols["label"]) == count
     test = read_glue_tsv(glue_dir / task_dir / "test.tsv", get_task(task_dir), labelled=False)
     assert test["idx"][:3] == [0, 1, 2]
+
+
+def test_hub_source(monkeypatch, tmp_path):
+    """Without a data directory the task comes from datasets.load_dataset("nyu-mll/glue", task) (stubbed here)."""
+    import datasets
+
+    requested = []
+
+    def fake_load_dataset(path, name, split=None):
+        requested.append((path, name, split))
+        if split is None:  # prepare_data: download only
+            return None
+        n = 6 if split.startswith("train") else 4
+        return datasets.Dataset.from_dict({
+            "premise": [f"premise {i}" for i in range(n)], "hypothesis": ["hyp"] * n,
+            "label": [i % 3 if not split.startswith("test") else -1 for i in range(n)], "idx": list(range(n))})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    monkeypatch.delenv("GLUE_DIR", raising=False)
+    dm = GLUEDataModule(task="mnli", model_name_or_path="random:tiny-bert", max_seq_length=16, batch_size=2,
+                        cache_dir=str(tmp_path / "cache"))
+    dm.prepare_data()
+    dm.setup("fit")
+    dm.setup("predict")
+    splits = [s for _, _, s in requested if s]
+    assert {"train", "validation_matched", "validation_mismatched", "test_matched", "test_mismatched"} <= set(splits)
+    assert all(p == "nyu-mll/glue" and n == "mnli" for p, n, _ in requested)
+    assert list(dm.datasets["train"]["labels"]) == [0, 1, 2, 0, 1, 2]
+    assert len(next(iter(dm.train_dataloader()))["labels"]) == 2
+    assert len(dm.val_dataloader()) == 2
+    assert "labels" not in next(iter(dm.predict_dataloader()[0]))
