@@ -175,6 +175,7 @@ class StagingCallback(Callback):
         else:
             self.stages = plan_stages(list(self._switches), self.granularity, self.order)
             self.stage_steps = self._schedule(trainer)
+            self.history = []
             # A module that arrives partly switched (e.g. a second fit call) continues where it stands.
             self.done = 0
             while self.done < len(self.stages) and all(self._switches[p].is_switched for p in self.stages[self.done]):
