@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -180,3 +181,19 @@ def test_callback_is_configurable_from_yaml():
     assert callback.settings.part == "encoder" and callback.when == ["fit_end", "test_end"]
     with pytest.raises(Exception, match="part='decoder'"):
         LatencyCallback(part="decoder")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_callback_under_ddp_measures_on_rank_zero_only(tmp_path):
+    pytest.importorskip("lit_factor.module")
+    worker = Path(__file__).with_name("_latency_ddp_worker.py")
+    out = tmp_path / "result.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(worker), str(out)], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rank0, rank1 = (json.loads(Path(f"{out}.rank{r}").read_text()) for r in (0, 1))
+    assert rank0["world_size"] == rank1["world_size"] == 2
+    assert len(rank0["rows"]) == 1 and rank1["rows"] == []
+    assert proc.stdout.count("inference latency at fit_end (rank 0 of 2)") == 1
