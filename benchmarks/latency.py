@@ -20,6 +20,7 @@ import json
 import sys
 import time
 
+from lit_factor.factorize import BudgetError
 from lit_factor.latency import DTYPES, MODES, LatencyError, LatencySettings, compare_latency, format_table
 from lit_factor.models import RANDOM_PREFIX, RANDOM_PRESETS, load_model
 from lit_factor.surgery import apply_plan, build_plan
@@ -75,7 +76,7 @@ def parser() -> argparse.ArgumentParser:
 
 def build_variants(dense, args) -> tuple[dict, dict]:
     """{name: factorized copy of ``dense``} for every method x budget x rank multiple, and their row metadata."""
-    models, meta = {}, {}
+    models, meta, problems = {}, {}, []
     for method in args.method:
         for budget in args.budget:
             for multiple in args.rank_multiple:
@@ -86,15 +87,21 @@ def build_variants(dense, args) -> tuple[dict, dict]:
                           "it takes no --rank-multiple", file=sys.stderr)
                     continue
                 model = copy.deepcopy(dense)
-                plan = build_plan(model, method, budget, targets=args.targets, nblocks=args.nblocks,
-                                  rank_multiple=multiple, init=args.init)
+                try:
+                    plan = build_plan(model, method, budget, targets=args.targets, nblocks=args.nblocks,
+                                      rank_multiple=multiple, init=args.init)
+                except BudgetError as err:  # one impossible combination of a sweep does not stop the others
+                    print(f"skipping {name}: {err}", file=sys.stderr)
+                    problems.append(f"{name}: {err}")
+                    continue
                 apply_plan(model, plan)
                 models[name] = model
                 meta[name] = {"method": method, "budget": budget, "kept_fraction": plan.kept_fraction,
                               "rank_multiple": multiple, "nblocks": args.nblocks if method != "lowrank" else None,
                               "targeted_layers": len(plan.entries)}
     if not models:
-        raise LatencyError("no variant to measure: budget 'none' needs --method monarch or blockwise")
+        raise LatencyError("no variant to measure: " + ("; ".join(problems) if problems else
+                                                        "budget 'none' needs --method monarch or blockwise"))
     return models, meta
 
 
