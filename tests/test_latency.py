@@ -197,3 +197,16 @@ def test_callback_under_ddp_measures_on_rank_zero_only(tmp_path):
     assert rank0["world_size"] == rank1["world_size"] == 2
     assert len(rank0["rows"]) == 1 and rank1["rows"] == []
     assert proc.stdout.count("inference latency at fit_end (rank 0 of 2)") == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("mode", ["eager", "cudagraph"])
+def test_callback_on_cuda(capsys, tmp_path, mode):
+    callback = LatencyCallback(**FAST, mode=mode, part="encoder", dtype="bfloat16")
+    trainer = pl.Trainer(fast_dev_run=True, accelerator="gpu", devices=1, callbacks=[callback],
+                         default_root_dir=tmp_path, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(tiny_module(), train_dataloaders=DataLoader(TinyData(), batch_size=4))
+    row = callback.rows[0]
+    assert row.device.startswith("cuda") and row.dtype == "bfloat16" and row.mode == mode
+    assert "latency of the encoder forward on cuda" in capsys.readouterr().out
