@@ -210,3 +210,19 @@ def test_callback_on_cuda(capsys, tmp_path, mode):
     row = callback.rows[0]
     assert row.device.startswith("cuda") and row.dtype == "bfloat16" and row.mode == mode
     assert "latency of the encoder forward on cuda" in capsys.readouterr().out
+
+
+def test_callback_measures_on_the_training_device_not_where_teardown_left_the_model(monkeypatch):
+    """Lightning moves the module to the CPU before on_fit_end; the callback must use the strategy's device."""
+    import types
+
+    import lit_factor.callbacks.latency as latency_callback
+
+    seen = {}
+    monkeypatch.setattr(latency_callback, "compare_latency",
+                        lambda dense, factorized, settings, meta: seen.setdefault("device", settings.device) and [])
+    trainer = types.SimpleNamespace(global_rank=0, world_size=1, loggers=[], global_step=0,
+                                    strategy=types.SimpleNamespace(root_device=torch.device("cuda", 3),
+                                                                   barrier=lambda name: None))
+    LatencyCallback(**FAST).measure(trainer, types.SimpleNamespace(model=factorized_tiny(), plan=None), "fit_end")
+    assert seen["device"] == "cuda:3"

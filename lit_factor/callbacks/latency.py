@@ -20,6 +20,7 @@ at a barrier, so the numbers are not disturbed by sibling processes competing fo
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import lightning.pytorch as pl
 from torch import nn
@@ -54,7 +55,8 @@ class LatencyCallback(pl.Callback):
             warmup: untimed calls per model and shape before timing.
             mode: ``eager``, ``compile`` (torch.compile), ``cudagraph`` or ``compile-cudagraph`` (CUDA only).
             dtype: ``float32``, ``bfloat16``, ``float16`` for the measured copies; ``null`` keeps the model's.
-            device: where to measure; ``null`` = the device the model is trained on (rank 0's under DDP).
+            device: where to measure; ``null`` = the device the model is trained on (``trainer.strategy.root_device``,
+                rank 0's under DDP).
             threads: CPU threads during the measurement; ``null`` leaves the setting alone.
             when: ``fit_end`` and/or ``test_end``.
             part: ``model`` (the whole forward) or ``encoder`` (the encoder stack on precomputed embeddings).
@@ -86,7 +88,11 @@ class LatencyCallback(pl.Callback):
             dense = dense_equivalent(factorized)
             plan = getattr(pl_module, "plan", None)
             meta = {"budget": plan.budget, "kept_fraction": plan.kept_fraction} if plan is not None else {}
-            self.rows = compare_latency(dense, {"factorized": factorized}, self.settings, {"factorized": meta})
+            settings = self.settings
+            if settings.device is None:
+                # Lightning's teardown moves the module to the CPU *before* on_fit_end: measure where it trained.
+                settings = dataclasses.replace(settings, device=str(trainer.strategy.root_device))
+            self.rows = compare_latency(dense, {"factorized": factorized}, settings, {"factorized": meta})
             ranks = f"rank 0 of {trainer.world_size}" if trainer.world_size > 1 else "single process"
             print(format_table(self.rows, title=f"inference latency at {stage} ({ranks})"), flush=True)
             self._log(trainer, stage)
