@@ -228,6 +228,8 @@ def test_absurd_learning_rate_is_reported_failed(tmp_path, caplog):
     rows = list(csv.DictReader(open(logger.log_dir + "/metrics.csv")))
     assert any(r.get("stability/diverged") == "1.0" for r in rows)
     assert any(r.get("stability/succeeded") == "0.0" for r in rows)
+    import json
+    assert json.load(open(logger.log_dir + "/stability.json"))["succeeded"] is False
 
 
 class NanLoss(FactorizedClassifier):

@@ -18,7 +18,7 @@ and a useful threshold is relative to the loss's own scale.
 On divergence the step that produced the bad loss is skipped (all gradients dropped before the optimizer step,
 so the weights keep their last finite values), the run stops, ``stability/diverged`` = 1 is logged, and a
 ``RUN FAILED`` line is printed. At the end of training ``stability/succeeded`` (1 or 0) is logged, a
-``RUN SUCCEEDED``/``RUN FAILED`` line printed, and the summary written to ``<log_dir>/stability.json``
+``RUN SUCCEEDED``/``RUN FAILED`` line printed, and (with a logger) the summary written to ``<log_dir>/stability.json``
 (also :attr:`StabilityMonitor.summary`). Under DDP every rank takes the same decision (any rank diverging stops all).
 """
 
@@ -181,7 +181,8 @@ class StabilityMonitor(Callback):
         for logger in trainer.loggers:
             logger.log_metrics({"stability/succeeded": float(summary["succeeded"]),
                                 "stability/diverged": float(summary["diverged"])}, step=trainer.global_step)
-        self._report(trainer.log_dir, summary)  # trainer.log_dir is a collective under DDP: every rank reads it
+        # trainer.log_dir is a collective under DDP: every rank reads it. No logger: no file (log_dir would be cwd).
+        self._report(trainer.log_dir if trainer.loggers else None, summary)
 
     @rank_zero_only
     def _report(self, log_dir: str | None, summary: dict[str, Any]) -> None:
