@@ -41,6 +41,7 @@ class GLUEPredictionWriter(BasePredictionWriter):
 
     def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
         dm = trainer.datamodule
+        out_dir = trainer.log_dir  # a collective (broadcast) under DDP: every rank must ask
         per_loader = predictions if len(dm.predict_file_names()) > 1 else [predictions]
         for name, outputs in zip(dm.predict_file_names(), per_loader, strict=True):
             idx = torch.cat([o["idx"] for o in outputs]).tolist() if outputs else []
@@ -51,7 +52,7 @@ class GLUEPredictionWriter(BasePredictionWriter):
                 merged = {i: p for share_idx, share_pred in shares for i, p in zip(share_idx, share_pred, strict=True)}
                 idx, pred = list(merged), list(merged.values())
             if trainer.is_global_zero:
-                path = write_submission(f"{trainer.log_dir}/{name}.tsv", dm.task, idx, pred)
+                path = write_submission(f"{out_dir}/{name}.tsv", dm.task, idx, pred)
                 self.written.append(str(path))
                 print(f"wrote {len(idx)} predictions to {path}")
 

@@ -242,7 +242,8 @@ class FactorizedClassifier(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self(batch).loss
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch["labels"]))
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch["labels"]),
+                 sync_dist=True)
         return loss
 
     def _eval_step(self, stage: str, batch: dict, dataloader_idx: int) -> None:
@@ -273,7 +274,8 @@ class FactorizedClassifier(L.LightningModule):
             loss.reset()
         if scores:
             values[f"{stage}/combined_score"] = torch.stack([s.float() for s in scores]).mean()
-            self.log_dict(values, prog_bar=False)
+            # Already reduced across DDP ranks by torchmetrics; sync_dist only averages identical values.
+            self.log_dict(values, prog_bar=False, sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
         self._eval_epoch_end("val")
