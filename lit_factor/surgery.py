@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Iterable
 
 import torch
 from torch import nn
@@ -23,7 +23,8 @@ from .factorize import METHODS, BudgetError, FactorizedLinear, check_saves, stru
 
 # Module-name regular expressions (``re.search`` on the dotted path) of the linears factorized by default:
 # attention Q/K/V/O and the FFN in/out of every transformer block. Never embeddings, pooler or classifier.
-_BERT_LIKE = r"encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)$"
+_BERT_LIKE = (r"encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense"
+              r"|intermediate\.dense|output\.dense)$")
 TARGET_PRESETS: dict[str, list[str]] = {
     "bert": [_BERT_LIKE],
     "roberta": [_BERT_LIKE],
@@ -71,14 +72,14 @@ class Plan:
         return {"method": self.method, "budget": self.budget, "entries": [asdict(e) for e in self.entries]}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Plan":
+    def from_dict(cls, data: dict) -> Plan:
         return cls(data["method"], data.get("budget"), [PlanEntry(**e) for e in data["entries"]])
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1)
 
     @classmethod
-    def from_json(cls, text: str) -> "Plan":
+    def from_json(cls, text: str) -> Plan:
         return cls.from_dict(json.loads(text))
 
     # --- summary numbers -------------------------------------------------------------------------------
@@ -247,7 +248,8 @@ def format_report(model: nn.Module, plan: Plan, errors: dict[str, float] | None 
         rows.append((e.path, e.method, f"{e.out_features}x{e.in_features}", struct, f"{e.params_dense:,}",
                      f"{e.params_factorized:,}", f"{e.params_factorized / e.params_dense:.1%}", err))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) if i < 4 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines = ["  ".join(c.ljust(w) if i < 4 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+             for r in rows]
     lines.insert(1, "-" * len(lines[0]))
     total_now = count_params(model)
     total_dense = dense_model_params or total_now + plan.params_dense - plan.params_factorized

@@ -177,3 +177,18 @@ def test_gradients_flow_to_every_factor():
         layer = cls.from_linear(nn.Linear(48, 40), **partial(cls, 40, 48))
         layer(torch.randn(3, 48)).square().sum().backward()
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.parameters())
+
+
+@ALL
+def test_weight_snapshot_follows_factor_updates(cls):
+    """``.weight`` (read by HF T5) is cached, yet always equals to_dense() after the factors change."""
+    layer = cls.from_linear(nn.Linear(48, 40), **partial(cls, 40, 48))
+    first = layer.weight
+    assert layer.weight is first  # cached while nothing changed
+    torch.testing.assert_close(first, layer.to_dense().detach())
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    layer(torch.randn(3, 48)).square().sum().backward()
+    optimizer.step()
+    assert layer.weight is not first
+    torch.testing.assert_close(layer.weight, layer.to_dense().detach())
+    assert not layer.weight.requires_grad

@@ -39,7 +39,7 @@ class FactorizedLinear(nn.Module, ABC):
     # --- what every structure provides -------------------------------------------------------------------
     @classmethod
     @abstractmethod
-    def from_linear(cls, linear: nn.Linear, **structure) -> "FactorizedLinear":
+    def from_linear(cls, linear: nn.Linear, **structure) -> FactorizedLinear:
         """Project ``linear.weight`` onto this structure; copy the bias."""
 
     @abstractmethod
@@ -72,12 +72,20 @@ class FactorizedLinear(nn.Module, ABC):
 
     @property
     def weight(self) -> Tensor:
-        """The dense matrix, materialised on every access (costly: prefer ``to_dense()`` knowingly).
+        """A read-only snapshot of the dense matrix (no gradient flows through it; use ``to_dense()`` for that).
 
-        Exists because model code written for ``nn.Linear`` reads ``.weight`` -- HF T5's feed-forward reads
-        ``wo.weight.dtype`` on each call -- and a drop-in replacement must not break it.
+        Exists because model code written for ``nn.Linear`` reads ``.weight``: HF T5's feed-forward reads
+        ``wo.weight.dtype`` on every call. Rebuilding the matrix on each read would dominate factorized T5's
+        latency, so the snapshot is cached until a factor changes (in-place optimizer steps bump the version
+        counters). The cache costs one dense matrix of memory, and only for layers whose ``.weight`` is read.
         """
-        return self.to_dense()
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self.parameters())
+        cached = self.__dict__.get("_dense_snapshot")  # a plain attribute: never in the state_dict
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, self.to_dense().detach())
+            self.__dict__["_dense_snapshot"] = cached
+        return cached[1]
 
     def to_linear(self) -> nn.Linear:
         """Materialise the dense ``nn.Linear`` this layer represents (for comparison and export)."""
