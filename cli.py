@@ -14,6 +14,7 @@ import sys
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lit_factor.data import GLUEDataError, GLUEDataModule, get_task, write_submission
 from lit_factor.factorize import BudgetError
@@ -22,7 +23,7 @@ from lit_factor.module import ConfigError, FactorizedClassifier
 from lit_factor.surgery import PlanError
 
 #: errors that mean "your settings or data are wrong": reported as one line, no traceback
-USER_ERRORS = (ConfigError, GLUEDataError, PlanError, BudgetError, ModelSourceError)
+USER_ERRORS = (ConfigError, GLUEDataError, PlanError, BudgetError, ModelSourceError, MisconfigurationException)
 
 
 def _monitor(task: str) -> str:

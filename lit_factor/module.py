@@ -10,6 +10,7 @@ factorized architecture from that plan before the weights load, so ``validate``/
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -299,7 +300,11 @@ class FactorizedClassifier(L.LightningModule):
             [{"params": decay, "weight_decay": self.hparams.weight_decay},
              {"params": no_decay, "weight_decay": 0.0}],
             lr=self.hparams.learning_rate, eps=self.hparams.adam_epsilon)
-        total = int(self.trainer.estimated_stepping_batches)
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise ConfigError("the linear warm-up/decay schedule needs a finite run: set trainer.max_epochs >= 1 "
+                              "or trainer.max_steps >= 1")
+        total = int(total)
         warmup = int(self.hparams.warmup_ratio * total)
         scheduler = get_linear_schedule_with_warmup(optimizer, warmup, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

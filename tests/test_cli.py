@@ -127,6 +127,7 @@ def _break(kind, root):
     ([], "malformed", r"train\.tsv:3: malformed row: expected 2 tab-separated fields, found 3"),
     ([], "bad_label", r"train\.tsv:3: label 'negative' is not in the SST-2 label set \['0', '1'\]"),
     (["--model.model_name_or_path", "random:huge-bert"], None, r"model 'random:huge-bert' is no preset"),
+    (["--trainer.max_epochs", "-1"], None, r"schedule needs a finite run: set trainer\.max_epochs >= 1"),
 ])
 def test_bad_settings_one_line_error(extra, kind, message, glue_writer, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
