@@ -188,6 +188,14 @@ def set_module(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, name, module)
 
 
+def planned_module(model: nn.Module, entry: PlanEntry) -> nn.Module:
+    """The module at ``entry.path``, or a PlanError naming the path when the model has none."""
+    try:
+        return model.get_submodule(entry.path)
+    except AttributeError:
+        raise PlanError(f"plan entry {entry.path!r} is not a module of {type(model).__name__}") from None
+
+
 def build_layer(entry: PlanEntry, linear: nn.Linear, project: bool = True) -> FactorizedLinear:
     """The factorized layer for ``entry``: projected from ``linear`` (or random if the plan says so), or an
     empty shell of the right shape, dtype and device when ``project=False`` (weights come from a checkpoint)."""
@@ -215,10 +223,7 @@ def apply_plan(model: nn.Module, plan: Plan, project: bool = True) -> dict[str, 
     """
     errors = {}
     for entry in plan.entries:
-        try:
-            linear = model.get_submodule(entry.path)
-        except AttributeError:
-            raise PlanError(f"plan entry {entry.path!r} is not a module of {type(model).__name__}") from None
+        linear = planned_module(model, entry)
         if not isinstance(linear, nn.Linear) or (linear.out_features, linear.in_features) != (
                 entry.out_features, entry.in_features):
             raise PlanError(f"plan entry {entry.path!r} expects nn.Linear {entry.out_features}x{entry.in_features}, "

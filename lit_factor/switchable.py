@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from .factorize import FactorizedLinear
-from .surgery import Plan, PlanEntry, PlanError, build_layer, relative_error, set_module
+from .surgery import Plan, PlanEntry, PlanError, build_layer, planned_module, relative_error, set_module
 
 
 class SwitchableLinear(nn.Module):
@@ -142,10 +142,7 @@ def make_switchable(model: nn.Module, plan: Plan, project: bool = True) -> dict[
     del project  # projection happens at the stage (SwitchableLinear.switch_)
     switches = {}
     for entry in plan.entries:
-        try:
-            module = model.get_submodule(entry.path)
-        except AttributeError:
-            raise PlanError(f"plan entry {entry.path!r} is not a module of {type(model).__name__}") from None
+        module = planned_module(model, entry)
         if isinstance(module, SwitchableLinear):
             switches[entry.path] = module
             continue

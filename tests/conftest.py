@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -90,3 +91,12 @@ def glue_dir() -> Path:
     if not (path / "SST-2" / "dev.tsv").is_file():
         pytest.skip(f"no GLUE data at {path} (set GLUE_DIR)")
     return path
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: a second intra-op thread only adds contention on a 2-core machine (10-20x slower when loaded)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

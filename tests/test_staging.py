@@ -22,13 +22,7 @@ from lit_factor.switchable import SwitchableLinear, finalize, find_switchable
 BATCH, SEQ = 4, 12
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors on a shared 2-core machine: a second intra-op thread only adds contention (20x slower here).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

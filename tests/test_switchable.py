@@ -12,13 +12,7 @@ from lit_factor.switchable import SwitchableLinear, finalize, find_switchable, m
 METHODS = ["lowrank", "monarch", "blockwise"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors on a shared 2-core machine: a second intra-op thread only adds contention (20x slower here).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 
