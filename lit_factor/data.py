@@ -18,23 +18,29 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import lightning as L
-from torch.utils.data import DataLoader
+import torch
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from .errors import UserError
 
 GLUE_DIR_ENV = "GLUE_DIR"
 CACHE_ENV = "LIT_FACTOR_CACHE"
 
 
-class GLUEDataError(ValueError):
-    """Bad data settings or a bad data file: unknown task, missing directory/file, malformed row, unknown label."""
+class GLUEDataError(UserError):
+    """Bad data settings or a bad data file: unknown task, missing directory/file, malformed row, unknown label,
+    a byte that is not UTF-8, a split without examples."""
 
 
 @dataclass(frozen=True)
@@ -128,14 +134,12 @@ def read_glue_tsv(path: str | Path, task: GLUETask, labelled: bool = True) -> di
     Rows must have as many fields as the header; labels must be in the task's label set (or floats for STS-B).
     """
     path = Path(path)
-    if not path.is_file():
-        raise GLUEDataError(f"missing file {path} (expected the GLUE TSV layout <data_dir>/{task.dir_name}/"
-                            f"{path.name})")
     fields = [*task.text_fields, *(["label"] if labelled else [])]
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        rows = [(n, r) for n, r in enumerate(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE), 1) if r]
+    text = _read_text(path, task)
+    rows = [(n, r) for n, r in enumerate(csv.reader(io.StringIO(text, newline=""), delimiter="\t",
+                                                     quoting=csv.QUOTE_NONE), 1) if r]
     if not rows:
-        raise GLUEDataError(f"{path}: empty file")
+        raise GLUEDataError(f"{path}: empty file (a GLUE TSV has a header line, then one example per line)")
     first = rows[0][1]
     names = {task.tsv_columns[k] for k in fields}
     if names <= set(first):
@@ -149,6 +153,8 @@ def read_glue_tsv(path: str | Path, task: GLUETask, labelled: bool = True) -> di
     else:
         missing = sorted(names - set(first))
         raise GLUEDataError(f"{path}: header {first} lacks the {task.dir_name} column(s) {missing}")
+    if not rows:
+        raise GLUEDataError(f"{path}: no examples, only a header line (a GLUE TSV needs at least one example row)")
     out: dict[str, list] = {k: [] for k in [*fields, "idx"]}
     for i, (line, row) in enumerate(rows):
         # Header-less files (CoLA) may have more trailing fields; files with a header must match it exactly.
@@ -174,6 +180,23 @@ def read_glue_tsv(path: str | Path, task: GLUETask, labelled: bool = True) -> di
     return out
 
 
+def _read_text(path: Path, task: GLUETask) -> str:
+    """The file's text; a missing/unreadable file or a byte that is not UTF-8 is named with its line."""
+    if not path.is_file():
+        raise GLUEDataError(f"missing file {path} (expected the GLUE TSV layout <data_dir>/{task.dir_name}/"
+                            f"{path.name})")
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise GLUEDataError(f"{path}: cannot be read ({err.strerror})") from None
+    try:
+        return data.decode("utf-8-sig")  # utf-8-sig: MRPC starts with a byte-order mark
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise GLUEDataError(f"{path}:{line}: byte 0x{data[err.start]:02x} is not valid UTF-8 (GLUE TSVs are UTF-8 "
+                            "text: re-save the file as UTF-8)") from None
+
+
 def write_submission(path: str | Path, task: GLUETask, idx: list[int], predictions: list) -> Path:
     """Write predictions in GLUE submission format (``index<TAB>prediction``, labels by name)."""
     path = Path(path)
@@ -184,6 +207,15 @@ def write_submission(path: str | Path, task: GLUETask, idx: list[int], predictio
             value = f"{min(max(float(p), 0.0), 5.0):.3f}" if task.is_regression else task.labels[int(p)]
             f.write(f"{i}\t{value}\n")
     return path
+
+
+def _check_sizes(**sizes: int | None) -> None:
+    """Counts must be positive (``null`` means "all" / "the default"); zero samples is a settings error."""
+    for name, value in sizes.items():
+        low = 0 if name == "num_workers" else 1
+        if value is not None and value < low:
+            allowed = ">= 0" if low == 0 else ">= 1" + (" (or null: all examples)" if "samples" in name else "")
+            raise GLUEDataError(f"data.{name}={value} must be {allowed}")
 
 
 class GLUEDataModule(L.LightningDataModule):
@@ -229,9 +261,8 @@ class GLUEDataModule(L.LightningDataModule):
             if not task_dir.is_dir():
                 raise GLUEDataError(f"data_dir {data_dir!r} has no {self.task.dir_name}/ directory for task "
                                     f"{self.task.name!r}")
-        for name, value in (("max_seq_length", max_seq_length), ("batch_size", batch_size)):
-            if value < 1:
-                raise GLUEDataError(f"{name}={value} must be >= 1")
+        _check_sizes(max_seq_length=max_seq_length, batch_size=batch_size, eval_batch_size=eval_batch_size,
+                     max_train_samples=max_train_samples, max_eval_samples=max_eval_samples, num_workers=num_workers)
         self.data_dir = data_dir
         self.model_name_or_path = model_name_or_path
         self.max_seq_length = max_seq_length
@@ -245,10 +276,6 @@ class GLUEDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self._tokenizer = None
         self.datasets: dict[str, object] = {}
-
-    @property
-    def num_labels(self) -> int:
-        return self.task.num_labels
 
     @property
     def tokenizer(self):
@@ -285,6 +312,14 @@ class GLUEDataModule(L.LightningDataModule):
 
             datasets.load_dataset("nyu-mll/glue", self.task.name)
 
+    def check(self, stage: str | None = None) -> None:
+        """Read, validate and tokenize what ``stage`` needs now, before a Trainer creates any run directory.
+
+        Bad files stop here with a :class:`GLUEDataError`; the later ``setup`` finds the splits already loaded.
+        """
+        self.prepare_data()
+        self.setup(stage)
+
     def setup(self, stage: str | None = None) -> None:
         for split in self._splits(stage):
             if split not in self.datasets:
@@ -301,7 +336,10 @@ class GLUEDataModule(L.LightningDataModule):
             ds = datasets.load_dataset("nyu-mll/glue", self.task.name, split=self._hf_split(split))
             cols = ds.select_columns([*self.task.text_fields, "idx", *(["label"] if labelled else [])]).to_dict()
         limit = self._limit(split)
-        return {k: v[:limit] for k, v in cols.items()} if limit is not None else cols
+        cols = {k: v[:limit] for k, v in cols.items()} if limit is not None else cols
+        if not cols["idx"]:
+            raise GLUEDataError(f"task {self.task.name!r} split {split!r} has no examples")
+        return cols
 
     def _cache_key(self, split: str) -> str:
         if self.data_dir is not None:
@@ -343,18 +381,26 @@ class GLUEDataModule(L.LightningDataModule):
 
         return DataCollatorWithPadding(self.tokenizer)
 
-    def _loader(self, split: str, train: bool = False) -> DataLoader:
+    def _loader(self, split: str, train: bool = False) -> StatefulDataLoader:
         if split not in self.datasets:
             self.datasets[split] = self._load_tokenized(split)
-        return DataLoader(self.datasets[split], batch_size=self.batch_size if train else self.eval_batch_size,
-                          shuffle=train, collate_fn=self._collate(), num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+        # Resumable mid-epoch: Lightning saves a StatefulDataLoader's position (and its sampler's generator) in
+        # fit checkpoints and restores it. The loader's own generator, seeded once from the global seed, keeps the
+        # shuffle and the worker seeds off the global RNG, which then drives only the model (dropout), so a
+        # resumed run draws the same dropout masks as an uninterrupted one (lit_factor.callbacks.resume).
+        generator = torch.Generator().manual_seed(int(torch.randint(2**62, (), dtype=torch.int64)))
+        with warnings.catch_warnings():  # torchdata 0.11 calls a torch API that torch >= 2.9 deprecates
+            warnings.filterwarnings("ignore", message=".*set_vital.*", category=UserWarning)
+            return StatefulDataLoader(self.datasets[split], shuffle=train, generator=generator,
+                                      batch_size=self.batch_size if train else self.eval_batch_size,
+                                      collate_fn=self._collate(), num_workers=self.num_workers,
+                                      persistent_workers=self.num_workers > 0)
 
-    def _eval_loaders(self, splits) -> DataLoader | list[DataLoader]:
+    def _eval_loaders(self, splits) -> StatefulDataLoader | list[StatefulDataLoader]:
         loaders = [self._loader(s) for s in splits]
         return loaders[0] if len(loaders) == 1 else loaders
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> StatefulDataLoader:
         return self._loader("train", train=True)
 
     def val_dataloader(self):

@@ -169,6 +169,48 @@ def test_wrong_header(tmp_path):
         read_glue_tsv(path, get_task("rte"))
 
 
+def test_byte_that_is_not_utf8_names_file_and_line(tmp_path):
+    path = write_tsv(tmp_path / "SST-2" / "train.tsv", ["sentence", "label"], [["good", "1"], ["fine", "0"]])
+    path.write_bytes(path.read_bytes().replace(b"fine", b"f\xe9e"))  # latin-1, as a stray editor writes it
+    with pytest.raises(GLUEDataError, match=r"train\.tsv:3: byte 0xe9 is not valid UTF-8"):
+        read_glue_tsv(path, get_task("sst2"))
+
+
+@pytest.mark.parametrize("content", ["sentence\tlabel\n", ""])
+def test_file_without_examples(tmp_path, content):
+    path = tmp_path / "SST-2" / "train.tsv"
+    path.parent.mkdir()
+    path.write_text(content)
+    with pytest.raises(GLUEDataError, match="only a header line" if content else "empty file"):
+        read_glue_tsv(path, get_task("sst2"))
+
+
+@pytest.mark.parametrize("setting", ["max_train_samples", "max_eval_samples", "batch_size", "eval_batch_size"])
+def test_zero_samples_or_batch_is_a_settings_error(glue_writer, tmp_path, setting):
+    with pytest.raises(GLUEDataError, match=rf"data\.{setting}=0 must be >= 1"):
+        make_dm(glue_writer("SST-2"), "sst2", tmp_path, **{setting: 0})
+
+
+def test_train_loader_resumes_mid_epoch(glue_writer, tmp_path):
+    """The train loader's position and shuffle travel in its state_dict (what Lightning puts in checkpoints)."""
+    torch.manual_seed(3)
+    dm = make_dm(glue_writer("SST-2", n_train=20), "sst2", tmp_path, batch_size=3)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    first = [b["idx"].tolist() for b in loader]
+    it = iter(loader)
+    seen = [next(it)["idx"].tolist() for _ in range(2)]
+    state = loader.state_dict()
+    rest = [b["idx"].tolist() for b in it]
+    assert seen + rest != first  # the second epoch is shuffled anew
+    torch.manual_seed(99)  # a different process: another global RNG state
+    again = make_dm(glue_writer("SST-2", n_train=20), "sst2", tmp_path, batch_size=3)
+    again.setup("fit")
+    resumed = again.train_dataloader()
+    resumed.load_state_dict(state)
+    assert [b["idx"].tolist() for b in resumed] == rest
+
+
 # --- the real GLUE files, where present ----------------------------------------------------------------------
 @pytest.mark.parametrize("task_dir,split,count", [
     ("CoLA", "dev", 1043), ("SST-2", "dev", 872), ("MRPC", "train", 3668), ("MRPC", "dev", 408),
