@@ -1,6 +1,5 @@
-"""StagingCallback and StabilityMonitor on a tiny random BERT (CPU, a few seconds per fit)."""
+"""StagingCallback on a tiny random BERT (CPU, a few seconds per fit); StabilityMonitor: tests/test_stability.py."""
 
-import math
 import types
 
 import lightning as L
@@ -12,7 +11,6 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader
 
-from lit_factor.callbacks.stability import StabilityMonitor, majority_baseline
 from lit_factor.callbacks.staging import StagingCallback, block_of, plan_stages
 from lit_factor.models import load_model
 from lit_factor.module import Factorization, FactorizedClassifier
@@ -205,65 +203,3 @@ def test_resume_is_exact(tmp_path):
         assert got.keys() == expected.keys()
         bad = [k for k in expected if not torch.equal(got[k], expected[k])]
         assert not bad, f"resumed from {label}: {len(bad)} tensors differ, e.g. {bad[0]}"
-
-
-# --- stability ----------------------------------------------------------------------------------------------------
-def test_absurd_learning_rate_is_reported_failed(tmp_path, caplog):
-    module = _module(lr=1e4)
-    monitor = StabilityMonitor(factor=3.0, warmup_steps=2)
-    logger = CSVLogger(tmp_path)
-    trainer = _trainer(tmp_path, [StagingCallback(every_n_steps=1), monitor], max_steps=40, logger=logger)
-    with pytest.warns(UserWarning, match="RUN FAILED: training diverged at step"):
-        trainer.fit(module, _loader(40))
-    assert monitor.summary["succeeded"] is False and monitor.summary["diverged"] is True
-    assert trainer.global_step < 40  # stopped early rather than training on garbage
-    assert all(torch.isfinite(p).all() for p in module.parameters())  # the bad step was skipped
-    import csv
-    rows = list(csv.DictReader(open(logger.log_dir + "/metrics.csv")))
-    assert any(r.get("stability/diverged") == "1.0" for r in rows)
-    assert any(r.get("stability/succeeded") == "0.0" for r in rows)
-    import json
-    assert json.load(open(logger.log_dir + "/stability.json"))["succeeded"] is False
-
-
-class NanLoss(FactorizedClassifier):
-    def training_step(self, batch, batch_idx):
-        loss = super().training_step(batch, batch_idx)
-        return loss * float("nan") if self.global_step == 3 else loss
-
-
-def test_non_finite_loss_fails_the_run(tmp_path):
-    torch.manual_seed(0)
-    module = NanLoss("random:tiny-bert", task="sst2", factorization=Factorization(method="lowrank"))
-    monitor = StabilityMonitor()
-    with pytest.warns(UserWarning, match=r"diverged at step 3: loss nan \(not finite\)"):
-        _trainer(tmp_path, [monitor], max_steps=10).fit(module, _loader(40))
-    assert monitor.summary["succeeded"] is False and monitor.diverged["step"] == 3
-    assert all(torch.isfinite(p).all() for p in module.parameters())
-
-
-def test_success_needs_the_dev_metric_above_the_majority_baseline(tmp_path):
-    val = _data(12, seed=5)
-    share = max(sum(int(r["labels"]) for r in val), sum(1 - int(r["labels"]) for r in val)) / len(val)
-    for threshold, expect in ((None, None), (-1.0, True), (1.0, False)):
-        monitor = StabilityMonitor(monitor="val/accuracy", success_threshold=threshold)
-        trainer = _trainer(tmp_path, [monitor], max_steps=4, limit_val_batches=None, num_sanity_val_steps=0)
-        trainer.fit(_module(), _loader(16), DataLoader(val, batch_size=BATCH))
-        acc = float(trainer.callback_metrics["val/accuracy"])
-        s = monitor.summary
-        assert s["dev_metric"] == pytest.approx(acc)
-        if threshold is None:
-            assert s["threshold"] == pytest.approx(share) and s["threshold_kind"] == "majority-class"
-            expect = acc > share
-        assert s["succeeded"] is expect and s["diverged"] is False
-
-
-def test_majority_baseline_rules():
-    counts = {0: 30, 1: 70}
-    assert majority_baseline("val/accuracy", counts) == pytest.approx(0.7)
-    assert majority_baseline("val/f1", counts) == pytest.approx(1.4 / 1.7)
-    assert majority_baseline("val/f1", {0: 70, 1: 30}) == 0.0
-    assert majority_baseline("val/matthews", counts) == 0.0
-    with pytest.raises(ValueError, match="no rule for metric 'val/loss'"):
-        StabilityMonitor(monitor="val/loss")
-    assert math.isfinite(StabilityMonitor(monitor="val/loss", success_threshold=0.5).success_threshold)

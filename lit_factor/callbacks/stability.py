@@ -3,8 +3,10 @@
 The seed paper measures stability as the share of seeds whose fine-tuning run succeeds. Here a run **succeeded**
 when all of these hold:
 
-1. its training never diverged: every step's loss was finite and never exceeded ``factor`` times the running
-   (exponential moving average) loss, once ``warmup_steps`` steps have built that average;
+1. its training never diverged: every step's loss was finite and never exceeded ``factor`` times a reference:
+   the running (exponential moving average) loss once ``warmup_steps`` steps have built it, and before that, from
+   the very first step, the untrained model's loss: ln(num_labels) for a classifier (read from the model's
+   ``config.num_labels``), else the first step's loss (or ``initial_loss`` when given);
 2. its final training loss is finite;
 3. its final dev metric (``monitor``, the last validation value) beats the **majority-class baseline**: the score
    that always predicting the most frequent dev label gets with the same metric (accuracy: that label's share;
@@ -20,6 +22,7 @@ so the weights keep their last finite values), the run stops, ``stability/diverg
 ``RUN FAILED`` line is printed. At the end of training ``stability/succeeded`` (1 or 0) is logged, a
 ``RUN SUCCEEDED``/``RUN FAILED`` line printed, and (with a logger) the summary written to ``<log_dir>/stability.json``
 (also :attr:`StabilityMonitor.summary`). Under DDP every rank takes the same decision (any rank diverging stops all).
+:func:`run_failed` turns the verdict into the reasons a command line reports (exit status 3, see the README).
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
+
+from ..errors import UserError
 
 
 def majority_baseline(metric: str, counts: dict[int, int]) -> float:
@@ -50,34 +55,40 @@ def majority_baseline(metric: str, counts: dict[int, int]) -> float:
         return top / total
     if any(k in name for k in ("mcc", "matthews", "pearson", "spearman", "corr")):
         return 0.0
-    raise ValueError(f"majority baseline: no rule for metric {metric!r} (known: acc, f1, mcc/matthews, "
-                     "pearson/spearman/corr); give success_threshold")
+    raise UserError(f"majority baseline: no rule for metric {metric!r} (known: acc, f1, mcc/matthews, "
+                    "pearson/spearman/corr); give success_threshold")
 
 
 class StabilityMonitor(Callback):
     """Stop diverging runs and record whether the run succeeded (see the module docstring for the definition).
 
     Args:
-        factor: a step's loss above ``factor`` x the running loss counts as divergence.
-        warmup_steps: optimizer steps that build the running loss before the ratio test applies (non-finite
-            losses count from the first step).
+        factor: a step's loss above ``factor`` x the reference loss counts as divergence.
+        warmup_steps: optimizer steps that build the running loss before it becomes the reference; until then
+            the reference is the untrained loss (non-finite losses count from the first step).
         smoothing: decay of the exponential moving average of the loss (0.98 ~ the last 50 steps).
         monitor: logged dev metric that must beat the baseline (e.g. ``val/acc``); ``None`` checks only the loss.
         success_threshold: the dev metric must exceed this; ``None`` uses the majority-class baseline.
+        initial_loss: the untrained model's expected loss, the reference until the running loss exists; ``None``:
+            ln(num_labels) for a classifier with 2+ labels, else the first step's loss.
     """
 
     def __init__(self, factor: float = 10.0, warmup_steps: int = 20, smoothing: float = 0.98,
-                 monitor: str | None = None, success_threshold: float | None = None) -> None:
-        if factor <= 1:
-            raise ValueError(f"divergence factor={factor} must be > 1 (times the running loss)")
+                 monitor: str | None = None, success_threshold: float | None = None,
+                 initial_loss: float | None = None) -> None:
+        if not factor > 1:
+            raise UserError(f"StabilityMonitor factor={factor} must be > 1 (times the reference loss)")
         if not 0 <= smoothing < 1:
-            raise ValueError(f"smoothing={smoothing} must be in [0, 1)")
+            raise UserError(f"StabilityMonitor smoothing={smoothing} must be in [0, 1)")
         if warmup_steps < 0:
-            raise ValueError(f"warmup_steps={warmup_steps} must be >= 0")
+            raise UserError(f"StabilityMonitor warmup_steps={warmup_steps} must be >= 0")
+        if initial_loss is not None and not (math.isfinite(initial_loss) and initial_loss > 0):
+            raise UserError(f"StabilityMonitor initial_loss={initial_loss} must be a finite loss > 0 (or null)")
         if monitor is not None and success_threshold is None:
             majority_baseline(monitor, {0: 1})  # fail now, not after training, on a metric without a baseline rule
         self.factor, self.warmup_steps, self.smoothing = factor, warmup_steps, smoothing
         self.monitor, self.success_threshold = monitor, success_threshold
+        self.initial_loss = initial_loss  # the reference before the running loss exists (None: found at step 0)
         self.ema = 0.0
         self.steps = 0  # steps folded into the running loss
         self.diverged: dict[str, Any] | None = None
@@ -91,6 +102,30 @@ class StabilityMonitor(Callback):
         """Bias-corrected moving average of the loss (None before the first step)."""
         return self.ema / (1 - self.smoothing ** self.steps) if self.steps else None
 
+    @property
+    def succeeded(self) -> bool | None:
+        """The verdict: True / False once training ended (False as soon as it diverged), None before."""
+        if self.diverged is not None:
+            return False
+        return self.summary.get("succeeded")
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.initial_loss is None:
+            # An untrained classifier with k labels predicts ~uniformly: its cross-entropy is about ln(k).
+            model = getattr(pl_module, "factorized_model", None) or getattr(pl_module, "model", None)
+            labels = getattr(getattr(model, "config", None), "num_labels", None)
+            if isinstance(labels, int) and labels >= 2 and getattr(model.config, "problem_type", None) in (
+                    None, "single_label_classification"):
+                self.initial_loss = math.log(labels)
+
+    def _reference(self) -> tuple[float, str] | None:
+        """What a step's loss is compared with, and its name (None: nothing yet, only finiteness counts)."""
+        if self.steps >= max(self.warmup_steps, 1):
+            return self.running_loss, "the running loss"
+        if self.initial_loss is not None:
+            return self.initial_loss, "the untrained loss"
+        return None
+
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
         # The loss is already divided by accumulate_grad_batches; undo it to compare like with like.
         self._window.append(loss.detach() * trainer.accumulate_grad_batches)
@@ -100,15 +135,17 @@ class StabilityMonitor(Callback):
             return
         loss = float(torch.stack(self._window).float().mean())
         self._window.clear()
-        reason = None
+        reason, reference = None, self._reference()
         if not math.isfinite(loss):
             reason = "not finite"
-        elif self.steps >= max(self.warmup_steps, 1) and loss > self.factor * self.running_loss:
-            reason = f"more than {self.factor:g}x the running loss {self.running_loss:.4g}"
+        elif reference is not None and loss > self.factor * reference[0]:
+            reason = f"more than {self.factor:g}x {reference[1]} {reference[0]:.4g}"
         if trainer.strategy.reduce_boolean_decision(reason is not None, all=False):
             reason = reason or "diverged on another rank"
             self._fail(trainer, optimizer, loss, reason)
             return
+        if self.initial_loss is None:  # regression or an unknown head: the first finite loss is the reference
+            self.initial_loss = loss
         self.ema = self.smoothing * self.ema + (1 - self.smoothing) * loss
         self.steps += 1
 
@@ -199,7 +236,24 @@ class StabilityMonitor(Callback):
 
     # --- checkpointing -----------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"ema": self.ema, "steps": self.steps, "diverged": self.diverged}
+        return {"ema": self.ema, "steps": self.steps, "diverged": self.diverged, "initial_loss": self.initial_loss}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.ema, self.steps, self.diverged = state_dict["ema"], state_dict["steps"], state_dict["diverged"]
+        self.initial_loss = state_dict.get("initial_loss", self.initial_loss)
+
+
+def run_failed(trainer: pl.Trainer) -> list[str]:
+    """Why a finished ``fit`` counts as failed (empty: it did not), for the exit status of a command line.
+
+    With a :class:`StabilityMonitor` its verdict rules (divergence, non-finite loss, dev metric at or below the
+    majority baseline). Without one, a non-finite final training loss still fails the run.
+    """
+    monitors = [c for c in trainer.callbacks if isinstance(c, StabilityMonitor)]
+    if monitors:
+        m = monitors[0]
+        if m.succeeded is False:
+            return list(m.summary.get("reasons") or [f"diverged at step {m.diverged['step']}"])
+        return [] if m.succeeded else ["training ended before the stability verdict"]
+    losses = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/loss")}
+    return [f"final {k} is {v}" for k, v in losses.items() if not math.isfinite(v)]

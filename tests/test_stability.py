@@ -1,0 +1,133 @@
+"""StabilityMonitor: divergence caught from the first step, the skipped step, the verdict and its reasons."""
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+from torch.utils.data import DataLoader
+
+from lit_factor.callbacks.stability import StabilityMonitor, majority_baseline, run_failed
+from lit_factor.errors import UserError
+from lit_factor.module import Factorization, FactorizedClassifier
+from tests.test_staging import BATCH, _data, _loader, _module, _trainer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class Exploding(FactorizedClassifier):
+    """The training loss is multiplied by ``scale`` at optimizer step ``at`` (nan: a non-finite loss)."""
+
+    def __init__(self, *args, at: int = 0, scale: float = 1e4, **kw):
+        super().__init__(*args, **kw)
+        self.at, self.scale = at, scale
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * self.scale if self.global_step == self.at else loss
+
+
+def _exploding(task: str = "sst2", **kw) -> Exploding:
+    torch.manual_seed(0)
+    return Exploding("random:tiny-bert", task=task, factorization=Factorization(method="lowrank"), **kw)
+
+
+def _regression_loader(n: int) -> DataLoader:
+    rows = [{**r, "labels": r["labels"].float() * 5} for r in _data(n)]  # STS-B-like scores in [0, 5]
+    return DataLoader(rows, batch_size=BATCH)
+
+
+@pytest.mark.parametrize("at,scale", [(0, 1e4), (1, 1e4), (3, 1e4), (0, math.nan), (3, math.inf)])
+def test_explosion_inside_the_warm_up_is_caught_at_once(tmp_path, at, scale):
+    """Steps 0-3 lie inside the default 20-step warm-up: they are judged against ln(2), the untrained loss."""
+    module, monitor = _exploding(at=at, scale=scale), StabilityMonitor()
+    logger = CSVLogger(tmp_path)
+    trainer = _trainer(tmp_path, [monitor], max_steps=12, logger=logger)
+    with pytest.warns(UserWarning, match=rf"RUN FAILED: training diverged at step {at}: loss"):
+        trainer.fit(module, _loader(48))
+    assert monitor.diverged["step"] == at and monitor.succeeded is False
+    reason = monitor.diverged["reason"]
+    assert reason == "not finite" if not math.isfinite(scale) else "10x the untrained loss 0.6931" in reason
+    assert trainer.global_step == at + 1  # stopped right after the bad step ...
+    assert all(torch.isfinite(p).all() for p in module.parameters())  # ... which was skipped
+    summary = json.load(open(f"{logger.log_dir}/stability.json"))
+    assert summary["succeeded"] is False and summary["divergence"]["step"] == at
+    assert summary["reasons"][0].startswith(f"diverged at step {at}")
+    assert run_failed(trainer) == summary["reasons"]
+    rows = list(csv.DictReader(open(f"{logger.log_dir}/metrics.csv")))
+    assert any(r.get("stability/diverged") == "1.0" for r in rows)
+
+
+def test_absurd_learning_rate_inside_the_warm_up(tmp_path):
+    """The reported case: lr 10 with a 20-step warm-up used to train on garbage and be judged only by the dev set."""
+    monitor = StabilityMonitor(warmup_steps=20)
+    trainer = _trainer(tmp_path, [monitor], max_steps=40)
+    with pytest.warns(UserWarning, match="RUN FAILED: training diverged at step"):
+        trainer.fit(_module(lr=1e4), _loader(40))
+    assert monitor.diverged["step"] < 20 and trainer.global_step < 20
+    assert monitor.summary["succeeded"] is False and run_failed(trainer)
+
+
+def test_regression_judges_against_the_first_step(tmp_path):
+    """A regression head has no ln(num_labels): the first step's loss is the reference until the average exists."""
+    monitor = StabilityMonitor()
+    module = _exploding("stsb", at=2, scale=1e3)
+    with pytest.warns(UserWarning, match="diverged at step 2: .*than 10x the untrained loss"):
+        _trainer(tmp_path, [monitor], max_steps=8).fit(module, _regression_loader(40))
+    assert monitor.initial_loss == pytest.approx(monitor.state_dict()["initial_loss"]) and monitor.initial_loss > 0
+
+
+def test_a_healthy_run_succeeds(tmp_path):
+    monitor = StabilityMonitor(factor=3.0, warmup_steps=2)
+    trainer = _trainer(tmp_path, [monitor], max_steps=8)
+    trainer.fit(_module(), _loader(40))
+    assert monitor.succeeded is True and monitor.diverged is None and run_failed(trainer) == []
+    assert monitor.initial_loss == pytest.approx(math.log(2))
+
+
+def test_without_a_monitor_a_non_finite_loss_still_fails(tmp_path):
+    trainer = _trainer(tmp_path, [], max_steps=6)
+    trainer.fit(_exploding(at=4, scale=math.nan), _loader(40))
+    assert run_failed(trainer) and "nan" in run_failed(trainer)[0]
+    healthy = _trainer(tmp_path, [], max_steps=4)
+    healthy.fit(_module(), _loader(40))
+    assert run_failed(healthy) == []
+
+
+def test_success_needs_the_dev_metric_above_the_majority_baseline(tmp_path):
+    val = _data(12, seed=5)
+    share = max(sum(int(r["labels"]) for r in val), sum(1 - int(r["labels"]) for r in val)) / len(val)
+    for threshold, expect in ((None, None), (-1.0, True), (1.0, False)):
+        monitor = StabilityMonitor(monitor="val/accuracy", success_threshold=threshold)
+        trainer = _trainer(tmp_path, [monitor], max_steps=4, limit_val_batches=None, num_sanity_val_steps=0)
+        trainer.fit(_module(), _loader(16), DataLoader(val, batch_size=BATCH))
+        acc = float(trainer.callback_metrics["val/accuracy"])
+        s = monitor.summary
+        assert s["dev_metric"] == pytest.approx(acc)
+        if threshold is None:
+            assert s["threshold"] == pytest.approx(share) and s["threshold_kind"] == "majority-class"
+            expect = acc > share
+        assert s["succeeded"] is expect and s["diverged"] is False
+        assert bool(run_failed(trainer)) is not expect
+
+
+def test_majority_baseline_rules():
+    counts = {0: 30, 1: 70}
+    assert majority_baseline("val/accuracy", counts) == pytest.approx(0.7)
+    assert majority_baseline("val/f1", counts) == pytest.approx(1.4 / 1.7)
+    assert majority_baseline("val/f1", {0: 70, 1: 30}) == 0.0
+    assert majority_baseline("val/matthews", counts) == 0.0
+    with pytest.raises(UserError, match="no rule for metric 'val/loss'"):
+        StabilityMonitor(monitor="val/loss")
+    assert math.isfinite(StabilityMonitor(monitor="val/loss", success_threshold=0.5).success_threshold)
+
+
+@pytest.mark.parametrize("kw,match", [({"factor": 1.0}, "factor=1.0 must be > 1"),
+                                      ({"smoothing": 1.0}, r"smoothing=1.0 must be in \[0, 1\)"),
+                                      ({"warmup_steps": -1}, "warmup_steps=-1 must be >= 0"),
+                                      ({"initial_loss": 0.0}, "initial_loss=0.0 must be a finite loss")])
+def test_settings_are_user_errors(kw, match):
+    with pytest.raises(UserError, match=match):
+        StabilityMonitor(**kw)
