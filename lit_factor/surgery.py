@@ -1,8 +1,10 @@
 """Model surgery: find the target linears of a Hugging Face model, plan their factorization, apply the plan.
 
 The **plan** is the single source of truth for a factorized architecture. It is plain JSON (one entry per
-targeted module: path, method, shape, structure, parameters before/after), goes into hyperparameters and
-checkpoints, and rebuilds the factorized model before its weights load (``apply_plan(project=False)``).
+targeted module: path, method, shape, bias, structure, init; parameter counts are derived from the structure's
+formula), goes into hyperparameters and checkpoints, and rebuilds the factorized model before its weights load
+(``apply_plan(project=False)``). Structures are looked up by method name in :data:`lit_factor.factorize.METHODS`
+only (:func:`layer_class`); nothing here knows a particular structure.
 
     plan = build_plan(model, method="lowrank", budget=0.5)
     errors = apply_plan(model, plan)           # project the current weights; relative Frobenius errors
@@ -13,13 +15,13 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
-from .factorize import METHODS, BudgetError, FactorizedLinear, check_saves, structure_for_budget
+from .factorize import METHODS, BudgetError, FactorizedLinear, ProjectionStats
 
 # Module-name regular expressions (``re.search`` on the dotted path) of the linears factorized by default:
 # attention Q/K/V/O and the FFN in/out of every transformer block. Never embeddings, pooler or classifier.
@@ -44,19 +46,48 @@ class PlanError(ValueError):
     """A plan that does not fit the model (no targets, wrong shapes, unknown method)."""
 
 
+def layer_class(method: str) -> type[FactorizedLinear]:
+    """The structure registered as ``method`` in :data:`~lit_factor.factorize.METHODS`."""
+    try:
+        return METHODS[method]
+    except KeyError:
+        raise PlanError(f"method={method!r} is not one of {', '.join(METHODS)}") from None
+
+
+#: Keys that plans written before the counts were derived still carry; ignored when read.
+_DERIVED_KEYS = ("params_dense", "params_factorized")
+
+
 @dataclass
 class PlanEntry:
-    """How one ``nn.Linear`` is factorized."""
+    """How one ``nn.Linear`` is factorized. Parameter counts are derived from the structure's formula."""
 
     path: str
     method: str
     out_features: int
     in_features: int
     bias: bool
-    structure: dict  # keyword arguments of the layer class: {"rank": r} or {"nblocks": b, "rank": R}
-    params_dense: int  # weights + bias of the nn.Linear
-    params_factorized: int  # weights + bias of the factorized layer
-    init: str = "svd"  # "svd" (project the dense weight) or "random"
+    structure: dict  # keyword arguments of the layer class, e.g. {"rank": r} or {"nblocks": b, "rank": R}
+    init: str = "svd"  # one of the structure's INITS: a projection of the dense weight, or "random"
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PlanEntry:
+        return cls(**{k: v for k, v in data.items() if k not in _DERIVED_KEYS})
+
+    @property
+    def bias_params(self) -> int:
+        return self.out_features if self.bias else 0
+
+    @property
+    def params_dense(self) -> int:
+        """Weights + bias of the ``nn.Linear``."""
+        return self.out_features * self.in_features + self.bias_params
+
+    @property
+    def params_factorized(self) -> int:
+        """Weights + bias of the factorized layer (the structure's ``param_count`` plus the bias)."""
+        weights = layer_class(self.method).param_count(self.out_features, self.in_features, **self.structure)
+        return weights + self.bias_params
 
 
 @dataclass
@@ -73,7 +104,7 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: dict) -> Plan:
-        return cls(data["method"], data.get("budget"), [PlanEntry(**e) for e in data["entries"]])
+        return cls(data["method"], data.get("budget"), [PlanEntry.from_dict(e) for e in data["entries"]])
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1)
@@ -96,11 +127,18 @@ class Plan:
         return sum(e.params_factorized for e in self.entries)
 
     @property
+    def bias_params(self) -> int:
+        return sum(e.bias_params for e in self.entries)
+
+    @property
     def kept_fraction(self) -> float:
         """Kept fraction of the targeted layers' weights (the budget's unit; biases excluded)."""
-        dense = sum(e.out_features * e.in_features for e in self.entries)
-        kept = sum(e.params_factorized - (e.out_features if e.bias else 0) for e in self.entries)
-        return kept / dense if dense else 1.0
+        dense = self.params_dense - self.bias_params
+        return (self.params_factorized - self.bias_params) / dense if dense else 1.0
+
+    def factorized_model_params(self, dense_model_params: int) -> int:
+        """Whole-model parameters once every planned layer of a ``dense_model_params`` model is factorized."""
+        return dense_model_params - self.params_dense + self.params_factorized
 
 
 def target_patterns(model: nn.Module, targets: str | Iterable[str] | None = None) -> list[str]:
@@ -141,46 +179,33 @@ def build_plan(model: nn.Module, method: str, budget: float | None = 0.5, *,
     """Plan the factorization of every target linear of ``model``.
 
     Args:
-        method: ``lowrank``, ``monarch`` or ``blockwise``.
+        method: a key of :data:`~lit_factor.factorize.METHODS` (``lowrank``, ``monarch``, ``blockwise``).
         budget: kept fraction of each targeted layer's weights, in (0, 1]. ``None`` with an explicit
-            ``rank`` (or, for Monarch/block-wise, the default rank min(m, n) / b^2).
+            ``rank`` (or the structure's default, e.g. min(m, n) / b^2 per block for Monarch/block-wise).
         targets: a preset name (``bert``, ``roberta``, ``t5``), a regex, or a list of regexes on module names;
             ``None`` picks the preset of ``model.config.model_type``.
-        nblocks: blocks b for Monarch and block-wise low rank.
+        nblocks: blocks b for the block structures (Monarch, block-wise low rank).
         rank: fixed rank (low rank) or per-block rank (Monarch, block-wise) instead of a budget.
         rank_multiple: round ranks down to this multiple (8 or 64 on GPUs).
-        init: ``svd`` projects the current dense weights; ``random`` re-initialises the factors.
+        init: one of the structure's ``INITS``: ``svd`` projects the current dense weights; ``random``
+            re-initialises the factors.
     """
-    if method not in METHODS:
-        raise PlanError(f"method={method!r} is not one of {', '.join(METHODS)}")
-    if init not in ("svd", "random"):
-        raise PlanError(f"init={init!r} is not one of 'svd', 'random'")
+    layer_cls = layer_class(method)
+    if init not in layer_cls.INITS:
+        raise PlanError(f"init={init!r} is not one of {', '.join(map(repr, layer_cls.INITS))}")
     if budget is not None and rank is not None:
         raise PlanError(f"give a budget or a rank, not both (budget={budget}, rank={rank})")
-    if budget is None and rank is None and method == "lowrank":
-        raise PlanError("method='lowrank' needs a budget in (0, 1] or a rank")
     entries = []
     for path, linear in find_targets(model, targets).items():
         m, n = linear.out_features, linear.in_features
         try:
-            if budget is not None:
-                structure = structure_for_budget(method, m, n, budget, nblocks=nblocks, rank_multiple=rank_multiple)
-            else:
-                structure = {"rank": rank} if method == "lowrank" else {"nblocks": nblocks, "rank": rank}
-                if structure["rank"] is None:
-                    structure["rank"] = METHODS[method].default_rank(m, n, nblocks)
-                check_saves(method, m, n, **structure)
+            structure = layer_cls.planned_structure(m, n, budget, rank=rank, nblocks=nblocks,
+                                                    rank_multiple=rank_multiple)
         except BudgetError as err:
             raise BudgetError(f"{path}: {err}") from None
-        bias = linear.bias is not None
-        layer_cls = METHODS[method]
-        entries.append(PlanEntry(
-            path=path, method=method, out_features=m, in_features=n, bias=bias, structure=structure,
-            params_dense=m * n + (m if bias else 0),
-            params_factorized=layer_cls.param_count(m, n, **structure) + (m if bias else 0), init=init,
-        ))
+        entries.append(PlanEntry(path=path, method=method, out_features=m, in_features=n,
+                                 bias=linear.bias is not None, structure=structure, init=init))
     return Plan(method=method, budget=budget, entries=entries)
-
 
 
 def set_module(model: nn.Module, path: str, module: nn.Module) -> None:
@@ -196,12 +221,23 @@ def planned_module(model: nn.Module, entry: PlanEntry) -> nn.Module:
         raise PlanError(f"plan entry {entry.path!r} is not a module of {type(model).__name__}") from None
 
 
-def build_layer(entry: PlanEntry, linear: nn.Linear, project: bool = True) -> FactorizedLinear:
-    """The factorized layer for ``entry``: projected from ``linear`` (or random if the plan says so), or an
-    empty shell of the right shape, dtype and device when ``project=False`` (weights come from a checkpoint)."""
-    layer_cls = METHODS[entry.method]
+def check_linear(entry: PlanEntry, module: nn.Module) -> nn.Linear:
+    """``module`` if it is the ``nn.Linear`` that ``entry`` plans for (same shape), else a PlanError."""
+    shape = (entry.out_features, entry.in_features)
+    if not isinstance(module, nn.Linear) or (module.out_features, module.in_features) != shape:
+        found = repr(module) if isinstance(module, nn.Linear) else type(module).__name__
+        raise PlanError(f"plan entry {entry.path!r} expects nn.Linear {shape[0]}x{shape[1]}, found {found}")
+    return module
+
+
+def build_layer(entry: PlanEntry, linear: nn.Linear, project: bool = True,
+                stats: ProjectionStats | None = None) -> FactorizedLinear:
+    """The factorized layer for ``entry``: projected from ``linear`` by the plan's ``init`` (``stats`` for a
+    data-aware one; random if the plan says so), or an empty shell of the right shape, dtype and device when
+    ``project=False`` (weights come from a checkpoint)."""
+    layer_cls = layer_class(entry.method)
     if project:
-        return layer_cls.from_linear(linear, init=entry.init, **entry.structure)
+        return layer_cls.from_linear(linear, init=entry.init, stats=stats, **entry.structure)
     w = linear.weight
     return layer_cls(entry.in_features, entry.out_features, bias=entry.bias, device=w.device, dtype=w.dtype,
                      **entry.structure)
@@ -215,35 +251,37 @@ def relative_error(dense: torch.Tensor, layer: FactorizedLinear) -> float:
 
 
 @torch.no_grad()
-def apply_plan(model: nn.Module, plan: Plan, project: bool = True) -> dict[str, float]:
+def apply_plan(model: nn.Module, plan: Plan, project: bool = True,
+               stats: Mapping[str, ProjectionStats] | None = None) -> dict[str, float]:
     """Replace every planned ``nn.Linear`` in ``model`` (in place) by its factorized layer.
 
-    ``project=True`` projects the current weights and returns each layer's relative Frobenius error;
-    ``project=False`` builds empty shells to ``load_state_dict`` a factorized checkpoint into (returns {}).
+    ``project=True`` projects the current weights (``stats``: ``{path: ProjectionStats}`` for data-aware
+    projections) and returns each projected layer's relative Frobenius error; ``project=False`` builds empty
+    shells to ``load_state_dict`` a factorized checkpoint into (returns {}).
     """
     errors = {}
+    stats = stats or {}
     for entry in plan.entries:
-        linear = planned_module(model, entry)
-        if not isinstance(linear, nn.Linear) or (linear.out_features, linear.in_features) != (
-                entry.out_features, entry.in_features):
-            raise PlanError(f"plan entry {entry.path!r} expects nn.Linear {entry.out_features}x{entry.in_features}, "
-                            f"found {linear!r}")
-        layer = build_layer(entry, linear, project)
-        if project and entry.init == "svd":
+        linear = check_linear(entry, planned_module(model, entry))
+        layer = build_layer(entry, linear, project, stats.get(entry.path))
+        if project and entry.init != "random":
             errors[entry.path] = relative_error(linear.weight, layer)
         set_module(model, entry.path, layer)
     return errors
 
 
 def count_params(model: nn.Module) -> int:
+    """The real number of parameters of ``model`` (each shared ``Parameter`` once)."""
     return sum(p.numel() for p in model.parameters())
 
 
 def format_report(model: nn.Module, plan: Plan, errors: dict[str, float] | None = None,
-                  dense_model_params: int | None = None) -> str:
+                  dense_model_params: int | None = None, *, staged: bool = False) -> str:
     """A table of every planned layer (structure, params before/after, relative error) and the totals.
 
-    ``model`` is the factorized model; the dense whole-model count is derived from the plan unless given.
+    ``model`` is the factorized model; the dense whole-model count is derived from the plan unless given. With
+    ``staged=True`` the model holds switchable layers (dense weights and factors side by side): the whole-model
+    line then reports the final architecture, once every stage has switched.
     """
     errors = errors or {}
     rows = [("layer", "method", "shape", "structure", "dense", "factorized", "kept", "rel. error")]
@@ -255,19 +293,25 @@ def format_report(model: nn.Module, plan: Plan, errors: dict[str, float] | None 
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if i < 4 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
              for r in rows]
-    lines.insert(1, "-" * len(lines[0]))
-    total_now = count_params(model)
-    total_dense = dense_model_params or total_now + plan.params_dense - plan.params_factorized
+    rule = "-" * len(lines[0])
     budget = f"budget {plan.budget}" if plan.budget is not None else "fixed structure"
-    lines += [
-        "-" * len(lines[0]),
-        f"targeted layers: {len(plan.entries)} ({plan.method}, {budget}); "
-        f"weights kept: {plan.kept_fraction:.1%} of targeted linear weights",
-        f"targeted params (incl. bias): {plan.params_dense:,} -> {plan.params_factorized:,} "
-        f"({plan.params_factorized / max(plan.params_dense, 1):.1%})",
-        f"whole model params: {total_dense:,} -> {total_now:,} ({total_now / max(total_dense, 1):.1%})",
-    ]
+    lines = [lines[0], rule, *lines[1:], rule,
+             f"targeted layers: {len(plan.entries)} ({plan.method}, {budget}); "
+             f"weights kept: {plan.kept_fraction:.1%} of targeted linear weights",
+             f"targeted params (incl. bias): {plan.params_dense:,} -> {plan.params_factorized:,} "
+             f"({plan.params_factorized / max(plan.params_dense, 1):.1%})",
+             _whole_model_line(model, plan, dense_model_params, staged)]
     if errors:
         vals = list(errors.values())
         lines.append(f"relative Frobenius error: mean {sum(vals) / len(vals):.4f}, max {max(vals):.4f}")
     return "\n".join(lines)
+
+
+def _whole_model_line(model: nn.Module, plan: Plan, dense_model_params: int | None, staged: bool) -> str:
+    now = count_params(model)
+    if staged:  # switchable layers: every dense parameter plus the factors' weights (the bias is shared)
+        dense = dense_model_params or now - (plan.params_factorized - plan.bias_params)
+        final = plan.factorized_model_params(dense)
+        return f"whole model params: {dense:,} -> {final:,} ({final / max(dense, 1):.1%}) once every stage has switched"
+    dense = dense_model_params or now + plan.params_dense - plan.params_factorized
+    return f"whole model params: {dense:,} -> {now:,} ({now / max(dense, 1):.1%})"

@@ -27,8 +27,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .factorize import FactorizedLinear
-from .surgery import Plan, PlanEntry, PlanError, build_layer, planned_module, relative_error, set_module
+from .factorize import FactorizedLinear, ProjectionStats
+from .surgery import Plan, PlanEntry, PlanError, build_layer, check_linear, planned_module, relative_error, set_module
 
 
 class SwitchableLinear(nn.Module):
@@ -42,9 +42,7 @@ class SwitchableLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear, entry: PlanEntry) -> None:
         super().__init__()
-        if (linear.out_features, linear.in_features) != (entry.out_features, entry.in_features):
-            raise PlanError(f"plan entry {entry.path!r} expects nn.Linear {entry.out_features}x{entry.in_features}, "
-                            f"found {linear!r}")
+        check_linear(entry, linear)
         self.path = entry.path
         self.init = entry.init
         self.dense = linear
@@ -96,10 +94,11 @@ class SwitchableLinear(nn.Module):
         return [p for p in self.parameters() if id(p) not in live]
 
     @torch.no_grad()
-    def switch_(self) -> float | None:
+    def switch_(self, stats: ProjectionStats | None = None) -> float | None:
         """Project the current dense weight into the factors (in place: the optimizer keeps the same
-        ``Parameter`` objects) and make the factorized path live. Returns the relative Frobenius error of the
-        projection (``None`` for ``init="random"`` entries, whose factors keep their random init).
+        ``Parameter`` objects) by the entry's ``init`` (``stats`` feeds a data-aware projection) and make the
+        factorized path live. Returns the relative Frobenius error of the projection (``None`` for
+        ``init="random"`` entries, whose factors keep their random init).
 
         Deterministic: the projection runs in float64 on the weight's device, so ranks holding identical
         weights compute identical factors (the staging callback also broadcasts them from rank 0 under DDP).
@@ -107,12 +106,8 @@ class SwitchableLinear(nn.Module):
         if self.is_switched:
             raise RuntimeError(f"{self.path}: already switched to its factorized layer")
         error = None
-        if self.init == "svd":
-            fresh = type(self.factorized).from_linear(self.dense, init="svd", **self.factorized.structure())
-            own = dict(self.factorized.named_parameters())
-            for name, value in fresh.named_parameters():
-                if name != "bias":  # the bias is shared with the dense path, nothing to copy
-                    own[name].copy_(value)
+        if self.init != "random":  # the bias is shared with the dense path: nothing to copy
+            self.factorized.project_(self.dense.weight, init=self.init, stats=stats)
             error = relative_error(self.dense.weight, self.factorized)
         # The dense weight is frozen from here on: drop any gradient it still holds (e.g. mid accumulation).
         self.dense.weight.grad = None
@@ -127,31 +122,22 @@ class SwitchableLinear(nn.Module):
         return f"path={self.path!r}, live={'factorized' if self.is_switched else 'dense'}"
 
 
-def _entries_by_path(plan: Plan) -> dict[str, PlanEntry]:
-    return {e.path: e for e in plan.entries}
-
-
-def make_switchable(model: nn.Module, plan: Plan, project: bool = True) -> dict[str, SwitchableLinear]:
+def make_switchable(model: nn.Module, plan: Plan, *, project: bool | None = None) -> dict[str, SwitchableLinear]:
     """Wrap every planned ``nn.Linear`` of ``model`` (in place) in a :class:`SwitchableLinear`, dense path live.
 
     Returns ``{path: SwitchableLinear}`` in plan order. Idempotent: layers that already are switchable (e.g. built
-    by ``configure_model`` before a checkpoint loads) are kept. ``project`` exists for symmetry with
-    :func:`~lit_factor.surgery.apply_plan` and is ignored: no factor is projected here, each is projected at its
-    stage from the dense weight fine-tuned until then (checkpoints restore factors and flags by ``load_state_dict``).
+    by ``configure_model`` before a checkpoint loads) are kept. No factor is projected here: each is projected at
+    its stage from the dense weight fine-tuned until then, and checkpoints restore factors and flags by
+    ``load_state_dict``. ``project`` is deprecated and ignored (kept until no caller passes it).
     """
-    del project  # projection happens at the stage (SwitchableLinear.switch_)
+    del project
     switches = {}
     for entry in plan.entries:
         module = planned_module(model, entry)
-        if isinstance(module, SwitchableLinear):
-            switches[entry.path] = module
-            continue
-        if not isinstance(module, nn.Linear) or isinstance(module, FactorizedLinear):
-            raise PlanError(f"plan entry {entry.path!r} expects nn.Linear {entry.out_features}x{entry.in_features}, "
-                            f"found {type(module).__name__}")
-        switch = SwitchableLinear(module, entry)
-        set_module(model, entry.path, switch)
-        switches[entry.path] = switch
+        if not isinstance(module, SwitchableLinear):
+            module = SwitchableLinear(module, entry)
+            set_module(model, entry.path, module)
+        switches[entry.path] = module
     return switches
 
 

@@ -1,8 +1,13 @@
-"""Pure-torch factorized replacements for ``nn.Linear`` (no Lightning, no transformers here)."""
+"""Pure-torch factorized replacements for ``nn.Linear`` (no Lightning, no transformers here).
 
-from .base import FactorizedLinear, truncated_factors
+``METHODS`` is the one registry of structures: adding one is a new module with a
+:class:`~lit_factor.factorize.base.FactorizedLinear` subclass plus one line below. Nothing else in lit-factor
+names a structure.
+"""
+
+from .base import FactorizedLinear, ProjectionStats, truncated_factors
 from .blockwise import BlockLowRankLinear
-from .budget import BudgetError, check_saves, structure_for_budget, weight_count
+from .budget import BudgetError, check_budget, check_saves, fit_rank
 from .lowrank import LowRankLinear
 from .monarch import MonarchLinear
 
@@ -13,5 +18,5 @@ METHODS: dict[str, type[FactorizedLinear]] = {
 
 __all__ = [
     "METHODS", "BlockLowRankLinear", "BudgetError", "FactorizedLinear", "LowRankLinear", "MonarchLinear",
-    "check_saves", "structure_for_budget", "truncated_factors", "weight_count",
+    "ProjectionStats", "check_budget", "check_saves", "fit_rank", "truncated_factors",
 ]

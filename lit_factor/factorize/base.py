@@ -2,28 +2,52 @@
 
 A :class:`FactorizedLinear` represents an ``out_features x in_features`` matrix W (same orientation as
 ``nn.Linear.weight``) by a few smaller parameter tensors. The contract every subclass honours, and which
-``tests/factorize`` checks for all of them alike:
+``tests/test_factorize.py`` checks for all registered structures alike (``tests/test_registry.py`` runs the same
+checks on a toy structure):
 
 * ``forward(x) == x @ to_dense().T + bias`` for inputs of any leading shape;
-* ``from_linear(linear, **structure)`` projects a dense layer onto the structure (best approximation the
-  structure allows) and keeps its bias, dtype and device;
+* ``from_linear(linear, init, stats, **structure)`` projects a dense layer onto the structure (best approximation
+  the structure allows) and keeps its bias, dtype and device;
 * at full structure the projection reconstructs W to float tolerance;
-* ``num_params`` equals both the closed-form ``param_count(...)`` and the real number of parameters.
+* ``num_params`` equals both the closed-form ``param_count(...)`` plus the bias and the real number of parameters.
+
+A structure is one subclass implementing ``__init__`` (its parameters), ``forward``, ``to_dense``, ``structure``,
+``project_``, ``param_count`` (its formula), ``structure_for_budget`` (its budget rule) and
+``default_structure`` (what it is without a budget), plus one line in ``lit_factor.factorize.METHODS``.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+
+from .budget import check_budget, check_saves
+
+
+@dataclass
+class ProjectionStats:
+    """What a data-aware projection knows about the layer beyond its weight (``None``: not gathered).
+
+    Attributes:
+        input_cov: ``in x in`` second moment E[x x^T] of the layer's inputs over calibration data.
+        row_weights: ``out`` non-negative importance of each output row (e.g. Fisher information).
+    """
+
+    input_cov: Tensor | None = None
+    row_weights: Tensor | None = None
 
 
 class FactorizedLinear(nn.Module, ABC):
     """Drop-in replacement for ``nn.Linear`` whose weight is stored in factorized form."""
 
-    #: short name used in plans and configs ("lowrank", "monarch", "blockwise")
+    #: short name used in plans and configs ("lowrank", "monarch", "blockwise"); the key in ``METHODS``
     method: str = ""
+    #: the values of ``init`` that :meth:`from_linear` accepts: ``"random"`` keeps the random init, every other
+    #: value names a projection that :meth:`project_` implements.
+    INITS: tuple[str, ...] = ("svd", "random")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None) -> None:
         super().__init__()
@@ -36,26 +60,79 @@ class FactorizedLinear(nn.Module, ABC):
         else:
             self.register_parameter("bias", None)
 
-    # --- what every structure provides -------------------------------------------------------------------
+    # --- the template: the same for every structure -----------------------------------------------------
     @classmethod
+    def check_init(cls, init: str, projection: bool = False) -> None:
+        """Refuse an ``init`` this structure does not implement (``projection=True``: ``"random"`` too)."""
+        allowed = [i for i in cls.INITS if not (projection and i == "random")]
+        if init not in allowed:
+            raise ValueError(f"init={init!r} is not one of {', '.join(map(repr, allowed))} for {cls.method}")
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, init: str = "svd", stats: ProjectionStats | None = None,
+                    **structure) -> FactorizedLinear:
+        """A layer of this structure for ``linear``: its weight projected (``init`` names the projection,
+        ``stats`` feeds a data-aware one) and its bias copied, or with a random init when ``init="random"``
+        (bias included: the from-scratch baseline). Same dtype and device as ``linear``."""
+        cls.check_init(init)
+        w = linear.weight
+        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                    device=w.device, dtype=w.dtype, **structure)
+        if init != "random":
+            layer.project_(w, init=init, stats=stats)
+            if layer.bias is not None:
+                with torch.no_grad():
+                    layer.bias.copy_(linear.bias)
+        return layer
+
+    # --- what every structure provides -------------------------------------------------------------------
     @abstractmethod
-    def from_linear(cls, linear: nn.Linear, **structure) -> FactorizedLinear:
-        """Project ``linear.weight`` onto this structure; copy the bias."""
+    def project_(self, weight: Tensor, init: str = "svd", stats: ProjectionStats | None = None) -> None:
+        """Set the factors in place (same ``Parameter`` objects) to the best approximation of ``weight`` this
+        structure allows under projection ``init`` (one of :attr:`INITS` but ``"random"``). Leaves the bias."""
 
     @abstractmethod
     def to_dense(self) -> Tensor:
         """The ``out_features x in_features`` matrix this layer represents (without bias)."""
+
+    @abstractmethod
+    def structure(self) -> dict:
+        """The keyword arguments that rebuild this structure (``rank``, ``nblocks`` ...); JSON-serializable."""
 
     @staticmethod
     @abstractmethod
     def param_count(out_features: int, in_features: int, **structure) -> int:
         """Weight parameters (no bias) of this structure for an ``out x in`` matrix, by formula."""
 
+    @classmethod
     @abstractmethod
-    def structure(self) -> dict:
-        """The keyword arguments that rebuild this structure (``rank``, ``nblocks`` ...); JSON-serializable."""
+    def structure_for_budget(cls, out_features: int, in_features: int, budget: float, *, rank_multiple: int = 1,
+                             nblocks: int = 4) -> dict:
+        """The structure keeping at most ``budget`` of the ``out x in`` weights and within one step of it
+        (ranks rounded down to ``rank_multiple``); a ``BudgetError`` when none saves anything."""
+
+    @classmethod
+    @abstractmethod
+    def default_structure(cls, out_features: int, in_features: int, *, rank: int | None = None,
+                          nblocks: int = 4) -> dict:
+        """The structure when no budget is given: the given ``rank``, or this structure's default for it
+        (a ``BudgetError`` if it has none)."""
 
     # --- shared by all ------------------------------------------------------------------------------------
+    @classmethod
+    def planned_structure(cls, out_features: int, in_features: int, budget: float | None = None, *,
+                          rank: int | None = None, nblocks: int = 4, rank_multiple: int = 1) -> dict:
+        """The structure a plan gives an ``out x in`` layer: by ``budget`` (:meth:`structure_for_budget`) or,
+        without one, :meth:`default_structure`; refused (``BudgetError``) unless it saves weights."""
+        if budget is not None:
+            check_budget(budget, rank_multiple)
+            structure = cls.structure_for_budget(out_features, in_features, budget, rank_multiple=rank_multiple,
+                                                 nblocks=nblocks)
+        else:
+            structure = cls.default_structure(out_features, in_features, rank=rank, nblocks=nblocks)
+        check_saves(cls, out_features, in_features, **structure)
+        return structure
+
     @property
     def weight_params(self) -> int:
         return self.param_count(self.out_features, self.in_features, **self.structure())
@@ -97,11 +174,6 @@ class FactorizedLinear(nn.Module, ABC):
             if self.bias is not None:
                 linear.bias.copy_(self.bias)
         return linear
-
-    def _copy_bias(self, linear: nn.Linear) -> None:
-        if self.bias is not None and linear.bias is not None:
-            with torch.no_grad():
-                self.bias.copy_(linear.bias)
 
     def extra_repr(self) -> str:
         dense = self.out_features * self.in_features

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import FactorizedLinear, truncated_factors
+from .base import FactorizedLinear, ProjectionStats, truncated_factors
+from .budget import BudgetError, fit_rank
 
 
 class BlockLowRankLinear(FactorizedLinear):
@@ -29,10 +30,7 @@ class BlockLowRankLinear(FactorizedLinear):
     def __init__(self, in_features: int, out_features: int, nblocks: int, rank: int | None = None,
                  bias: bool = True, device=None, dtype=None) -> None:
         super().__init__(in_features, out_features, bias, device, dtype)
-        if not 1 <= nblocks <= min(in_features, out_features):
-            raise ValueError(f"nblocks={nblocks} must be in 1..{min(in_features, out_features)} "
-                             f"for a {out_features}x{in_features} layer")
-        self.nblocks = b = nblocks
+        self.nblocks = b = self._check_nblocks(out_features, in_features, nblocks)
         self.in_block = p = math.ceil(in_features / b)
         self.out_block = q = math.ceil(out_features / b)
         if rank is None:
@@ -67,22 +65,10 @@ class BlockLowRankLinear(FactorizedLinear):
             if pad_cols:
                 self.blocks_in[-1, :, self.in_block - pad_cols:] = 0
 
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, nblocks: int, rank: int | None = None, init: str = "svd"):
-        """Project ``linear`` block by block (``init="svd"``), or initialise randomly (``"random"``)."""
-        if init not in ("svd", "random"):
-            raise ValueError(f"init={init!r} is not one of 'svd', 'random'")
-        w = linear.weight
-        layer = cls(linear.in_features, linear.out_features, nblocks, rank, bias=linear.bias is not None,
-                    device=w.device, dtype=w.dtype)
-        if init == "svd":
-            layer.project_(w)
-            layer._copy_bias(linear)
-        return layer
-
     @torch.no_grad()
-    def project_(self, weight: Tensor) -> None:
-        """Set the factors to the best approximation of ``weight`` this structure allows (per-block SVD)."""
+    def project_(self, weight: Tensor, init: str = "svd", stats: ProjectionStats | None = None) -> None:
+        """The best approximation of ``weight`` this structure allows: a rank-R SVD of every block."""
+        self.check_init(init, projection=True)
         b, p, q, r = self.nblocks, self.in_block, self.out_block, self.rank
         padded = F.pad(weight.detach().to(torch.float64),
                        (0, b * p - self.in_features, 0, b * q - self.out_features))
@@ -157,6 +143,32 @@ class BlockLowRankLinear(FactorizedLinear):
         if rank is None:
             rank = BlockLowRankLinear.default_rank(out_features, in_features, b)
         return b * b * rank * (p + q)
+
+    @classmethod
+    def structure_for_budget(cls, out_features: int, in_features: int, budget: float, *, rank_multiple: int = 1,
+                             nblocks: int = 4) -> dict:
+        """b^2 R (p + q) <= f m n  ->  R = floor(f m n / (b^2 (p + q))), rounded down to ``rank_multiple`` and
+        capped at the full block rank min(p, q)."""
+        m, n, b = out_features, in_features, cls._check_nblocks(out_features, in_features, nblocks)
+        p, q = math.ceil(n / b), math.ceil(m / b)
+        rank = fit_rank(m, n, budget, weights_per_rank=b * b * (p + q), max_rank=min(p, q),
+                        rank_multiple=rank_multiple, what=f"per-block rank with nblocks={b}",
+                        hint="use fewer blocks or a larger budget")
+        return {"nblocks": b, "rank": rank}
+
+    @classmethod
+    def default_structure(cls, out_features: int, in_features: int, *, rank: int | None = None,
+                          nblocks: int = 4) -> dict:
+        """The given per-block rank, else :meth:`default_rank`."""
+        b = cls._check_nblocks(out_features, in_features, nblocks)
+        return {"nblocks": b, "rank": cls.default_rank(out_features, in_features, b) if rank is None else rank}
+
+    @staticmethod
+    def _check_nblocks(out_features: int, in_features: int, nblocks: int) -> int:
+        if not 1 <= nblocks <= min(out_features, in_features):
+            raise BudgetError(f"nblocks={nblocks} must be in 1..{min(out_features, in_features)} "
+                              f"for a {out_features}x{in_features} layer")
+        return nblocks
 
     def structure(self) -> dict:
         return {"nblocks": self.nblocks, "rank": self.rank}

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import FactorizedLinear, truncated_factors
+from .base import FactorizedLinear, ProjectionStats, truncated_factors
+from .budget import BudgetError, fit_rank
 
 
 class LowRankLinear(FactorizedLinear):
@@ -18,11 +19,10 @@ class LowRankLinear(FactorizedLinear):
 
     #: Inference fast path. On these devices, with autograd off, a rank that is not a multiple of
     #: ``pad_rank_to`` runs on zero-padded copies of the factors (cached; rebuilt when the factors change).
-    #: Same math -- the zero rows/columns add nothing -- but GPU bf16/fp16 GEMMs whose leading dimension is not a
-    #: multiple of 8 elements fall off the tensor-core kernels (DESIGN.md section 5: rank 307 ran 2.4x slower
-    #: than dense). ``pad_rank_to = 0`` turns it off. Not used under torch.compile, which pads GEMMs itself.
-    #: 64 measured slightly faster than 8 on an H100 (BERT-base encoder, bf16: 1.04x vs 1.01x at rank 307,
-    #: 0.42x without padding; benchmarks/results/).
+    #: Same math -- the zero rows/columns add nothing -- but GPU bf16/fp16 GEMMs whose dimensions are not
+    #: multiples of 8 elements fall off the tensor-core kernels and can run slower than the dense layer; why, and
+    #: the measurements behind the default of 64, are in docs/speed.md. ``pad_rank_to = 0`` turns it off. Not
+    #: used under torch.compile, which pads GEMMs itself.
     pad_rank_to: int = 64
     pad_rank_devices: tuple[str, ...] = ("cuda",)
 
@@ -47,21 +47,13 @@ class LowRankLinear(FactorizedLinear):
         if self.bias is not None:
             nn.init.uniform_(self.bias, -1 / math.sqrt(self.in_features), 1 / math.sqrt(self.in_features))
 
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, rank: int, init: str = "svd") -> LowRankLinear:
-        """``init="svd"`` projects the dense weight (best rank-r approximation); ``"random"`` ignores it."""
-        if init not in ("svd", "random"):
-            raise ValueError(f"init={init!r} is not one of 'svd', 'random'")
-        w = linear.weight
-        layer = cls(linear.in_features, linear.out_features, rank, bias=linear.bias is not None,
-                    device=w.device, dtype=w.dtype)
-        if init == "svd":
-            a, b = truncated_factors(w, rank)
-            with torch.no_grad():
-                layer.up.copy_(a)
-                layer.down.copy_(b)
-            layer._copy_bias(linear)
-        return layer
+    @torch.no_grad()
+    def project_(self, weight: Tensor, init: str = "svd", stats: ProjectionStats | None = None) -> None:
+        """The truncated SVD: the best rank-r approximation of ``weight`` (Eckart-Young)."""
+        self.check_init(init, projection=True)
+        a, b = truncated_factors(weight, self.rank)
+        self.up.copy_(a)
+        self.down.copy_(b)
 
     def forward(self, x: Tensor) -> Tensor:
         down, up = self._padded_factors() if self._pads_rank(x) else (self.down, self.up)
@@ -90,6 +82,22 @@ class LowRankLinear(FactorizedLinear):
     @staticmethod
     def param_count(out_features: int, in_features: int, rank: int) -> int:
         return rank * (out_features + in_features)
+
+    @classmethod
+    def structure_for_budget(cls, out_features: int, in_features: int, budget: float, *, rank_multiple: int = 1,
+                             nblocks: int = 4) -> dict:
+        """r (m + n) <= f m n  ->  r = floor(f m n / (m + n)), rounded down to ``rank_multiple``."""
+        return {"rank": fit_rank(out_features, in_features, budget, weights_per_rank=out_features + in_features,
+                                 max_rank=min(out_features, in_features), rank_multiple=rank_multiple,
+                                 hint="use a larger budget or a smaller rank_multiple")}
+
+    @classmethod
+    def default_structure(cls, out_features: int, in_features: int, *, rank: int | None = None,
+                          nblocks: int = 4) -> dict:
+        """No default rank: it is the whole trade-off, so it is asked for."""
+        if rank is None:
+            raise BudgetError(f"method={cls.method!r} needs a budget in (0, 1] or a rank")
+        return {"rank": rank}
 
     def structure(self) -> dict:
         return {"rank": self.rank}
