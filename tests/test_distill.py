@@ -1,0 +1,75 @@
+"""Distillation: the mixed loss, the frozen teacher, teachers and students from checkpoints."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from lit_factor.distill import Distillation, DistillationError, Teacher, distillation_loss, load_teacher
+
+
+def _out(logits, hidden=None, loss=None):
+    return SimpleNamespace(logits=logits, hidden_states=hidden, loss=loss)
+
+
+def test_loss_is_zero_when_student_equals_teacher():
+    g = torch.Generator().manual_seed(0)
+    logits, hidden = torch.randn(4, 3, generator=g), tuple(torch.randn(4, 5, 8, generator=g) for _ in range(3))
+    mask = torch.ones(4, 5, dtype=torch.long)
+    mask[0, 2:] = 0
+    settings = Distillation(teacher="self", temperature=3.0, alpha=1.0, hidden_weight=0.5)
+    loss, parts = distillation_loss(settings, _out(logits.clone(), hidden), _out(logits, hidden), mask)
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)
+    assert set(parts) == {"soft", "hidden"}
+    # ... and positive, with a gradient for the student only, when they differ
+    student = logits.clone().requires_grad_()
+    teacher = (logits + torch.randn(4, 3, generator=g)).requires_grad_()
+    loss, _ = distillation_loss(settings, _out(student, hidden), _out(teacher, hidden), mask)
+    loss.backward()
+    assert loss.item() > 0 and student.grad.abs().sum() > 0 and teacher.grad is None
+
+
+def test_mix_with_task_loss_and_regression():
+    logits = torch.randn(4, 2)
+    task = torch.tensor(0.7)
+    loss, parts = distillation_loss(Distillation("self", alpha=0.25), _out(logits, loss=task), _out(logits))
+    assert loss.item() == pytest.approx(0.75 * 0.7, rel=1e-6) and "task" in parts
+    reg = distillation_loss(Distillation("self", alpha=1.0), _out(torch.ones(4, 1)), _out(torch.zeros(4, 1)))[0]
+    assert reg.item() == pytest.approx(1.0)
+
+
+def test_padding_is_ignored_in_hidden_matching():
+    s, t = torch.zeros(2, 3, 4), torch.zeros(2, 3, 4)
+    t[1, 2] = 100.0  # differs only on a padded token
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    loss, parts = distillation_loss(Distillation("self", alpha=1.0, hidden_weight=1.0), _out(torch.zeros(2, 2), (s,)),
+                                    _out(torch.zeros(2, 2), (t,)), mask)
+    assert parts["hidden"].item() == 0.0
+
+
+def test_teacher_is_frozen_and_registers_nothing():
+    holder = nn.Module()
+    holder.student = nn.Linear(3, 3)
+    net = nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.5))
+    holder.teacher = Teacher(net)
+    assert [n for n, _ in holder.named_parameters()] == ["student.weight", "student.bias"]
+    assert all(not k.startswith("teacher") for k in holder.state_dict())
+    net.train()
+    x = torch.randn(8, 3, requires_grad=True)
+    y1, y2 = holder.teacher(input=x), holder.teacher(input=x)
+    assert torch.equal(y1, y2) and not y1.requires_grad  # eval mode (no dropout) and no graph
+
+
+def test_bad_settings():
+    for kwargs, match in [({"temperature": 0}, "temperature=0"), ({"alpha": 1.5}, "alpha=1.5"),
+                          ({"hidden_weight": -1}, "hidden_weight=-1"), ({"teacher": " "}, "teacher is empty")]:
+        with pytest.raises(DistillationError, match=match):
+            Distillation(**kwargs)
+    assert not Distillation().enabled
+    with pytest.raises(DistillationError, match="nowhere"):
+        load_teacher("/nowhere/model", num_labels=2)
+    with pytest.raises(DistillationError, match="does not exist"):
+        load_teacher("/nowhere/model.ckpt", num_labels=2)
