@@ -125,3 +125,33 @@ def test_bad_arguments():
         weighted_factors(w, 1, second_moment=torch.eye(3), damping=-1)
     with pytest.raises(ValueError, match="row weights"):
         weighted_factors(w, 1, row_weights=torch.tensor([1.0, -1, 0, 0]))
+
+
+# --- every structure: the data-aware inits plugged into project_ -------------------------------------------
+def _structures():
+    from lit_factor.factorize import METHODS
+
+    return [(cls, {"rank": 3} if name == "lowrank" else {"nblocks": 2, "rank": 2}) for name, cls in METHODS.items()]
+
+
+@pytest.mark.parametrize("cls, structure", _structures())
+def test_structures_project_by_every_init(cls, structure):
+    from lit_factor.factorize import ProjectionStats
+
+    torch.manual_seed(8)
+    linear = torch.nn.Linear(9, 11)  # odd sizes: blocks are padded
+    x = _correlated_inputs(300, 9, seed=8)
+    f = torch.rand(11, dtype=torch.float64) ** 4
+    stats = ProjectionStats(input_cov=x.T @ x / 300, row_weights=f)
+    w = linear.weight.detach().double()
+    dense = {init: cls.from_linear(linear, init=init, stats=stats, **structure).to_dense().detach().double()
+             for init in ("svd", "whitened", "fisher")}
+    act = {k: ((w - d) @ x.T).norm() for k, d in dense.items()}
+    fish = {k: ((w - d) * f.sqrt().unsqueeze(-1)).norm() for k, d in dense.items()}
+    assert act["whitened"] < act["svd"] and fish["fisher"] < fish["svd"]
+    white = ProjectionStats(input_cov=2 * torch.eye(9, dtype=torch.float64), row_weights=torch.ones(11))
+    for init in ("whitened", "fisher"):  # uninformative statistics: the plain SVD projection
+        d = cls.from_linear(linear, init=init, stats=white, **structure).to_dense()
+        torch.testing.assert_close(d.double(), dense["svd"], atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="init='whitened' needs calibration statistics"):
+        cls.from_linear(linear, init="whitened", **structure)

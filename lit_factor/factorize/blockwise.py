@@ -20,12 +20,14 @@ from torch import Tensor, nn
 
 from .base import FactorizedLinear, ProjectionStats, truncated_factors
 from .budget import BudgetError, fit_rank
+from .datawise import DATA_INITS, data_terms, weighted_factors
 
 
 class BlockLowRankLinear(FactorizedLinear):
     """b x b grid of contiguous blocks, each a rank-R product. Projection: rank-R SVD of every block."""
 
     method = "blockwise"
+    INITS = ("svd", *DATA_INITS, "random")
 
     def __init__(self, in_features: int, out_features: int, nblocks: int, rank: int | None = None,
                  bias: bool = True, device=None, dtype=None) -> None:
@@ -67,14 +69,42 @@ class BlockLowRankLinear(FactorizedLinear):
 
     @torch.no_grad()
     def project_(self, weight: Tensor, init: str = "svd", stats: ProjectionStats | None = None) -> None:
-        """The best approximation of ``weight`` this structure allows: a rank-R SVD of every block."""
+        """Rank-R factors of every block (i, j) of ``weight`` (output block i, input block j), by ``init``:
+
+        * ``svd``: minimizes the weight error ``||W - W'||_F`` (the sum of the blocks' errors: exact optimum);
+        * ``fisher``: minimizes ``||diag(sqrt f) (W - W')||_F``, which also splits exactly into the blocks'
+          Fisher-weighted errors (f restricted to each block's rows): the exact optimum for this structure;
+        * ``whitened``: minimizes ``sum_ij ||(W_ij - W'_ij) X_j^T||_F^2`` with X_j the calibration inputs of input
+          block j (its diagonal block C_jj of the second moment): each block's activation error *as if it were
+          alone*. The whole layer's activation error also has cross terms between input blocks j != k feeding
+          the same output block (C_jk); they couple the blocks and have no closed form, so they are left out.
+        """
         self.check_init(init, projection=True)
         b, p, q, r = self.nblocks, self.in_block, self.out_block, self.rank
         padded = F.pad(weight.detach().to(torch.float64),
                        (0, b * p - self.in_features, 0, b * q - self.out_features))
-        up, down = truncated_factors(self._rows_to_blocks(padded), r)  # (i, j, q, R), (i, j, R, p)
+        blocks = self._rows_to_blocks(padded)
+        if init == "svd":
+            up, down = truncated_factors(blocks, r)  # (i, j, q, R), (i, j, R, p)
+        else:
+            up, down = weighted_factors(blocks, r, **self._block_terms(init, stats))
         self.blocks_in.copy_(down.permute(1, 0, 2, 3).reshape(b, b * r, p))
         self.blocks_out.copy_(up.permute(0, 2, 1, 3).reshape(b, q, b * r))
+
+    def _block_terms(self, init: str, stats: ProjectionStats | None) -> dict:
+        """The layer's statistics cut to blocks (zero-padded like the weight): C_jj as (1, j, p, p), broadcast
+        over output blocks; row weights as (i, j, q) in this structure's row order."""
+        terms = data_terms(init, stats)
+        b, p, q = self.nblocks, self.in_block, self.out_block
+        if "second_moment" in terms:
+            pad = b * p - self.in_features
+            c = F.pad(terms["second_moment"].to(torch.float64), (0, pad, 0, pad)).reshape(b, p, b, p)
+            j = torch.arange(b, device=c.device)
+            terms["second_moment"] = c[j, :, j, :].unsqueeze(0)
+        if "row_weights" in terms:
+            f = F.pad(terms["row_weights"].to(torch.float64), (0, b * q - self.out_features))
+            terms["row_weights"] = self._rows_to_blocks(f.unsqueeze(-1).expand(b * q, b * p))[..., 0]
+        return terms
 
     # Row order: the only difference between block-wise low rank and Monarch. --------------------------
     def _rows_to_blocks(self, padded: Tensor) -> Tensor:

@@ -122,3 +122,20 @@ def weighted_spectrum(weight: Tensor, second_moment: Tensor | None = None, row_w
     m, n = y.shape[-2:]
     gram = y @ y.mT if m <= n else y.mT @ y
     return torch.linalg.eigvalsh(gram).flip(-1).clamp_min(0)
+
+
+#: the ``init`` values served by this module: what each minimizes is in the module docstring
+DATA_INITS = ("whitened", "fisher")
+
+
+def data_terms(init: str, stats) -> dict:
+    """The keyword arguments of :func:`weighted_factors` for ``init`` from a ``ProjectionStats``: ``whitened``
+    uses the input second moment, ``fisher`` the row weights; a missing statistic is named."""
+    needed = {"whitened": "input_cov", "fisher": "row_weights"}
+    if init not in needed:
+        raise ValueError(f"init={init!r} is not a data-aware projection ({', '.join(DATA_INITS)})")
+    value = getattr(stats, needed[init], None) if stats is not None else None
+    if value is None:
+        raise ValueError(f"init={init!r} needs calibration statistics ({needed[init]}); gather them with "
+                         "lit_factor.calibration (factorization.calibration_samples)")
+    return {"second_moment": value} if init == "whitened" else {"row_weights": value}

@@ -10,12 +10,14 @@ from torch import Tensor, nn
 
 from .base import FactorizedLinear, ProjectionStats, truncated_factors
 from .budget import BudgetError, fit_rank
+from .datawise import DATA_INITS, data_terms, weighted_factors
 
 
 class LowRankLinear(FactorizedLinear):
     """``y = A (B x) + b``. Projection from dense is the truncated SVD (Eckart-Young optimal)."""
 
     method = "lowrank"
+    INITS = ("svd", *DATA_INITS, "random")
 
     #: Inference fast path. On these devices, with autograd off, a rank that is not a multiple of
     #: ``pad_rank_to`` runs on zero-padded copies of the factors (cached; rebuilt when the factors change).
@@ -49,9 +51,14 @@ class LowRankLinear(FactorizedLinear):
 
     @torch.no_grad()
     def project_(self, weight: Tensor, init: str = "svd", stats: ProjectionStats | None = None) -> None:
-        """The truncated SVD: the best rank-r approximation of ``weight`` (Eckart-Young)."""
+        """The best rank-r approximation of ``weight``: ``svd`` in weight error (Eckart-Young); ``whitened`` in
+        activation error ``||(W - W') X^T||`` over the calibration inputs (``stats.input_cov``); ``fisher`` in
+        Fisher-weighted error ``||diag(sqrt f) (W - W')||`` (``stats.row_weights``). See ``datawise.py``."""
         self.check_init(init, projection=True)
-        a, b = truncated_factors(weight, self.rank)
+        if init == "svd":
+            a, b = truncated_factors(weight, self.rank)
+        else:
+            a, b = weighted_factors(weight, self.rank, **data_terms(init, stats))
         self.up.copy_(a)
         self.down.copy_(b)
 
