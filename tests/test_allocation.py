@@ -78,3 +78,17 @@ def test_impossible_budgets():
         allocate_ranks(choices, 1.5)
     with pytest.raises(BudgetError, match="multiple of 8"):
         allocate_ranks(choices, 0.5, rank_multiple=8)
+
+
+@pytest.mark.parametrize("method", ["lowrank", "monarch", "blockwise"])
+def test_structure_spectrum_tail_is_the_projection_error(method):
+    from lit_factor.factorize import METHODS
+
+    torch.manual_seed(4)
+    linear = torch.nn.Linear(10, 13)
+    structure = {"rank": 3} if method == "lowrank" else {"nblocks": 3, "rank": 2}
+    layer = METHODS[method].from_linear(linear, **structure)
+    spectrum = layer.rank_spectrum(linear.weight, {})
+    error = (linear.weight.double() - layer.to_dense().double()).pow(2).sum()
+    torch.testing.assert_close(spectrum[3 if method == "lowrank" else 2:].sum(), error.detach(), rtol=1e-4, atol=1e-6)
+    assert layer.weights_per_rank * structure["rank"] == layer.weight_params

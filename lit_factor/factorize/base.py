@@ -133,6 +133,17 @@ class FactorizedLinear(nn.Module, ABC):
         check_saves(cls, out_features, in_features, **structure)
         return structure
 
+    # --- global rank allocation (lit_factor.factorize.allocation): structures with a rank implement these ---
+    @property
+    def weights_per_rank(self) -> int:
+        """Weights one more unit of ``rank`` costs."""
+        raise ValueError(f"method={self.method!r} has no rank to allocate: use allocation=uniform")
+
+    def rank_spectrum(self, weight: Tensor, terms: dict) -> Tensor:
+        """Squared singular values, per unit of rank and descending, of what :meth:`project_` truncates
+        (``terms``: the ``second_moment`` / ``row_weights`` of ``datawise.weighted_spectrum``)."""
+        raise ValueError(f"method={self.method!r} has no rank to allocate: use allocation=uniform")
+
     @property
     def weight_params(self) -> int:
         return self.param_count(self.out_features, self.in_features, **self.structure())

@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .allocation import block_step_spectrum
 from .base import FactorizedLinear, ProjectionStats, truncated_factors
 from .budget import BudgetError, fit_rank
-from .datawise import DATA_INITS, data_terms, weighted_factors
+from .datawise import DATA_INITS, data_terms, weighted_factors, weighted_spectrum
 
 
 class BlockLowRankLinear(FactorizedLinear):
@@ -81,20 +82,33 @@ class BlockLowRankLinear(FactorizedLinear):
         """
         self.check_init(init, projection=True)
         b, p, q, r = self.nblocks, self.in_block, self.out_block, self.rank
-        padded = F.pad(weight.detach().to(torch.float64),
-                       (0, b * p - self.in_features, 0, b * q - self.out_features))
-        blocks = self._rows_to_blocks(padded)
+        blocks = self._weight_blocks(weight)
         if init == "svd":
             up, down = truncated_factors(blocks, r)  # (i, j, q, R), (i, j, R, p)
         else:
-            up, down = weighted_factors(blocks, r, **self._block_terms(init, stats))
+            up, down = weighted_factors(blocks, r, **self._block_terms(data_terms(init, stats)))
         self.blocks_in.copy_(down.permute(1, 0, 2, 3).reshape(b, b * r, p))
         self.blocks_out.copy_(up.permute(0, 2, 1, 3).reshape(b, q, b * r))
 
-    def _block_terms(self, init: str, stats: ProjectionStats | None) -> dict:
+    def _weight_blocks(self, weight: Tensor) -> Tensor:
+        """``weight`` zero-padded to (b q, b p) in float64, as its (i, j, q, p) blocks."""
+        b, p, q = self.nblocks, self.in_block, self.out_block
+        padded = F.pad(weight.detach().to(torch.float64),
+                       (0, b * p - self.in_features, 0, b * q - self.out_features))
+        return self._rows_to_blocks(padded)
+
+    @property
+    def weights_per_rank(self) -> int:
+        return self.nblocks**2 * (self.in_block + self.out_block)
+
+    def rank_spectrum(self, weight: Tensor, terms: dict) -> Tensor:
+        """All blocks share one rank: step R gains the sum of the blocks' R-th squared singular values."""
+        return block_step_spectrum(weighted_spectrum(self._weight_blocks(weight), **self._block_terms(terms)))
+
+    def _block_terms(self, terms: dict) -> dict:
         """The layer's statistics cut to blocks (zero-padded like the weight): C_jj as (1, j, p, p), broadcast
         over output blocks; row weights as (i, j, q) in this structure's row order."""
-        terms = data_terms(init, stats)
+        terms = dict(terms)
         b, p, q = self.nblocks, self.in_block, self.out_block
         if "second_moment" in terms:
             pad = b * p - self.in_features

@@ -139,3 +139,12 @@ def data_terms(init: str, stats) -> dict:
         raise ValueError(f"init={init!r} needs calibration statistics ({needed[init]}); gather them with "
                          "lit_factor.calibration (factorization.calibration_samples)")
     return {"second_moment": value} if init == "whitened" else {"row_weights": value}
+
+
+def allocation_terms(init: str, allocation: str, stats) -> dict:
+    """What global rank allocation weighs a layer's spectrum by: the terms of its projection ``init``, plus the
+    Fisher row weights for ``allocation="fisher"`` (see ``allocation.py``)."""
+    terms = data_terms(init, stats) if init in DATA_INITS else {}
+    if allocation == "fisher":
+        terms["row_weights"] = data_terms("fisher", stats)["row_weights"]
+    return terms

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from .base import FactorizedLinear, ProjectionStats, truncated_factors
 from .budget import BudgetError, fit_rank
-from .datawise import DATA_INITS, data_terms, weighted_factors
+from .datawise import DATA_INITS, data_terms, weighted_factors, weighted_spectrum
 
 
 class LowRankLinear(FactorizedLinear):
@@ -85,6 +85,13 @@ class LowRankLinear(FactorizedLinear):
 
     def to_dense(self) -> Tensor:
         return self.up @ self.down
+
+    @property
+    def weights_per_rank(self) -> int:
+        return self.in_features + self.out_features
+
+    def rank_spectrum(self, weight: Tensor, terms: dict) -> Tensor:
+        return weighted_spectrum(weight, **terms)
 
     @staticmethod
     def param_count(out_features: int, in_features: int, rank: int) -> int:
