@@ -31,6 +31,7 @@ from typing import Literal
 import lightning as L
 import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
+from torchdata.stateful_dataloader.sampler import RandomSampler
 
 from .errors import UserError
 
@@ -384,14 +385,16 @@ class GLUEDataModule(L.LightningDataModule):
     def _loader(self, split: str, train: bool = False) -> StatefulDataLoader:
         if split not in self.datasets:
             self.datasets[split] = self._load_tokenized(split)
-        # Resumable mid-epoch: Lightning saves a StatefulDataLoader's position (and its sampler's generator) in
-        # fit checkpoints and restores it. The loader's own generator, seeded once from the global seed, keeps the
-        # shuffle and the worker seeds off the global RNG, which then drives only the model (dropout), so a
-        # resumed run draws the same dropout masks as an uninterrupted one (lit_factor.callbacks.resume).
-        generator = torch.Generator().manual_seed(int(torch.randint(2**62, (), dtype=torch.int64)))
+        # Resumable mid-epoch: Lightning saves a StatefulDataLoader's position and its sampler's generator in fit
+        # checkpoints. Generators seeded once from the global seed keep the shuffle and the worker seeds off the
+        # global RNG, which then drives only the model (dropout): a resumed run draws the same dropout masks as an
+        # uninterrupted one (lit_factor.callbacks.resume). The sampler gets a generator of its own: shared with the
+        # loader's worker-seed draw, the saved state would miss that draw and the epoch after a resume reshuffle.
+        dataset, seed = self.datasets[split], int(torch.randint(2**62, (), dtype=torch.int64))
+        sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed)) if train else None
         with warnings.catch_warnings():  # torchdata 0.11 calls a torch API that torch >= 2.9 deprecates
             warnings.filterwarnings("ignore", message=".*set_vital.*", category=UserWarning)
-            return StatefulDataLoader(self.datasets[split], shuffle=train, generator=generator,
+            return StatefulDataLoader(dataset, sampler=sampler, generator=torch.Generator().manual_seed(seed + 1),
                                       batch_size=self.batch_size if train else self.eval_batch_size,
                                       collate_fn=self._collate(), num_workers=self.num_workers,
                                       persistent_workers=self.num_workers > 0)
