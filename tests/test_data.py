@@ -202,13 +202,15 @@ def test_train_loader_resumes_mid_epoch(glue_writer, tmp_path):
     seen = [next(it)["idx"].tolist() for _ in range(2)]
     state = loader.state_dict()
     rest = [b["idx"].tolist() for b in it]
-    assert seen + rest != first  # the second epoch is shuffled anew
+    third = [b["idx"].tolist() for b in loader]
+    assert seen + rest != first and third != first  # every epoch is shuffled anew
     torch.manual_seed(99)  # a different process: another global RNG state
     again = make_dm(glue_writer("SST-2", n_train=20), "sst2", tmp_path, batch_size=3)
     again.setup("fit")
     resumed = again.train_dataloader()
     resumed.load_state_dict(state)
     assert [b["idx"].tolist() for b in resumed] == rest
+    assert [b["idx"].tolist() for b in resumed] == third  # and the epoch after it too
 
 
 # --- the real GLUE files, where present ----------------------------------------------------------------------
