@@ -1,11 +1,14 @@
 """Inference latency of factorized models against their dense original, in one process on one device.
 
     python benchmarks/latency.py --model bert-base --method lowrank --budget 0.5 \\
-        --device cpu --dtype float32 --batch-sizes 8 --seq-lens 128 --json out.json
+        --device cpu --dtype float32 --batch-sizes 8 --seq-lens 128 --runtime eager onnxruntime --json out.json
+    python benchmarks/latency.py --from-json out.json        # the results as a Markdown table (README, docs)
 
 Every combination of --method x --budget x --rank-multiple is built from the same dense model and timed in
-alternation with it (see lit_factor/latency.py for how), once per --mode. Prints a table (rows where the
-factorized model is slower say so) and writes the rows as a JSON list with --json.
+alternation with it (see lit_factor/latency.py for how), once per --runtime (eager PyTorch, torch.compile, CUDA
+graphs, ONNX Runtime with or without its transformer fusions). Prints a table (rows where the factorized model is
+slower say so) and writes the rows as a JSON list with --json; --profile FILE adds a per-operator breakdown of
+every model's forward (first shape) in each runtime. Facts these numbers established: docs/speed.md.
 
 --model: a name of a random-weight architecture preset (bert-base, roberta-base, t5-base, tiny-bert, tiny-roberta,
 tiny-t5; also accepted as random:<preset>) -- these run offline; 'minilm' (the packaged pretrained MiniLM); or any
@@ -16,12 +19,23 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
+import os
 import sys
 import time
 
 from lit_factor.factorize import BudgetError
-from lit_factor.latency import DTYPES, MODES, LatencyError, LatencySettings, compare_latency, format_table
+from lit_factor.latency import (
+    DTYPES,
+    RUNTIMES,
+    LatencyError,
+    LatencyRow,
+    LatencySettings,
+    compare_latency,
+    format_table,
+    runtime_label,
+)
 from lit_factor.models import RANDOM_PREFIX, RANDOM_PRESETS, load_model
 from lit_factor.surgery import apply_plan, build_plan
 
@@ -61,9 +75,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[8])
     p.add_argument("--seq-lens", nargs="+", type=int, default=[128])
-    p.add_argument("--mode", nargs="+", default=["eager"], choices=MODES,
-                   help="execution mode(s): eager, compile (torch.compile), cudagraph (CUDA graph replay, CUDA only), "
-                        "compile-cudagraph (both)")
+    p.add_argument("--runtime", "--mode", dest="runtime", nargs="+", default=["eager"], choices=RUNTIMES,
+                   help="runtime(s), dense and factorized always in the same one: eager, compile (torch.compile), "
+                        "cudagraph (CUDA graph replay, CUDA only), compile-cudagraph (both), onnxruntime (ONNX "
+                        "Runtime CPU session, float32; --threads sets its intra-op threads). --mode: former name")
+    p.add_argument("--ort-fusions", default="off", choices=["off", "on", "both"],
+                   help="with onnxruntime: ONNX Runtime's transformer fusions (Gelu, LayerNorm, SkipLayerNorm, "
+                        "attention where it matches) off, on, or both measured (default off)")
+    p.add_argument("--pad-rank-to", type=int, default=None,
+                   help="pad low-rank ranks with zeros to this multiple at inference on CUDA (0 = off; default: "
+                        "the layers' own, 64; see docs/speed.md)")
+    p.add_argument("--optimize", action="store_true",
+                   help="apply lit_factor.inference.optimize_for_inference to dense and factorized alike (one GEMM "
+                        "for the Q/K/V down-projections, Monarch FFN reorder absorbed)")
     p.add_argument("--part", default="model", choices=["model", "encoder"],
                    help="time the whole model forward, or only the encoder stack on precomputed embeddings "
                         "(use encoder with cudagraph: see lit_factor/latency.py)")
@@ -71,6 +95,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=3, help="untimed calls per model and shape first")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--json", default=None, help="write the rows to this JSON file")
+    p.add_argument("--profile", default=None, metavar="FILE",
+                   help="also write a per-operator time breakdown of every model (first shape, each runtime) here")
+    p.add_argument("--from-json", nargs="+", default=None, metavar="FILE",
+                   help="measure nothing: print the rows of these result files as a Markdown table")
     return p
 
 
@@ -105,28 +133,85 @@ def build_variants(dense, args) -> tuple[dict, dict]:
     return models, meta
 
 
+def settings_list(args) -> list[LatencySettings]:
+    """One LatencySettings per runtime (onnxruntime twice with --ort-fusions both)."""
+    fusions = {"off": [False], "on": [True], "both": [False, True]}[args.ort_fusions]
+    base = LatencySettings(batch_sizes=args.batch_sizes, seq_lens=args.seq_lens, repeats=args.repeats,
+                           warmup=args.warmup, dtype=args.dtype, device=args.device, threads=args.threads,
+                           part=args.part, pad_rank_to=args.pad_rank_to)
+    return [dataclasses.replace(base, runtime=runtime, mode=None, ort_fusions=fused) for runtime in args.runtime
+            for fused in (fusions if runtime == "onnxruntime" else [False])]
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """Variants down, runtimes across; each cell the speedup and the two medians it comes from."""
+    labels = list(dict.fromkeys(runtime_label(r) for r in rows))
+    shapes = sorted({(r["batch_size"], r["seq_len"]) for r in rows})
+    lines = ["| variant (kept) | batch x len | " + " | ".join(labels) + " |", "|---|---|" + "---|" * len(labels)]
+    for name in dict.fromkeys(r["name"] for r in rows):
+        for batch, seq in shapes:
+            cells = {runtime_label(r): r for r in rows
+                     if r["name"] == name and (r["batch_size"], r["seq_len"]) == (batch, seq)}
+            if not cells:
+                continue
+            kept = next(iter(cells.values()))["kept_fraction"]
+            text = [f"**{c['speedup']:.2f}x** ({c['dense_ms']:.4g} / {c['factorized_ms']:.4g} ms)" if c else "-"
+                    for c in (cells.get(label) for label in labels)]
+            lines.append(f"| {name} ({kept:.1%}) | {batch} x {seq} | " + " | ".join(text) + " |")
+    return "\n".join(lines)
+
+
+def write_profile(path: str, dense, models: dict, settings: LatencySettings, mode: str) -> None:
+    from lit_factor.profiling import profile_models
+
+    tables = profile_models(dense, models, settings)
+    with open(path, "a") as f:
+        for name, table in tables.items():
+            f.write(f"=== {name}: {mode}, batch {settings.batch_sizes[0]} x {settings.seq_lens[0]}, "
+                    f"part {settings.part}, {settings.threads or 'default'} threads\n{table}\n\n")
+
+
+def measure(args) -> list[LatencyRow]:
+    start = time.perf_counter()
+    dense = load_model(model_source(args.model)).to(args.device)
+    models, meta = build_variants(dense, args)
+    if args.optimize:
+        from lit_factor.inference import optimize_for_inference
+
+        dense = optimize_for_inference(copy.deepcopy(dense))
+        models = {k: optimize_for_inference(m) for k, m in models.items()}
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    for m in meta.values():
+        m.update(load_avg_1min=load, optimized=args.optimize)
+    print(f"built {len(models)} factorized variant(s) of {args.model} in {time.perf_counter() - start:.0f} s "
+          f"(load average {load})", file=sys.stderr)
+    if args.profile:
+        open(args.profile, "w").close()
+    rows = []
+    for settings in settings_list(args):
+        runtime_rows = compare_latency(dense, models, settings, meta)
+        label = runtime_label(runtime_rows[0])
+        print(format_table(runtime_rows, title=f"model {args.model}, runtime {label}"), flush=True)
+        rows += runtime_rows
+        if args.json:  # after every runtime: a run cut short keeps what it measured
+            with open(args.json, "w") as f:
+                json.dump([r.to_dict() for r in rows], f, indent=1)
+        if args.profile:
+            write_profile(args.profile, dense, models, settings, label)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.from_json:
+        rows = [row for path in args.from_json for row in json.load(open(path))]
+        print(markdown_table(rows))
+        return 0
     try:
-        start = time.perf_counter()
-        dense = load_model(model_source(args.model)).to(args.device)
-        models, meta = build_variants(dense, args)
-        print(f"built {len(models)} factorized variant(s) of {args.model} in {time.perf_counter() - start:.0f} s",
-              file=sys.stderr)
-        rows = []
-        for mode in args.mode:
-            settings = LatencySettings(batch_sizes=args.batch_sizes, seq_lens=args.seq_lens, repeats=args.repeats,
-                                       warmup=args.warmup, mode=mode, dtype=args.dtype, device=args.device,
-                                       threads=args.threads, part=args.part)
-            mode_rows = compare_latency(dense, models, settings, meta)
-            print(format_table(mode_rows, title=f"model {args.model}, mode {mode}"), flush=True)
-            rows += mode_rows
+        rows = measure(args)
     except (LatencyError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump([r.to_dict() for r in rows], f, indent=1)
     if any(r.speedup < 1 for r in rows):
         print("note: rows marked SLOWER ran slower factorized than dense", file=sys.stderr)
     return 0

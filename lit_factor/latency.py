@@ -6,7 +6,7 @@ The one measurement used by both :class:`lit_factor.callbacks.LatencyCallback` a
     rows = compare_latency(dense, {"lowrank@0.5": factorized}, LatencySettings(batch_sizes=(8,), seq_lens=(128,)))
     print(format_table(rows))
 
-How it measures (each point is a DESIGN.md section 6 pitfall avoided):
+How it measures (each point is a pitfall of latency numbers avoided; docs/speed.md):
 
 * eval mode, ``torch.inference_mode``, the same random token ids for every model, full-length sequences (no padding,
   so no attention mask is passed: that keeps the forward free of host-device syncs and CUDA-graph capturable);
@@ -15,7 +15,9 @@ How it measures (each point is a DESIGN.md section 6 pitfall avoided):
 * the models are timed in alternation, call after call, for ``repeats`` rounds, so drift (thermal, other
   processes on shared cores) hits all of them alike; median and 90th percentile over the rounds;
 * one call is the model's whole forward (embeddings, encoder, pooler, classification head): what a user runs;
-  or, with ``part="encoder"``, the encoder stack alone on precomputed embeddings.
+  or, with ``part="encoder"``, the encoder stack alone on precomputed embeddings;
+* dense and factorized always run in the same ``runtime``: eager PyTorch, ``torch.compile``, CUDA graphs, or
+  ONNX Runtime (both exported to ONNX, one CPU session each with the same thread count).
 
 Parameters are whole-model counts; multiply-adds per token are those of all linear layers (the part factorization
 changes; attention scores add 2 * seq_len * hidden per layer and token to both alike).
@@ -23,20 +25,26 @@ changes; attention scores add 2 * seq_len * hidden per layer and token to both a
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+import os
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from .factorize import FactorizedLinear
-from .surgery import set_module
+from .surgery import count_params, set_module
 
+#: PyTorch execution modes, then the other runtimes; dense and factorized always run in the same one
 MODES = ("eager", "compile", "cudagraph", "compile-cudagraph")
+RUNTIMES = (*MODES, "onnxruntime")
 PARTS = ("model", "encoder")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -55,9 +63,15 @@ class LatencySettings:
         seq_lens: sequence lengths (tokens) to sweep; each batch size is measured at each length.
         repeats: timed rounds per shape (each round times every model once); median and p90 over them.
         warmup: untimed calls per model and shape before timing.
-        mode: ``eager``; ``compile`` (``torch.compile``, default inductor); ``cudagraph`` (the forward captured
+        runtime: ``eager``; ``compile`` (``torch.compile``, default inductor); ``cudagraph`` (the forward captured
             once into a CUDA graph and replayed; CUDA only); ``compile-cudagraph`` (the compiled forward captured
-            into a CUDA graph: kernel time without Python or launch overhead).
+            into a CUDA graph: kernel time without Python or launch overhead); ``onnxruntime`` (each model
+            exported to ONNX and run by an ONNX Runtime CPU session with ``threads`` intra-op threads; float32).
+        mode: the former name of ``runtime`` (still accepted; giving both, they must agree).
+        ort_fusions: with ``onnxruntime``, apply ONNX Runtime's transformer fusions (Gelu, LayerNorm,
+            SkipLayerNorm, attention where its pattern matches) to both exported graphs first.
+        pad_rank_to: rank padding of low-rank layers at inference on CUDA (see docs/speed.md), set on the
+            measured copies only; ``None`` keeps the layers' own setting, 0 turns it off.
         dtype: ``float32``, ``bfloat16`` or ``float16`` for the measured copies; ``None`` keeps the model's dtype.
         device: ``cpu``, ``cuda``, ``cuda:1``...; ``None`` keeps the model's device.
         threads: CPU threads (``torch.set_num_threads``) during the measurement; ``None`` leaves it alone.
@@ -73,16 +87,30 @@ class LatencySettings:
     seq_lens: Sequence[int] = (128,)
     repeats: int = 10
     warmup: int = 2
-    mode: str = "eager"
+    runtime: str = "eager"
+    mode: str | None = None
     dtype: str | None = None
     device: str | None = None
     threads: int | None = None
     seed: int = 0
     part: str = "model"
+    ort_fusions: bool = False
+    pad_rank_to: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode is not None and self.mode != self.runtime:
+            if self.runtime != "eager":
+                raise LatencyError(f"mode={self.mode!r} and runtime={self.runtime!r} disagree; give runtime only")
+            self.runtime = self.mode
+        self.mode = self.runtime
 
     def check(self) -> None:
-        if self.mode not in MODES:
-            raise LatencyError(f"mode={self.mode!r} is not one of {', '.join(MODES)}")
+        if self.runtime not in RUNTIMES:
+            raise LatencyError(f"runtime/mode={self.runtime!r} is not one of {', '.join(RUNTIMES)}")
+        if self.runtime == "onnxruntime" and (self.device or "cpu") != "cpu":
+            raise LatencyError(f"runtime='onnxruntime' runs on the CPU here, got device={self.device!r}")
+        if self.pad_rank_to is not None and self.pad_rank_to < 0:
+            raise LatencyError(f"pad_rank_to={self.pad_rank_to} must be >= 0 (0 turns rank padding off)")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise LatencyError(f"dtype={self.dtype!r} is not one of {', '.join(DTYPES)}")
         for name in ("batch_sizes", "seq_lens"):
@@ -109,7 +137,8 @@ class LatencyRow:
     dtype: str
     batch_size: int
     seq_len: int
-    mode: str
+    mode: str  # the runtime (former name, kept for readers of older result files)
+    runtime: str
     dense_ms: float
     factorized_ms: float
     speedup: float  # dense_ms / factorized_ms: > 1 means the factorized model is faster
@@ -160,13 +189,10 @@ def linear_macs_per_token(model: nn.Module) -> int:
             total += module.macs_per_token
         elif isinstance(module, nn.Linear):
             total += module.in_features * module.out_features
-        elif _densifiable(module) and hasattr(module, "macs_per_token"):
-            total += int(module.macs_per_token)
     return total
 
 
-def param_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+param_count = count_params  # former name (lit_factor.surgery.count_params is the one definition)
 
 
 def describe(model: nn.Module) -> dict:
@@ -278,7 +304,77 @@ def _prepare(model: nn.Module, settings: LatencySettings) -> nn.Module:
     clone = copy.deepcopy(model).to(device=device, dtype=dtype)
     for p in clone.parameters():
         p.requires_grad_(False)
+    if settings.pad_rank_to is not None:  # on this copy only: an instance attribute shadows the class default
+        for module in clone.modules():
+            if hasattr(type(module), "pad_rank_to"):
+                module.pad_rank_to = settings.pad_rank_to
     return clone.eval()
+
+
+def onnx_file(model: nn.Module, target: nn.Module, kwargs: dict, settings: LatencySettings, path: Path) -> Path:
+    """``target`` (the timed part of ``model``) exported to ``path``, with ORT's fusions if the settings ask."""
+    from . import ort
+
+    exported = ort.export_onnx(target, kwargs, path,
+                               output_name="logits" if settings.part == "model" else "last_hidden_state")
+    if settings.ort_fusions:
+        exported = ort.optimize_transformer(exported, path.with_suffix(".fused.onnx"), model.config)
+    return exported
+
+
+def _ort_runner(model: nn.Module, inputs: dict, settings: LatencySettings, path: Path,
+                sessions: dict) -> Callable[[], object]:
+    """One ONNX Runtime forward of ``model`` (exported once, with dynamic axes, on its first shape)."""
+    from . import ort
+
+    target, kwargs = timed_target(model, inputs, settings.part)
+    if path not in sessions:
+        sessions[path] = ort.make_session(onnx_file(model, target, kwargs, settings, path), settings.threads)
+    session, feed = sessions[path], ort.numpy_inputs(kwargs)
+
+    def run():
+        return session.run(None, feed)
+
+    for _ in range(settings.warmup):
+        run()
+    return run
+
+
+def make_runners(models: Mapping[str, nn.Module], inputs: dict, settings: LatencySettings, device: torch.device,
+                 workdir: str, sessions: dict) -> dict[str, Callable[[], object]]:
+    """{name: no-argument forward in ``settings.runtime``}, warmed up; ``sessions`` caches ONNX Runtime sessions
+    across shapes (call under ``torch.inference_mode``)."""
+    if settings.runtime == "onnxruntime":
+        return {k: _ort_runner(m, inputs, settings, Path(workdir) / f"model{i}.onnx", sessions)
+                for i, (k, m) in enumerate(models.items())}
+    return {k: _runner(*timed_target(m, inputs, settings.part), settings.runtime, settings.warmup, device)
+            for k, m in models.items()}
+
+
+def prepare_models(dense: nn.Module, factorized: Mapping[str, nn.Module],
+                   settings: LatencySettings) -> dict[str, nn.Module]:
+    """Checked settings and {"dense": copy, name: copy...} ready to measure."""
+    settings.check()
+    models = {"dense": _prepare(dense, settings), **{k: _prepare(m, settings) for k, m in factorized.items()}}
+    device = next(models["dense"].parameters()).device
+    if settings.runtime.endswith("cudagraph") and device.type != "cuda":
+        raise LatencyError(f"mode={settings.runtime!r} needs a CUDA device, got device={device}")
+    dtype = next(models["dense"].parameters()).dtype
+    if settings.runtime == "onnxruntime" and (device.type != "cpu" or dtype != torch.float32):
+        raise LatencyError(f"runtime='onnxruntime' measures float32 on the CPU here, got {dtype} on {device}")
+    return models
+
+
+@contextlib.contextmanager
+def cpu_threads(threads: int | None):
+    """``torch.set_num_threads(threads)`` for the block (restored after); ``None`` leaves it alone."""
+    old = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 # --- the measurement -----------------------------------------------------------------------------------------
@@ -286,55 +382,49 @@ def compare_latency(dense: nn.Module, factorized: Mapping[str, nn.Module], setti
                     meta: Mapping[str, dict] | None = None) -> list[LatencyRow]:
     """Time ``dense`` and every model in ``factorized`` ({name: model}) over the batch x length sweep.
 
-    All models run in the same rounds, alternating, on the same inputs. ``meta[name]`` may give ``method``,
-    ``budget``, ``kept_fraction`` and extra JSON fields for that model's rows (read from its layers otherwise).
-    Returns one row per (factorized model, batch size, sequence length).
+    All models run in the same rounds, alternating, on the same inputs, in the same runtime. ``meta[name]`` may
+    give ``method``, ``budget``, ``kept_fraction`` and extra JSON fields for that model's rows (read from its
+    layers otherwise). Returns one row per (factorized model, batch size, sequence length).
     """
-    settings.check()
-    meta = meta or {}
-    old_threads = torch.get_num_threads()
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
-    try:
-        models = {"dense": _prepare(dense, settings), **{k: _prepare(m, settings) for k, m in factorized.items()}}
+    with cpu_threads(settings.threads), tempfile.TemporaryDirectory(prefix="lit_factor_latency_") as workdir:
+        models = prepare_models(dense, factorized, settings)
         device = next(models["dense"].parameters()).device
-        if settings.mode.endswith("cudagraph") and device.type != "cuda":
-            raise LatencyError(f"mode={settings.mode!r} needs a CUDA device, got device={device}")
-        dtype_name = str(next(models["dense"].parameters()).dtype).removeprefix("torch.")
-        counts = {k: (param_count(m), linear_macs_per_token(m)) for k, m in models.items()}
-        rows = []
+        counts = {k: (count_params(m), linear_macs_per_token(m)) for k, m in models.items()}
+        rows, sessions = [], {}
         for batch_size in settings.batch_sizes:
             for seq_len in settings.seq_lens:
                 inputs = make_inputs(models["dense"], batch_size, seq_len, device, settings.seed)
                 times: dict[str, list[float]] = {k: [] for k in models}
                 with torch.inference_mode():
-                    runners = {k: _runner(*timed_target(m, inputs, settings.part), settings.mode, settings.warmup,
-                                          device) for k, m in models.items()}
+                    runners = make_runners(models, inputs, settings, device, workdir, sessions)
                     for _ in range(settings.repeats):
                         for key, run in runners.items():
                             times[key].append(_time_once(run, device))
                 del runners
-                dense_ms = statistics.median(times["dense"])
-                for key in factorized:
-                    info = {**describe(models[key]), **meta.get(key, {})}
-                    fact_ms = statistics.median(times[key])
-                    rows.append(LatencyRow(
-                        name=key, method=info.pop("method"), budget=info.pop("budget", None),
-                        kept_fraction=round(float(info.pop("kept_fraction")), 4),
-                        device=_device_name(device), dtype=dtype_name, batch_size=batch_size, seq_len=seq_len,
-                        mode=settings.mode, dense_ms=round(dense_ms, 4), factorized_ms=round(fact_ms, 4),
-                        speedup=round(dense_ms / fact_ms, 3),
-                        dense_p90_ms=round(_percentile(times["dense"], 0.9), 4),
-                        factorized_p90_ms=round(_percentile(times[key], 0.9), 4),
-                        dense_min_ms=round(min(times["dense"]), 4), factorized_min_ms=round(min(times[key]), 4),
-                        params_dense=counts["dense"][0], params_factorized=counts[key][0],
-                        macs_per_token_dense=counts["dense"][1], macs_per_token_factorized=counts[key][1],
-                        repeats=settings.repeats, threads=torch.get_num_threads() if device.type == "cpu" else None,
-                        extra={"part": settings.part, **info},
-                    ))
+                rows += [_row(key, models[key], times, counts, {**describe(models[key]), **(meta or {}).get(key, {})},
+                              settings, device, batch_size, seq_len) for key in factorized]
+        sessions.clear()
         return rows
-    finally:
-        torch.set_num_threads(old_threads)
+
+
+def _row(key: str, model: nn.Module, times: dict, counts: dict, info: dict, settings: LatencySettings,
+         device: torch.device, batch_size: int, seq_len: int) -> LatencyRow:
+    dense_ms, fact_ms = statistics.median(times["dense"]), statistics.median(times[key])
+    threads = (settings.threads or os.cpu_count()) if settings.runtime == "onnxruntime" else torch.get_num_threads()
+    extra = {"part": settings.part, **({"ort_fusions": settings.ort_fusions} if settings.runtime == "onnxruntime"
+                                       else {}), **info}
+    return LatencyRow(
+        name=key, method=extra.pop("method"), budget=extra.pop("budget", None),
+        kept_fraction=round(float(extra.pop("kept_fraction")), 4), device=_device_name(device),
+        dtype=str(next(model.parameters()).dtype).removeprefix("torch."), batch_size=batch_size, seq_len=seq_len,
+        mode=settings.runtime, runtime=settings.runtime, dense_ms=round(dense_ms, 4),
+        factorized_ms=round(fact_ms, 4), speedup=round(dense_ms / fact_ms, 3),
+        dense_p90_ms=round(_percentile(times["dense"], 0.9), 4),
+        factorized_p90_ms=round(_percentile(times[key], 0.9), 4),
+        dense_min_ms=round(min(times["dense"]), 4), factorized_min_ms=round(min(times[key]), 4),
+        params_dense=counts["dense"][0], params_factorized=counts[key][0],
+        macs_per_token_dense=counts["dense"][1], macs_per_token_factorized=counts[key][1],
+        repeats=settings.repeats, threads=threads if device.type == "cpu" else None, extra=extra)
 
 
 def _device_name(device: torch.device) -> str:
@@ -350,17 +440,23 @@ def _human(n: int) -> str:
     return str(n)
 
 
+def runtime_label(row: LatencyRow | dict) -> str:
+    """``eager``, ``compile``, ``onnxruntime``, ``onnxruntime+fusions`` ... of a row (or of its JSON dict)."""
+    data = row.to_dict() if isinstance(row, LatencyRow) else row
+    return data.get("runtime", data.get("mode", "eager")) + ("+fusions" if data.get("ort_fusions") else "")
+
+
 def format_table(rows: Sequence[LatencyRow], title: str = "") -> str:
     """A plain-text table; every row where factorization is slower than dense says so."""
     if not rows:
         return "(no latency rows)"
-    head = ("model", "kept", "batch x len", "mode", "dense ms", "factorized ms", "p90 d/f ms", "speedup",
+    head = ("model", "kept", "batch x len", "runtime", "dense ms", "factorized ms", "p90 d/f ms", "speedup",
             "params d -> f", "MACs/token d -> f")
     lines = [head]
     for r in rows:
         verdict = f"{r.speedup:.2f}x" + ("  SLOWER than dense" if r.speedup < 1 else "")
         lines.append((
-            r.name, f"{r.kept_fraction:.1%}", f"{r.batch_size} x {r.seq_len}", r.mode, f"{r.dense_ms:.2f}",
+            r.name, f"{r.kept_fraction:.1%}", f"{r.batch_size} x {r.seq_len}", runtime_label(r), f"{r.dense_ms:.2f}",
             f"{r.factorized_ms:.2f}", f"{r.dense_p90_ms:.2f}/{r.factorized_p90_ms:.2f}", verdict,
             f"{_human(r.params_dense)} -> {_human(r.params_factorized)}",
             f"{_human(r.macs_per_token_dense)} -> {_human(r.macs_per_token_factorized)}",
