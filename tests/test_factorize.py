@@ -1,15 +1,37 @@
-"""The contract every FactorizedLinear honours, checked against math for all three structures alike."""
+"""The contract every FactorizedLinear honours, then each structure's own math.
+
+The contract is a list of checks (``CONTRACTS``), run here on every registered structure (``CASES``) and by
+``tests/test_registry.py`` on a toy structure defined there: a new structure is held to the same contract.
+"""
+
+from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import pytest
 import torch
 from torch import nn
 
-from lit_factor.factorize import METHODS, BlockLowRankLinear, LowRankLinear, MonarchLinear
+from lit_factor.factorize import METHODS, BlockLowRankLinear, FactorizedLinear, LowRankLinear, MonarchLinear
 
 SHAPES = [(96, 384), (384, 96), (128, 128), (100, 300)]  # (out, in); the last is not divisible by the blocks
 BLOCKS = 4
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@dataclass(frozen=True)
+class Case:
+    """A structure under test: its class, a typical saving structure and the full one, for an out x in layer."""
+
+    cls: type[FactorizedLinear]
+    partial: Callable[[int, int], dict]
+    full: Callable[[int, int], dict]
+
+    def __repr__(self) -> str:
+        return self.cls.method
 
 
 def dense(out_features, in_features, seed=0, dtype=torch.float64):
@@ -17,56 +39,145 @@ def dense(out_features, in_features, seed=0, dtype=torch.float64):
     return nn.Linear(in_features, out_features, dtype=dtype)
 
 
-def partial(cls, m, n):
-    """A typical, non-full structure for each method."""
-    if cls is LowRankLinear:
-        return {"rank": min(m, n) // 3}
-    return {"nblocks": BLOCKS, "rank": 2}
-
-
-def full(cls, m, n):
-    if cls is LowRankLinear:
-        return {"rank": min(m, n)}
+def _full_blocks(m, n):
     return {"nblocks": BLOCKS, "rank": min(math.ceil(m / BLOCKS), math.ceil(n / BLOCKS))}
 
 
-ALL = pytest.mark.parametrize("cls", list(METHODS.values()), ids=list(METHODS))
-SHAPED = pytest.mark.parametrize("shape", SHAPES, ids=[f"{m}x{n}" for m, n in SHAPES])
+CASES = [
+    Case(LowRankLinear, lambda m, n: {"rank": min(m, n) // 3}, lambda m, n: {"rank": min(m, n)}),
+    Case(MonarchLinear, lambda m, n: {"nblocks": BLOCKS, "rank": 2}, _full_blocks),
+    Case(BlockLowRankLinear, lambda m, n: {"nblocks": BLOCKS, "rank": 2}, _full_blocks),
+]
 
 
-@ALL
-@SHAPED
-def test_forward_equals_dense_reconstruction(cls, shape):
-    m, n = shape
-    layer = cls.from_linear(dense(m, n), **partial(cls, m, n))
+# --- the contract: each check takes (case, out_features, in_features) ----------------------------------------
+def forward_equals_dense_reconstruction(case, m, n):
+    layer = case.cls.from_linear(dense(m, n), **case.partial(m, n))
     x = torch.randn(2, 3, n, dtype=torch.float64)  # any leading shape
-    expected = x @ layer.to_dense().T + layer.bias
-    torch.testing.assert_close(layer(x), expected)
+    torch.testing.assert_close(layer(x), x @ layer.to_dense().T + layer.bias)
     assert layer(x).shape == (2, 3, m)
 
 
-@ALL
-@SHAPED
-def test_full_structure_reconstructs_exactly(cls, shape):
-    m, n = shape
+def full_structure_reconstructs_exactly(case, m, n):
     linear = dense(m, n)
-    layer = cls.from_linear(linear, **full(cls, m, n))
+    layer = case.cls.from_linear(linear, **case.full(m, n))
     torch.testing.assert_close(layer.to_dense(), linear.weight.detach(), atol=1e-10, rtol=1e-10)
     x = torch.randn(5, n, dtype=torch.float64)
     torch.testing.assert_close(layer(x), linear(x), atol=1e-10, rtol=1e-10)
 
 
-@ALL
-@SHAPED
-def test_param_count_formula_matches_real_parameters(cls, shape):
-    m, n = shape
-    for structure in (partial(cls, m, n), full(cls, m, n)):
-        layer = cls.from_linear(dense(m, n), **structure)
+def projection_is_stationary(case, m, n):
+    """First-order optimal: no small change of any factor lowers the weight error of the projection."""
+    linear = dense(m, n)
+    layer = case.cls.from_linear(linear, **case.partial(m, n))
+    w = linear.weight.detach()
+    (w - layer.to_dense()).square().sum().backward()
+    for name, p in layer.named_parameters():
+        if name != "bias":
+            assert p.grad.norm() <= 1e-6 * w.norm(), name
+    assert (w - layer.to_dense()).norm() < w.norm()
+
+
+def projection_is_in_place(case, m, n):
+    """``project_`` fills the same Parameter objects (what a staged switch relies on) and leaves the bias."""
+    layer = case.cls(n, m, dtype=torch.float64, **case.partial(m, n))
+    before = {name: (p, p.detach().clone()) for name, p in layer.named_parameters()}
+    layer.project_(dense(m, n).weight)
+    after = dict(layer.named_parameters())
+    assert all(after[name] is p for name, (p, _) in before.items())
+    assert torch.equal(layer.bias, before["bias"][1])
+    assert any(not torch.equal(after[name], old) for name, (_, old) in before.items() if name != "bias")
+
+
+def param_count_matches_real_parameters(case, m, n):
+    for structure in (case.partial(m, n), case.full(m, n)):
+        layer = case.cls.from_linear(dense(m, n), **structure)
         real = sum(p.numel() for p in layer.parameters())
-        assert layer.num_params == real == cls.param_count(m, n, **structure) + m
+        assert layer.num_params == real == case.cls.param_count(m, n, **structure) + m
         assert layer.macs_per_token == real - m
 
 
+def budget_rule_keeps_at_most_the_budget(case, m, n):
+    for budget in (0.5, 0.25):
+        structure = case.cls.planned_structure(m, n, budget, nblocks=BLOCKS)
+        layer = case.cls.from_linear(dense(m, n), **structure)
+        assert layer.structure() == structure
+        assert layer.weight_params <= budget * m * n
+
+
+def bias_dtype_and_device_are_kept(case, m, n):
+    linear = nn.Linear(n, m, bias=True).to(torch.float32)
+    layer = case.cls.from_linear(linear, **case.partial(m, n))
+    torch.testing.assert_close(layer.bias, linear.bias)
+    assert all(p.dtype == torch.float32 and p.device == linear.weight.device for p in layer.parameters())
+    no_bias = case.cls.from_linear(nn.Linear(n, m, bias=False), **case.partial(m, n))
+    assert no_bias.bias is None
+    assert no_bias(torch.randn(4, n)).shape == (4, m)
+
+
+def random_init_ignores_weights_with_linear_like_scale(case, m, n):
+    linear = dense(m, n, dtype=torch.float32)
+    layer = case.cls.from_linear(linear, init="random", **case.partial(m, n))
+    ratio = layer.to_dense().std() / linear.weight.std()
+    assert 0.5 < ratio < 2.0  # same output scale as nn.Linear's default init
+    assert not torch.allclose(layer.to_dense(), linear.weight, atol=1e-3)
+
+
+def unknown_init_is_refused(case, m, n):
+    with pytest.raises(ValueError, match="init='zeros' is not one of 'svd'"):
+        case.cls.from_linear(dense(m, n), init="zeros", **case.partial(m, n))
+    with pytest.raises(ValueError, match="init='random' is not one of 'svd'"):
+        case.cls(n, m, **case.partial(m, n)).project_(dense(m, n).weight, init="random")
+
+
+def extra_repr_names_structure_and_savings(case, m, n):
+    layer = case.cls.from_linear(dense(m, n), **case.partial(m, n))
+    text = repr(layer)
+    assert "kept=" in text and f"in_features={n}" in text
+    assert all(f"{key}={value}" in text for key, value in layer.structure().items())
+
+
+def gradients_flow_to_every_factor(case, m, n):
+    layer = case.cls.from_linear(dense(m, n), **case.partial(m, n))
+    layer(torch.randn(3, n, dtype=torch.float64)).square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.parameters())
+
+
+def weight_snapshot_follows_factor_updates(case, m, n):
+    """``.weight`` (read by HF T5) is cached, yet always equals to_dense() after the factors change."""
+    layer = case.cls.from_linear(dense(m, n), **case.partial(m, n))
+    first = layer.weight
+    assert layer.weight is first  # cached while nothing changed
+    torch.testing.assert_close(first, layer.to_dense().detach())
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    layer(torch.randn(3, n, dtype=torch.float64)).square().sum().backward()
+    optimizer.step()
+    assert layer.weight is not first
+    torch.testing.assert_close(layer.weight, layer.to_dense().detach())
+    assert not layer.weight.requires_grad
+
+
+CONTRACTS = [
+    forward_equals_dense_reconstruction, full_structure_reconstructs_exactly, projection_is_stationary,
+    projection_is_in_place, param_count_matches_real_parameters, budget_rule_keeps_at_most_the_budget,
+    bias_dtype_and_device_are_kept, random_init_ignores_weights_with_linear_like_scale, unknown_init_is_refused,
+    extra_repr_names_structure_and_savings, gradients_flow_to_every_factor, weight_snapshot_follows_factor_updates,
+]
+SHAPED = pytest.mark.parametrize("shape", SHAPES, ids=[f"{m}x{n}" for m, n in SHAPES])
+
+
+@pytest.mark.parametrize("contract", CONTRACTS, ids=[c.__name__ for c in CONTRACTS])
+@pytest.mark.parametrize("case", CASES, ids=repr)
+@SHAPED
+def test_contract(contract, case, shape):
+    contract(case, *shape)
+
+
+def test_every_registered_structure_is_held_to_the_contract():
+    assert {case.cls for case in CASES} == set(METHODS.values())
+
+
+# --- each structure's own math ---------------------------------------------------------------------------------
 def test_param_count_closed_forms():
     # r (m + n) for low rank; b^2 R (p + q) for the block structures (p, q padded block sizes).
     assert LowRankLinear.param_count(3072, 768, rank=100) == 100 * (3072 + 768)
@@ -124,7 +235,7 @@ def test_block_projection_is_optimal_per_block(shape):
 
 
 def test_monarch_is_blockwise_after_a_row_permutation():
-    """DESIGN.md section 2: at equal (b, R) a Monarch matrix is a BLR matrix with rows permuted."""
+    """At equal (b, R) a Monarch matrix is a BLR matrix with rows permuted (monarch.py's docstring)."""
     m, n, b = 128, 96, BLOCKS
     monarch = _random_structured(MonarchLinear, m, n, rank=3)
     blr = BlockLowRankLinear(n, m, nblocks=b, rank=3, dtype=torch.float64)
@@ -133,34 +244,6 @@ def test_monarch_is_blockwise_after_a_row_permutation():
     perm = torch.arange(m).reshape(q, b).T.reshape(-1)  # BLR row i*q+t is Monarch row t*b+i
     torch.testing.assert_close(blr.to_dense(), monarch.to_dense()[perm])
     assert blr.num_params == monarch.num_params
-
-
-@ALL
-def test_bias_dtype_and_device_are_kept(cls):
-    linear = nn.Linear(64, 32, bias=True).to(torch.float32)
-    layer = cls.from_linear(linear, **partial(cls, 32, 64))
-    torch.testing.assert_close(layer.bias, linear.bias)
-    assert all(p.dtype == torch.float32 for p in layer.parameters())
-    no_bias = cls.from_linear(nn.Linear(64, 32, bias=False), **partial(cls, 32, 64))
-    assert no_bias.bias is None
-    assert no_bias(torch.randn(4, 64)).shape == (4, 32)
-
-
-@ALL
-def test_random_init_ignores_weights_with_linear_like_scale(cls):
-    torch.manual_seed(0)
-    linear = nn.Linear(384, 384)
-    layer = cls.from_linear(linear, init="random", **partial(cls, 384, 384))
-    ratio = layer.to_dense().std() / linear.weight.std()
-    assert 0.5 < ratio < 2.0  # same output scale as nn.Linear's default init
-    assert not torch.allclose(layer.to_dense(), linear.weight, atol=1e-3)
-
-
-@ALL
-def test_extra_repr_names_structure_and_savings(cls):
-    layer = cls.from_linear(nn.Linear(64, 32), **partial(cls, 32, 64))
-    text = repr(layer)
-    assert "rank=" in text and "kept=" in text and "in_features=64" in text
 
 
 @pytest.mark.parametrize("cls,kwargs", [
@@ -172,23 +255,3 @@ def test_impossible_structure_is_refused(cls, kwargs):
         cls.from_linear(nn.Linear(64, 32), **kwargs)
 
 
-def test_gradients_flow_to_every_factor():
-    for cls in METHODS.values():
-        layer = cls.from_linear(nn.Linear(48, 40), **partial(cls, 40, 48))
-        layer(torch.randn(3, 48)).square().sum().backward()
-        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.parameters())
-
-
-@ALL
-def test_weight_snapshot_follows_factor_updates(cls):
-    """``.weight`` (read by HF T5) is cached, yet always equals to_dense() after the factors change."""
-    layer = cls.from_linear(nn.Linear(48, 40), **partial(cls, 40, 48))
-    first = layer.weight
-    assert layer.weight is first  # cached while nothing changed
-    torch.testing.assert_close(first, layer.to_dense().detach())
-    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
-    layer(torch.randn(3, 48)).square().sum().backward()
-    optimizer.step()
-    assert layer.weight is not first
-    torch.testing.assert_close(layer.weight, layer.to_dense().detach())
-    assert not layer.weight.requires_grad

@@ -8,13 +8,15 @@ import pytest
 import torch
 from torch import nn
 
-from lit_factor.factorize import BudgetError, FactorizedLinear
+from lit_factor.factorize import BudgetError, FactorizedLinear, LowRankLinear, MonarchLinear, ProjectionStats
 from lit_factor.models import load_model
 from lit_factor.surgery import Plan, PlanError, apply_plan, build_plan, find_targets, format_report
 
 ARCHS = ["random:tiny-bert", "random:tiny-roberta", "random:tiny-t5"]
 METHOD_ARGS = {"lowrank": {"budget": 0.5}, "monarch": {"budget": None, "nblocks": 4},
                "blockwise": {"budget": 0.5, "nblocks": 2}}
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(name, seed=0):
@@ -124,6 +126,38 @@ def test_report_lists_every_layer_and_totals():
     assert f"{plan.kept_fraction:.1%} of targeted linear weights" in report
     assert plan.kept_fraction <= 0.5
     assert now == dense_params - plan.params_dense + plan.params_factorized
+    assert now == plan.factorized_model_params(dense_params)
+
+
+def test_counts_are_derived_from_the_structure_and_old_plans_load():
+    model = tiny("random:tiny-bert")
+    plan = build_plan(model, "monarch", 0.5)
+    entry = plan.entries[0]
+    assert entry.params_factorized == MonarchLinear.param_count(32, 32, **entry.structure) + 32
+    entry.structure["rank"] -= 1  # an edited structure never leaves a stale count behind
+    assert entry.params_factorized == MonarchLinear.param_count(32, 32, **entry.structure) + 32
+    old = plan.to_dict()
+    assert "params_dense" not in old["entries"][0]
+    for e in old["entries"]:  # plans written before the counts were derived carry them: ignored
+        e.update(params_dense=-1, params_factorized=-1)
+    assert Plan.from_dict(old) == plan
+
+
+def test_apply_plan_hands_each_layer_its_projection_stats(monkeypatch):
+    model = tiny("random:tiny-bert")
+    plan = build_plan(model, "lowrank", 0.5)
+    seen = {}
+    project = LowRankLinear.project_
+
+    def recording(self, weight, init="svd", stats=None):
+        seen[id(self)] = stats
+        project(self, weight, init, stats)
+
+    monkeypatch.setattr(LowRankLinear, "project_", recording)
+    stats = {plan.paths[0]: ProjectionStats(input_cov=torch.eye(32))}
+    apply_plan(model, plan, stats=stats)
+    assert seen[id(model.get_submodule(plan.paths[0]))] is stats[plan.paths[0]]
+    assert seen[id(model.get_submodule(plan.paths[1]))] is None
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +166,7 @@ def minilm():
     return load_model("minilm", num_labels=2).eval()
 
 
+@pytest.mark.slow
 def test_packaged_minilm_factorizes_at_half_budget(minilm):
     model = copy.deepcopy(minilm)
     plan = build_plan(model, "lowrank", 0.5)

@@ -6,14 +6,12 @@ import pytest
 import torch
 
 from lit_factor.models import load_model
-from lit_factor.surgery import PlanError, apply_plan, build_plan
+from lit_factor.surgery import PlanError, apply_plan, build_plan, count_params, format_report
 from lit_factor.switchable import SwitchableLinear, finalize, find_switchable, make_switchable
 
 METHODS = ["lowrank", "monarch", "blockwise"]
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +84,7 @@ def test_state_dict_restores_flags_and_weights(dense):
 
     fresh = load_model("random:tiny-bert")
     fresh.eval()
-    restored = make_switchable(fresh, plan, project=False)
+    restored = make_switchable(fresh, plan)
     fresh.load_state_dict(state)
     assert [s.is_switched for s in restored.values()] == [i < 5 for i in range(len(plan.entries))]
     torch.testing.assert_close(fresh(**x).logits, expected, rtol=0, atol=0)
@@ -139,3 +137,17 @@ def test_bad_plan_entry_is_refused(dense):
     with pytest.raises(PlanError, match="not a module"):
         make_switchable(model, plan)
     assert not isinstance(model.get_submodule(plan.entries[1].path), SwitchableLinear)
+
+
+def test_staged_report_gives_the_final_architecture(dense):
+    """Switchable layers hold dense weights and factors: the report counts what remains once all have switched."""
+    model = copy.deepcopy(dense)
+    dense_params = count_params(model)
+    plan = build_plan(model, "lowrank", 0.5)
+    make_switchable(model, plan)
+    final = plan.factorized_model_params(dense_params)
+    line = (f"whole model params: {dense_params:,} -> {final:,} ({final / dense_params:.1%}) "
+            "once every stage has switched")
+    assert line in format_report(model, plan, staged=True).splitlines()
+    assert line in format_report(model, plan, dense_model_params=dense_params, staged=True).splitlines()
+    assert "once every stage" not in format_report(model, plan)

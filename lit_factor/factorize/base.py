@@ -12,8 +12,8 @@ checks on a toy structure):
 * ``num_params`` equals both the closed-form ``param_count(...)`` plus the bias and the real number of parameters.
 
 A structure is one subclass implementing ``__init__`` (its parameters), ``forward``, ``to_dense``, ``structure``,
-``project_``, ``param_count`` (its formula), ``structure_for_budget`` (its budget rule) and
-``default_structure`` (what it is without a budget), plus one line in ``lit_factor.factorize.METHODS``.
+``project_``, ``param_count`` (its formula) and ``structure_for_budget`` (its budget rule), plus one line in
+``lit_factor.factorize.METHODS``; it overrides ``default_structure`` when it has a default without a budget.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .budget import check_budget, check_saves
+from .budget import BudgetError, check_budget, check_saves
 
 
 @dataclass
@@ -112,11 +112,13 @@ class FactorizedLinear(nn.Module, ABC):
         (ranks rounded down to ``rank_multiple``); a ``BudgetError`` when none saves anything."""
 
     @classmethod
-    @abstractmethod
     def default_structure(cls, out_features: int, in_features: int, *, rank: int | None = None,
                           nblocks: int = 4) -> dict:
-        """The structure when no budget is given: the given ``rank``, or this structure's default for it
-        (a ``BudgetError`` if it has none)."""
+        """The structure when no budget is given. Here: the given ``rank``, and no default (the rank is the
+        whole trade-off, so it is asked for); a structure with a sensible default overrides this."""
+        if rank is None:
+            raise BudgetError(f"method={cls.method!r} needs a budget in (0, 1] or a rank")
+        return {"rank": rank}
 
     # --- shared by all ------------------------------------------------------------------------------------
     @classmethod

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import FactorizedLinear, ProjectionStats, truncated_factors
-from .budget import BudgetError, fit_rank
+from .budget import fit_rank
 from .datawise import DATA_INITS, data_terms, weighted_factors, weighted_spectrum
 
 
@@ -104,14 +104,6 @@ class LowRankLinear(FactorizedLinear):
         return {"rank": fit_rank(out_features, in_features, budget, weights_per_rank=out_features + in_features,
                                  max_rank=min(out_features, in_features), rank_multiple=rank_multiple,
                                  hint="use a larger budget or a smaller rank_multiple")}
-
-    @classmethod
-    def default_structure(cls, out_features: int, in_features: int, *, rank: int | None = None,
-                          nblocks: int = 4) -> dict:
-        """No default rank: it is the whole trade-off, so it is asked for."""
-        if rank is None:
-            raise BudgetError(f"method={cls.method!r} needs a budget in (0, 1] or a rank")
-        return {"rank": rank}
 
     def structure(self) -> dict:
         return {"rank": self.rank}
