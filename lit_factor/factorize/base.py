@@ -199,9 +199,10 @@ def truncated_factors(weight: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     """Best rank-``rank`` factors (Eckart-Young) of one matrix or a batch: ``A @ B`` with A = U_r sqrt(S_r),
     B = sqrt(S_r) V_r^T, returned in float64.
 
-    Why not ``torch.linalg.svd``: a full float64 SVD of every BERT-base matrix takes ~25 s on two cores. The
-    eigendecomposition of the smaller Gram matrix (W W^T or W^T W) in float64 gives the same top singular
-    subspace 3x faster. A @ B = U_r U_r^T W is the orthogonal projection onto that subspace, so it stays the
+    Why not ``torch.linalg.svd``: a full float64 SVD of every matrix of a BERT-base-sized model is slow on CPUs.
+    The eigendecomposition of the smaller Gram matrix (W W^T or W^T W) in float64 gives the same top singular
+    subspace several times faster (``benchmarks/projection.py --reference`` measures both; numbers in
+    ``benchmarks/results/``). A @ B = U_r U_r^T W is the orthogonal projection onto that subspace, so it stays the
     optimal rank-r approximation even where trailing singular values are tiny (their 1/sqrt is clamped).
     """
     w = weight.detach().to(torch.float64)
