@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .factorize import METHODS, BudgetError, FactorizedLinear, ProjectionStats
+from .factorize import METHODS, BudgetError, FactorizedLinear, ProjectionStats, check_saves
 
 # Module-name regular expressions (``re.search`` on the dotted path) of the linears factorized by default:
 # attention Q/K/V/O and the FFN in/out of every transformer block. Never embeddings, pooler or classifier.
@@ -175,7 +175,7 @@ def find_targets(model: nn.Module, targets: str | Iterable[str] | None = None) -
 
 def build_plan(model: nn.Module, method: str, budget: float | None = 0.5, *,
                targets: str | Iterable[str] | None = None, nblocks: int = 4, rank: int | None = None,
-               rank_multiple: int = 1, init: str = "svd") -> Plan:
+               rank_multiple: int = 1, init: str = "svd", structures: Mapping[str, dict] | None = None) -> Plan:
     """Plan the factorization of every target linear of ``model``.
 
     Args:
@@ -189,6 +189,8 @@ def build_plan(model: nn.Module, method: str, budget: float | None = 0.5, *,
         rank_multiple: round ranks down to this multiple (8 or 64 on GPUs).
         init: one of the structure's ``INITS``: ``svd`` projects the current dense weights; ``random``
             re-initialises the factors.
+        structures: per-layer structures by path (e.g. ranks from a global allocation,
+            :mod:`lit_factor.factorize.allocation`) replacing the budget's for those layers; each must save weights.
     """
     layer_cls = layer_class(method)
     if init not in layer_cls.INITS:
@@ -199,8 +201,12 @@ def build_plan(model: nn.Module, method: str, budget: float | None = 0.5, *,
     for path, linear in find_targets(model, targets).items():
         m, n = linear.out_features, linear.in_features
         try:
-            structure = layer_cls.planned_structure(m, n, budget, rank=rank, nblocks=nblocks,
-                                                    rank_multiple=rank_multiple)
+            if structures and path in structures:
+                structure = dict(structures[path])
+                check_saves(layer_cls, m, n, **structure)
+            else:
+                structure = layer_cls.planned_structure(m, n, budget, rank=rank, nblocks=nblocks,
+                                                        rank_multiple=rank_multiple)
         except BudgetError as err:
             raise BudgetError(f"{path}: {err}") from None
         entries.append(PlanEntry(path=path, method=method, out_features=m, in_features=n,
