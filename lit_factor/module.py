@@ -1,10 +1,17 @@
 """The LightningModule: a Hugging Face sequence classifier fine-tuned on a GLUE task while factorized.
 
 The factorization ``plan`` (see :mod:`lit_factor.surgery`) is built from the dense model when the module is
-created, applied in ``configure_model`` (all at once, or as switchable layers when a StagingCallback set
-``staged``), and stored in the checkpoint and in the hyperparameters. Loading a checkpoint rebuilds the
-factorized architecture from that plan before the weights load, so ``validate``/``test``/``predict`` with
-``--ckpt_path`` and ``FactorizedClassifier.load_from_checkpoint(path)`` need nothing else.
+created, applied in ``configure_model`` (all at once, or as switchable layers once a StagingCallback called
+:meth:`FactorizedClassifier.enable_staging`), and stored once, in the hyperparameters. Loading a checkpoint
+rebuilds the factorized architecture from that plan before the weights load, so ``validate``/``test``/``predict``
+with ``--ckpt_path`` and ``FactorizedClassifier.load_from_checkpoint(path)`` need nothing else.
+
+The interface callbacks rely on (and nothing else of the module):
+
+* ``module.factorized_model``: the Hugging Face model being trained (an ``nn.Module``);
+* ``module.plan``: the :class:`~lit_factor.surgery.Plan`, or ``None`` for dense fine-tuning;
+* ``module.staged``: read-only, whether the planned layers are switchable (staged) rather than factorized at once;
+* ``module.enable_staging()``: ask for switchable layers; called by the StagingCallback before ``configure_model``.
 """
 
 from __future__ import annotations
@@ -22,16 +29,22 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import Accuracy, BinaryF1Score, BinaryMatthewsCorrCoef
 from torchmetrics.regression import PearsonCorrCoef, SpearmanCorrCoef
 
+from .compress import adopt_structures, allocated_plan, module_stats, needs_fisher
 from .data import GLUETask, get_task
+from .distill import Distillation, Teacher, distillation_loss, load_dense_weights, load_teacher
+from .errors import UserError
 from .factorize import METHODS
+from .factorize.allocation import ALLOCATIONS
 from .models import load_model
 from .surgery import Plan, apply_plan, build_plan, count_params, format_report
+from .switchable import make_switchable
 
-FACTORIZATION_METHODS = ("none", *METHODS)
+#: metric-name prefix of each evaluation stage: ``test`` runs on the labelled dev split (GLUE test labels are hidden)
+STAGE_PREFIX = {"val": "val", "test": "test"}
 
 
-class ConfigError(ValueError):
-    """A model/factorization setting that cannot work (reported as one line by the CLI)."""
+class ConfigError(UserError):
+    """A model/factorization setting that cannot work (one ``error:`` line from the CLI, exit status 2)."""
 
 
 @dataclass
@@ -39,7 +52,8 @@ class Factorization:
     """How to factorize the model's linear layers (the ``model.factorization`` section of a config).
 
     Args:
-        method: ``none`` (dense fine-tuning), ``lowrank``, ``monarch`` or ``blockwise``.
+        method: ``none`` (dense fine-tuning) or a structure of :data:`lit_factor.factorize.METHODS`:
+            ``lowrank``, ``monarch``, ``blockwise``.
         budget: kept fraction of the targeted linear layers' weights, in (0, 1]; ``null`` with a fixed ``rank``
             (or, for Monarch/block-wise, the default per-block rank min(m, n) / nblocks^2).
         targets: which linears: a preset (``bert``, ``roberta``, ``t5``), a regex or a list of regexes on module
@@ -47,10 +61,19 @@ class Factorization:
         nblocks: number of blocks for Monarch and block-wise low rank.
         rank: fixed rank (low rank) or per-block rank (Monarch/block-wise) instead of a budget.
         rank_multiple: round ranks down to a multiple of this (8 or 64 on GPUs).
-        init: ``svd`` projects the pretrained weights onto the structure; ``random`` re-initialises the factors.
+        init: how the factors start: ``svd`` projects the pretrained weights onto the structure (least weight
+            error); ``whitened`` minimizes the error on the layer's calibration inputs ||(W - W') X^T||; ``fisher``
+            weighs output rows by their Fisher information (FWSVD); ``random`` re-initialises the factors.
+            Details and what Monarch/block-wise minimize: ``lit_factor/factorize/datawise.py``, ``project_``.
+        allocation: per-layer ranks: ``uniform`` (every layer keeps ``budget``), or a global allocation meeting
+            ``budget`` over all targeted weights: ``energy`` (normalized spectral energy) or ``fisher``
+            (Fisher-weighted energy, comparable across layers); see ``lit_factor/factorize/allocation.py``.
+        calibration_samples: training examples run through the model to gather the statistics of ``whitened``,
+            ``fisher`` and the non-uniform allocations (one pass, before projecting; per stage when staged).
 
     Staged (layer-by-layer) factorization is switched on by adding ``lit_factor.callbacks.StagingCallback``
     to ``trainer.callbacks``; without it the whole plan is applied at once before training.
+    The settings are checked here, once, so Python users get the command line's one-line errors.
     """
 
     method: Literal["none", "lowrank", "monarch", "blockwise"] = "none"
@@ -59,29 +82,37 @@ class Factorization:
     nblocks: int = 4
     rank: int | None = None
     rank_multiple: int = 1
-    init: Literal["svd", "random"] = "svd"
+    init: Literal["svd", "whitened", "fisher", "random"] = "svd"
+    allocation: Literal["uniform", "energy", "fisher"] = "uniform"
+    calibration_samples: int = 256
 
+    def __post_init__(self) -> None:
+        methods = ("none", *METHODS)  # read at call time: a structure registered later is allowed too
+        if self.method not in methods:
+            raise ConfigError(f"factorization.method={self.method!r} is not one of {', '.join(methods)}")
+        inits = METHODS[self.method].INITS if self.method in METHODS else ("svd", "whitened", "fisher", "random")
+        if self.init not in inits:
+            raise ConfigError(f"factorization.init={self.init!r} is not one of {', '.join(inits)}")
+        if self.allocation not in ALLOCATIONS:
+            raise ConfigError(f"factorization.allocation={self.allocation!r} is not one of {', '.join(ALLOCATIONS)}")
+        if self.allocation != "uniform" and self.budget is None:
+            raise ConfigError(f"factorization.allocation={self.allocation} distributes a budget: set "
+                              "factorization.budget instead of a fixed rank")
+        if self.calibration_samples < 1:
+            raise ConfigError(f"factorization.calibration_samples={self.calibration_samples} must be >= 1")
+        if self.budget is not None and not 0 < self.budget <= 1:
+            raise ConfigError(f"factorization.budget={self.budget} is outside (0, 1]: it is the kept fraction of "
+                              "the targeted linear layers' weights")
+        if self.nblocks < 1 or self.rank_multiple < 1 or (self.rank is not None and self.rank < 1):
+            raise ConfigError(f"factorization.nblocks={self.nblocks}, rank={self.rank}, "
+                              f"rank_multiple={self.rank_multiple} must be >= 1")
 
-def _as_factorization(value: Factorization | dict | None) -> Factorization:
-    if value is None:
-        return Factorization()
-    if isinstance(value, dict):  # from a checkpoint's hyperparameters
-        return Factorization(**value)
-    return value
-
-
-def check_factorization(f: Factorization) -> None:
-    """Refuse settings that cannot work, with one line naming the value and what is allowed."""
-    if f.method not in FACTORIZATION_METHODS:
-        raise ConfigError(f"factorization.method={f.method!r} is not one of {', '.join(FACTORIZATION_METHODS)}")
-    if f.init not in ("svd", "random"):
-        raise ConfigError(f"factorization.init={f.init!r} is not one of svd, random")
-    if f.budget is not None and not 0 < f.budget <= 1:
-        raise ConfigError(f"factorization.budget={f.budget} is outside (0, 1]: it is the kept fraction of the "
-                          "targeted linear layers' weights")
-    if f.nblocks < 1 or f.rank_multiple < 1 or (f.rank is not None and f.rank < 1):
-        raise ConfigError(f"factorization.nblocks={f.nblocks}, rank={f.rank}, rank_multiple={f.rank_multiple} "
-                          "must be >= 1")
+    @classmethod
+    def coerce(cls, value: Factorization | dict | None) -> Factorization:
+        """A Factorization from itself, a dict (a checkpoint's hyperparameters) or None (the defaults)."""
+        if value is None:
+            return cls()
+        return cls(**value) if isinstance(value, dict) else value
 
 
 def _metric(name: str, task: GLUETask):
@@ -98,6 +129,12 @@ def _metric(name: str, task: GLUETask):
     raise ConfigError(f"unknown metric {name!r}")
 
 
+def _eval_metrics(task: GLUETask, prefix: str) -> nn.ModuleList:
+    """One MetricCollection per evaluation dataloader, named ``<prefix>/<metric><suffix>`` (MNLI: _m, _mm)."""
+    return nn.ModuleList(MetricCollection({m: _metric(m, task) for m in task.metrics}, prefix=f"{prefix}/",
+                                          postfix=suffix) for suffix in task.eval_suffixes)
+
+
 class FactorizedClassifier(L.LightningModule):
     """Fine-tune ``AutoModelForSequenceClassification`` on a GLUE task with factorized linear layers."""
 
@@ -111,6 +148,8 @@ class FactorizedClassifier(L.LightningModule):
         warmup_ratio: float = 0.06,
         adam_epsilon: float = 1e-8,
         plan: dict | None = None,
+        distillation: Distillation | None = None,
+        init_checkpoint: str | None = None,
     ) -> None:
         """
         Args:
@@ -125,33 +164,55 @@ class FactorizedClassifier(L.LightningModule):
             adam_epsilon: AdamW epsilon.
             plan: a saved factorization plan (``Plan.to_dict()``) to use instead of planning from
                 ``factorization``; filled in automatically in checkpoints, normally left empty.
+            distillation: train against a teacher's soft targets (see :class:`lit_factor.distill.Distillation`).
+            init_checkpoint: a *dense* checkpoint of this project (same ``model_name_or_path``) whose weights the
+                model starts from before it is factorized: compress after fine-tuning.
         """
         super().__init__()
         self.task = get_task(task)
-        self.factorization = _as_factorization(factorization)
-        check_factorization(self.factorization)
-        self.save_hyperparameters(ignore=["factorization", "plan"])
+        self.factorization = Factorization.coerce(factorization)
+        self.distillation = Distillation(**distillation) if isinstance(distillation, dict) else \
+            distillation or Distillation()
+        self.save_hyperparameters(ignore=["factorization", "plan", "distillation"])
         self.hparams["factorization"] = asdict(self.factorization)
+        self.hparams["distillation"] = asdict(self.distillation)
+        self._teacher: Teacher | None = None  # not an nn.Module: no optimizer state, not in the state_dict
+        self._dense_ready = False
+        self._plan_given = plan is not None  # a checkpoint's plan: its per-layer ranks are final
 
         self.model = load_model(model_name_or_path, num_labels=self.task.num_labels)
         self.model.train()  # from_pretrained returns eval mode, and Lightning keeps submodules' modes: no dropout
         self.dense_params = count_params(self.model)
-        self.staged: bool = False  # set by lit_factor.callbacks.StagingCallback before configure_model
+        self._staged = False
         self._factorized = False
         self.plan: Plan | None = self._make_plan(plan)
-        self.hparams["plan"] = self.plan.to_dict() if self.plan else None
+        self.hparams["plan"] = self.plan.to_dict() if self.plan else None  # the checkpoint's one copy of the plan
         self.rel_errors: dict[str, float] = {}
         # Only pass what the architecture's forward accepts (T5 has no token_type_ids).
         self._forward_keys = set(inspect.signature(self.model.forward).parameters)
+        # Logged as metric objects: Lightning computes, syncs (through torchmetrics) and resets them per epoch.
+        self.metrics = nn.ModuleDict({stage: _eval_metrics(self.task, prefix)
+                                      for stage, prefix in STAGE_PREFIX.items()})
+        self.eval_losses = nn.ModuleDict({stage: nn.ModuleList(MeanMetric() for _ in self.task.eval_suffixes)
+                                          for stage in STAGE_PREFIX})
 
-        suffixes = self.task.eval_suffixes
-        self.metrics = nn.ModuleDict({
-            stage: nn.ModuleList(MetricCollection({m: _metric(m, self.task) for m in self.task.metrics})
-                                 for _ in suffixes)
-            for stage in ("val", "test")
-        })
-        self.eval_losses = nn.ModuleDict({stage: nn.ModuleList(MeanMetric() for _ in suffixes)
-                                          for stage in ("val", "test")})
+    # --- the interface of the callbacks --------------------------------------------------------------------
+    @property
+    def factorized_model(self) -> nn.Module:
+        """The Hugging Face model being trained (factorized in place by ``configure_model``)."""
+        return self.model
+
+    @property
+    def staged(self) -> bool:
+        """Whether the planned layers are switchable (factorized stage by stage) instead of replaced at once."""
+        return self._staged
+
+    def enable_staging(self) -> None:
+        """Build switchable layers in ``configure_model`` (the StagingCallback calls this before it runs)."""
+        if self._factorized and not self._staged:
+            raise ConfigError("staging was asked for after the model was factorized all at once: add the "
+                              "StagingCallback before fitting (trainer.callbacks), not to a fitted module")
+        self._staged = True
 
     # --- the plan -----------------------------------------------------------------------------------------
     def _make_plan(self, plan: dict | None) -> Plan | None:
@@ -163,39 +224,78 @@ class FactorizedClassifier(L.LightningModule):
         return build_plan(self.model, f.method, f.budget, targets=f.targets, nblocks=f.nblocks, rank=f.rank,
                           rank_multiple=f.rank_multiple, init=f.init)
 
-    def _factorize(self, project: bool = True) -> dict | None:
-        if self.staged:
-            from .switchable import make_switchable  # provided by the staging feature
+    def _factorize(self, project: bool = True, stats: dict | None = None) -> dict:
+        if self._staged:
+            return make_switchable(self.model, self.plan)  # each layer is projected at its stage
+        return apply_plan(self.model, self.plan, project=project, stats=stats)
 
-            return make_switchable(self.model, self.plan, project=project)
-        return apply_plan(self.model, self.plan, project=project)
+    def _start_from_dense(self) -> None:
+        """Once, under a Trainer: the dense starting weights (``init_checkpoint``), then, when fitting, the teacher
+        (``self`` is a copy of the model as it is now, before factorization)."""
+        if self._dense_ready or self._trainer is None:
+            return
+        self._dense_ready = True
+        if self.hparams.get("init_checkpoint"):
+            load_dense_weights(self.model, self.hparams.init_checkpoint)
+        fitting = self._trainer is not None and self.trainer.state.fn == "fit"
+        if self.distillation.enabled and fitting and self._teacher is None:
+            self._teacher = load_teacher(self.distillation.teacher, num_labels=self.task.num_labels,
+                                         as_loaded=self.model)
+
+    def _calibrate_and_allocate(self) -> dict | None:
+        """Statistics for data-aware projection and allocation (None when neither is asked for now); a
+        non-uniform allocation replaces the plan by its per-layer one."""
+        f = self.factorization
+        allocate = f.allocation != "uniform" and not self._plan_given
+        if not allocate and (f.init not in ("whitened", "fisher") or self._staged):
+            return None  # staged layers calibrate at their stage (stage_stats)
+        if self._trainer is not None:
+            self.to(self.trainer.strategy.root_device)  # calibrate on the device the run uses
+        stats = module_stats(self, self.plan.paths, fisher=needs_fisher(f.init, f.allocation),
+                             samples=f.calibration_samples)
+        if allocate:
+            self.plan = allocated_plan(self.model, self.plan, f.allocation, stats, targets=f.targets,
+                                       nblocks=f.nblocks, rank_multiple=f.rank_multiple)
+            self.hparams["plan"] = self.plan.to_dict()
+        return stats
+
+    def stage_stats(self, paths: list[str]) -> dict:
+        """Calibration statistics for the layers a StagingCallback projects now, from the model as it is at this
+        stage (``{}`` unless ``init`` is data-aware)."""
+        f = self.factorization
+        if f.init not in ("whitened", "fisher"):
+            return {}
+        return module_stats(self, paths, fisher=f.init == "fisher", samples=f.calibration_samples)
 
     def configure_model(self) -> None:
         # Runs on every rank after setup(); DDP then broadcasts rank 0's weights, so ranks start identical.
-        if self._factorized or self.plan is None:
+        if self._factorized:
             return
-        info = self._factorize(project=True)
+        self._start_from_dense()
+        if self.plan is None:
+            return
+        if self._trainer is None and self._plan_given and self.factorization.init in ("whitened", "fisher"):
+            info = self._factorize(project=False)  # load_from_checkpoint: no data here, the weights come next
+        else:
+            info = self._factorize(project=True, stats=self._calibrate_and_allocate())
         self._factorized = True
         # apply_plan returns {path: rel. error}; staged layers are projected later (StagingCallback logs theirs).
-        self.rel_errors = {k: float(v) for k, v in info.items()} if isinstance(info, dict) and not self.staged else {}
+        self.rel_errors = {} if self._staged else {k: float(v) for k, v in info.items()}
         self._report()
 
     @property
     def factorized_params(self) -> int:
         """Whole-model parameters once every planned layer is factorized."""
-        if self.plan is None:
-            return self.dense_params
-        return self.dense_params - self.plan.params_dense + self.plan.params_factorized
+        return self.plan.factorized_model_params(self.dense_params) if self.plan else self.dense_params
 
     def _report(self) -> None:
-        lines = format_report(self.model, self.plan, self.rel_errors, dense_model_params=self.dense_params)
-        lines = lines.splitlines()
-        if self.staged:  # switchable layers hold dense and factors: report the final architecture's count
-            lines = [ln if not ln.startswith("whole model params") else
-                     f"whole model params: {self.dense_params:,} -> {self.factorized_params:,} "
-                     f"({self.factorized_params / self.dense_params:.1%}) once every stage has switched"
-                     for ln in lines]
-        rank_zero_info("\n".join(lines))
+        report = format_report(self.model, self.plan, self.rel_errors, dense_model_params=self.dense_params,
+                               staged=self._staged)
+        rank_zero_info(report)
+        if self._trainer is not None:
+            self._log_report(report)
+
+    def _log_report(self, report: str) -> None:
         metrics = {
             "params/dense_model": self.dense_params,
             "params/factorized_model": self.factorized_params,
@@ -206,30 +306,34 @@ class FactorizedClassifier(L.LightningModule):
         if self.rel_errors:
             metrics["factorize/rel_error_mean"] = sum(self.rel_errors.values()) / len(self.rel_errors)
             metrics.update({f"factorize/rel_error/{k}": v for k, v in self.rel_errors.items()})
-        if self._trainer is not None:
-            for logger in self.loggers:
-                logger.log_metrics(metrics, step=0)
-                if hasattr(getattr(logger, "experiment", None), "add_text"):
-                    logger.experiment.add_text("factorize/report", "```\n" + "\n".join(lines) + "\n```", 0)
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=0)
+            if hasattr(getattr(logger, "experiment", None), "add_text"):
+                logger.experiment.add_text("factorize/report", f"```\n{report}\n```", 0)
 
-    # --- checkpoints: the plan travels with the weights ----------------------------------------------------
+    # --- checkpoints: the plan (in the hyperparameters) travels with the weights ------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["factorization"] = {"plan": self.plan.to_dict() if self.plan else None, "staged": self.staged}
+        checkpoint["factorization"] = {"staged": self._staged}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        info = checkpoint.get("factorization") or {"plan": None, "staged": False}
-        saved = Plan.from_dict(info["plan"]) if info["plan"] else None
+        saved_dict = (checkpoint.get("hyper_parameters") or {}).get("plan")
+        saved = Plan.from_dict(saved_dict) if saved_dict else None
+        staged = bool((checkpoint.get("factorization") or {}).get("staged", False))
         if self._factorized:
-            # Built from this run's config already (Trainer with ckpt_path): it must be the same architecture.
-            if saved is None or saved.to_dict() != self.plan.to_dict() or info["staged"] != self.staged:
+            # Built from this run's config already (Trainer with ckpt_path): it must be the same architecture, up
+            # to the per-layer ranks of a global allocation (computed from the checkpoint's run: those rule).
+            if saved is not None and staged == self._staged and adopt_structures(self.model, self.plan, saved):
+                self.plan = saved
+                self.hparams["plan"] = saved.to_dict()
+            if saved is None or saved.to_dict() != self.plan.to_dict() or staged != self._staged:
                 raise ConfigError("the checkpoint's factorization differs from this run's config (method "
-                                  f"{saved.method if saved else 'none'}, staged={info['staged']} in the checkpoint); "
+                                  f"{saved.method if saved else 'none'}, staged={staged} in the checkpoint); "
                                   "run with the checkpoint's config.yaml or without a factorization section")
             return
         if saved is None:
             return
         # Build empty factorized shells so that load_state_dict finds every parameter with its shape.
-        self.plan, self.staged = saved, bool(info["staged"])
+        self.plan, self._staged = saved, staged
         self.hparams["plan"] = saved.to_dict()
         self._factorize(project=False)
         self._factorized = True
@@ -242,16 +346,38 @@ class FactorizedClassifier(L.LightningModule):
         return logits.squeeze(-1) if self.task.is_regression else logits.argmax(-1)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self(batch).loss
+        loss = self(batch).loss if self._teacher is None else self._distillation_loss(batch)
+        # A plain tensor (not a torchmetrics object): sync_dist averages the epoch value over DDP ranks.
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch["labels"]),
                  sync_dist=True)
         return loss
 
+    def _distillation_loss(self, batch: dict) -> torch.Tensor:
+        """The student's loss against the teacher (see lit_factor.distill); its parts are logged."""
+        inputs = {k: v for k, v in batch.items() if k in self._forward_keys}
+        if self.distillation.hidden_weight > 0:
+            inputs["output_hidden_states"] = True
+        loss, parts = distillation_loss(self.distillation, self.model(**inputs), self._teacher(**inputs),
+                                        batch.get("attention_mask"))
+        self.log_dict({f"train/distill_{k}": v for k, v in parts.items()}, on_step=True, on_epoch=True,
+                      batch_size=len(batch["labels"]), sync_dist=True)
+        return loss
+
+    def on_fit_start(self) -> None:
+        if self._teacher is not None:
+            self._teacher.to(self.device)
+
     def _eval_step(self, stage: str, batch: dict, dataloader_idx: int) -> None:
         out = self(batch)
         labels = batch["labels"]
-        self.metrics[stage][dataloader_idx].update(self._predictions(out.logits), labels)
-        self.eval_losses[stage][dataloader_idx].update(out.loss, weight=len(labels))
+        metrics, loss = self.metrics[stage][dataloader_idx], self.eval_losses[stage][dataloader_idx]
+        metrics.update(self._predictions(out.logits), labels)
+        loss.update(out.loss, weight=len(labels))
+        # Metric objects: Lightning computes them at epoch end (synced by torchmetrics) and resets them.
+        # add_dataloader_idx=False: MNLI's two dev loaders are told apart by the collections' _m/_mm postfix.
+        self.log_dict(metrics, on_step=False, on_epoch=True, add_dataloader_idx=False)
+        suffix = self.task.eval_suffixes[dataloader_idx]
+        self.log(f"{STAGE_PREFIX[stage]}/loss{suffix}", loss, on_step=False, on_epoch=True, add_dataloader_idx=False)
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step("val", batch, dataloader_idx)
@@ -259,30 +385,19 @@ class FactorizedClassifier(L.LightningModule):
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step("test", batch, dataloader_idx)
 
-    def _eval_epoch_end(self, stage: str) -> None:
-        # Metrics are computed here, not in the step, so MNLI's two dataloaders get their own names
-        # (val/accuracy_m, val/accuracy_mm) and torchmetrics syncs them across DDP ranks.
-        values, scores = {}, []
-        for suffix, metrics, loss in zip(self.task.eval_suffixes, self.metrics[stage], self.eval_losses[stage],
-                                         strict=True):
-            if not metrics[self.task.metrics[0]].update_called:
-                continue
-            for name, value in metrics.compute().items():
-                values[f"{stage}/{name}{suffix}"] = value
-                scores.append(value)
-            values[f"{stage}/loss{suffix}"] = loss.compute()
-            metrics.reset()
-            loss.reset()
+    def _log_combined_score(self, stage: str) -> None:
+        # The GLUE score: the mean of every metric of every dev loader. Metric.compute() caches its (synced)
+        # result, so Lightning's own compute at the end of this epoch reuses it; Lightning resets afterwards.
+        scores = [value.float() for metrics in self.metrics[stage] if metrics[self.task.metrics[0]].update_called
+                  for value in metrics.compute().values()]
         if scores:
-            values[f"{stage}/combined_score"] = torch.stack([s.float() for s in scores]).mean()
-            # Already reduced across DDP ranks by torchmetrics; sync_dist only averages identical values.
-            self.log_dict(values, prog_bar=False, sync_dist=True)
+            self.log(f"{STAGE_PREFIX[stage]}/combined_score", torch.stack(scores).mean())
 
     def on_validation_epoch_end(self) -> None:
-        self._eval_epoch_end("val")
+        self._log_combined_score("val")
 
     def on_test_epoch_end(self) -> None:
-        self._eval_epoch_end("test")
+        self._log_combined_score("test")
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict:
         return {"idx": batch["idx"], "pred": self._predictions(self(batch).logits)}

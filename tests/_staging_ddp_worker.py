@@ -12,26 +12,11 @@ import lightning as L
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
-from torch.utils.data import DataLoader
 
 from lit_factor.callbacks import StabilityMonitor, StagingCallback
 from lit_factor.module import Factorization, FactorizedClassifier
 from lit_factor.switchable import find_switchable
-
-SEQ = 12
-
-
-def data(n: int) -> list[dict]:
-    g = torch.Generator().manual_seed(0)
-    rows = []
-    for _ in range(n):
-        ids = torch.randint(1000, 1100, (SEQ,), generator=g)
-        label = int(torch.rand((), generator=g) < 0.5)
-        if label:
-            ids[3] = 7
-        rows.append({"input_ids": ids, "attention_mask": torch.ones(SEQ, dtype=torch.long),
-                     "token_type_ids": torch.zeros(SEQ, dtype=torch.long), "labels": torch.tensor(label)})
-    return rows
+from tests.conftest import quiet_trainer, synthetic_loader
 
 
 def _factors(switch) -> list[torch.Tensor]:
@@ -52,7 +37,7 @@ class RankCheck(Callback):
         # StagingCallback ran its hook first: check right after each stage
         if self.staging.done != self.seen_stages:
             self.seen_stages = self.staging.done
-            for path, s in find_switchable(pl_module.model).items():
+            for path, s in find_switchable(pl_module.factorized_model).items():
                 if s.is_switched and path not in self.frozen:
                     self.frozen[path] = (s.dense.weight.detach().clone(),
                                          [p.detach().clone() for p in _factors(s)])
@@ -64,7 +49,7 @@ class RankCheck(Callback):
                              "identical": self._identical(pl_module)})
 
     def on_train_end(self, trainer, pl_module):
-        switches = find_switchable(pl_module.model)
+        switches = find_switchable(pl_module.factorized_model)
         dense_frozen = all(torch.equal(switches[p].dense.weight, w) for p, (w, _) in self.frozen.items())
         # every factor (not the shared bias) trained after its stage
         factors_moved = all(not torch.equal(a, b) for p, (_, f) in self.frozen.items()
@@ -82,10 +67,9 @@ def main(out: str) -> None:
                                   factorization=Factorization(method="lowrank", budget=0.5))
     staging = StagingCallback(granularity="matrix", every_n_steps=1, offset=1)
     check, stability = RankCheck(staging), StabilityMonitor(warmup_steps=2)
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_find_unused_parameters_true", max_steps=14,
-                        callbacks=[staging, check, stability], logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
-    trainer.fit(module, DataLoader(data(32), batch_size=4))
+    trainer = quiet_trainer(devices=2, strategy="ddp_find_unused_parameters_true", max_steps=14,
+                            callbacks=[staging, check, stability], limit_val_batches=0)
+    trainer.fit(module, synthetic_loader(32))
     if trainer.global_rank == 0:
         check.result["stability"] = stability.summary
         with open(out, "w") as f:

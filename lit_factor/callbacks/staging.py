@@ -3,8 +3,8 @@
 Projecting all layers of a pretrained transformer at once often makes fine-tuning unstable; projecting them one
 by one, each from its already fine-tuned weights, fixes that. :class:`StagingCallback` drives it:
 
-* before the model is built it asks the module for *switchable* layers (``pl_module.staged = True``; the module
-  then calls :func:`lit_factor.switchable.make_switchable` instead of ``apply_plan``), so every factor exists
+* before the model is built it asks the module for *switchable* layers (``pl_module.enable_staging()``; the
+  module then calls :func:`lit_factor.switchable.make_switchable` instead of ``apply_plan``), so every factor exists
   before the optimizer is built and the optimizer is never rebuilt, nor DDP re-wrapped;
 * at each stage it projects the stage's layers from their current dense weights and makes the factors live
   (:meth:`~lit_factor.switchable.SwitchableLinear.switch_`): replaced dense weights get no gradient from then on,
@@ -36,6 +36,7 @@ from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+from ..errors import UserError
 from ..switchable import SwitchableLinear, find_switchable
 
 _ORDERS = ("bottom_up", "top_down")
@@ -51,6 +52,50 @@ def block_of(path: str) -> str:
     return match.group(1) if match else path
 
 
+class StagingError(UserError):
+    """A staging setting that cannot work (one ``error:`` line from the CLI, exit status 2)."""
+
+
+def check_grouping(granularity: str, order: str | list[str]) -> list[re.Pattern] | None:
+    """Check ``granularity`` and ``order`` (the one place both :func:`plan_stages` and the callback use).
+
+    Returns the compiled regular expressions of an explicit ``order`` list, ``None`` for a named order.
+    """
+    if granularity not in _GRANULARITIES:
+        raise StagingError(f"staging granularity={granularity!r} is not one of {', '.join(_GRANULARITIES)}")
+    if isinstance(order, str):
+        if order not in _ORDERS:
+            raise StagingError(f"staging order={order!r} is not one of {', '.join(_ORDERS)} or a list of regexes")
+        return None
+    if not order:
+        raise StagingError("staging order=[] is empty: give bottom_up, top_down or one regex per stage")
+    regexes = []
+    for pattern in order:
+        try:
+            regexes.append(re.compile(pattern))
+        except (re.error, TypeError) as err:
+            raise StagingError(f"staging order entry {pattern!r} is not a valid regular expression: {err}") from None
+    return regexes
+
+
+def _stages_by_regex(paths: list[str], regexes: list[re.Pattern]) -> list[list[str]]:
+    stages, owner = [], {}
+    for regex in regexes:
+        stage = [p for p in paths if regex.search(p)]
+        if not stage:
+            raise StagingError(f"staging order entry {regex.pattern!r} matches no planned layer (e.g. {paths[0]!r})")
+        for p in stage:
+            if p in owner:
+                raise StagingError(f"staging: layer {p!r} matches both {owner[p]!r} and {regex.pattern!r}")
+            owner[p] = regex.pattern
+        stages.append(stage)
+    missing = [p for p in paths if p not in owner]
+    if missing:
+        raise StagingError(f"staging order leaves {len(missing)} planned layers out (first: {missing[0]!r}); "
+                           "every planned layer needs a stage")
+    return stages
+
+
 def plan_stages(paths: list[str], granularity: str = "block", order: str | list[str] = "bottom_up") -> list[list[str]]:
     """Group planned layer paths (in module order, i.e. bottom-up) into stages.
 
@@ -58,40 +103,40 @@ def plan_stages(paths: list[str], granularity: str = "block", order: str | list[
     own. ``order`` is ``bottom_up``, ``top_down``, or an explicit list: one regular expression per stage,
     ``re.search``-ed on the layer paths (then ``granularity`` is not used); every layer must match exactly one.
     """
+    regexes = check_grouping(granularity, order)
     if not paths:
-        raise ValueError("staging: the model has no switchable layers (was the module built with staged=True?)")
-    if isinstance(order, str):
-        if order not in _ORDERS:
-            raise ValueError(f"staging order={order!r} is not one of {', '.join(_ORDERS)} or a list of regexes")
-        if granularity not in _GRANULARITIES:
-            raise ValueError(f"staging granularity={granularity!r} is not one of {', '.join(_GRANULARITIES)}")
-        if granularity == "matrix":
-            stages = [[p] for p in paths]
-        else:
-            groups: dict[str, list[str]] = {}
-            for p in paths:
-                groups.setdefault(block_of(p), []).append(p)
-            stages = list(groups.values())
-        return stages[::-1] if order == "top_down" else stages
-    stages, owner = [], {}
-    for pattern in order:
-        try:
-            regex = re.compile(pattern)
-        except re.error as err:
-            raise ValueError(f"staging order entry {pattern!r} is not a valid regular expression: {err}") from None
-        stage = [p for p in paths if regex.search(p)]
-        if not stage:
-            raise ValueError(f"staging order entry {pattern!r} matches no planned layer (e.g. {paths[0]!r})")
-        for p in stage:
-            if p in owner:
-                raise ValueError(f"staging: layer {p!r} matches both {owner[p]!r} and {pattern!r}")
-            owner[p] = pattern
-        stages.append(stage)
-    missing = [p for p in paths if p not in owner]
-    if missing:
-        raise ValueError(f"staging order leaves {len(missing)} planned layers out (first: {missing[0]!r}); "
-                         "every planned layer needs a stage")
-    return stages
+        raise StagingError("staging: the model has no switchable layers (a factorization method other than "
+                           "'none' is needed, and module.enable_staging() before configure_model)")
+    if regexes is not None:
+        return _stages_by_regex(paths, regexes)
+    if granularity == "matrix":
+        stages = [[p] for p in paths]
+    else:
+        groups: dict[str, list[str]] = {}
+        for p in paths:
+            groups.setdefault(block_of(p), []).append(p)
+        stages = list(groups.values())
+    return stages[::-1] if order == "top_down" else stages
+
+
+def _check_schedule(every_n_steps: int | None, every_n_epochs: int | None, spread: float | None,
+                    offset: int) -> float | None:
+    """Exactly one schedule (default ``spread=0.5``), each in its range; returns the effective ``spread``."""
+    given = {k: v for k, v in dict(every_n_steps=every_n_steps, every_n_epochs=every_n_epochs,
+                                   spread=spread).items() if v is not None}
+    if len(given) > 1:
+        raise StagingError(f"staging: give one schedule, not {', '.join(f'{k}={v}' for k, v in given.items())}")
+    if not given:
+        spread = 0.5
+    if every_n_steps is not None and every_n_steps < 1:
+        raise StagingError(f"staging every_n_steps={every_n_steps} must be >= 1")
+    if every_n_epochs is not None and every_n_epochs < 1:
+        raise StagingError(f"staging every_n_epochs={every_n_epochs} must be >= 1")
+    if spread is not None and not 0 < spread <= 1:
+        raise StagingError(f"staging spread={spread} must be in (0, 1]: the fraction of training with stages")
+    if offset < 0:
+        raise StagingError(f"staging offset={offset} must be >= 0")
+    return spread
 
 
 class StagingCallback(Callback):
@@ -114,24 +159,8 @@ class StagingCallback(Callback):
                  order: Literal["bottom_up", "top_down"] | list[str] = "bottom_up",
                  every_n_steps: int | None = None, every_n_epochs: int | None = None, spread: float | None = None,
                  offset: int = 0) -> None:
-        given = {k: v for k, v in dict(every_n_steps=every_n_steps, every_n_epochs=every_n_epochs,
-                                       spread=spread).items() if v is not None}
-        if len(given) > 1:
-            raise ValueError(f"staging: give one schedule, not {', '.join(f'{k}={v}' for k, v in given.items())}")
-        if not given:
-            spread = 0.5
-        if every_n_steps is not None and every_n_steps < 1:
-            raise ValueError(f"staging every_n_steps={every_n_steps} must be >= 1")
-        if every_n_epochs is not None and every_n_epochs < 1:
-            raise ValueError(f"staging every_n_epochs={every_n_epochs} must be >= 1")
-        if spread is not None and not 0 < spread <= 1:
-            raise ValueError(f"staging spread={spread} must be in (0, 1]: the fraction of training with stages")
-        if offset < 0:
-            raise ValueError(f"staging offset={offset} must be >= 0")
-        if isinstance(order, str) and order not in _ORDERS:
-            raise ValueError(f"staging order={order!r} is not one of {', '.join(_ORDERS)} or a list of regexes")
-        if granularity not in _GRANULARITIES:
-            raise ValueError(f"staging granularity={granularity!r} is not one of {', '.join(_GRANULARITIES)}")
+        spread = _check_schedule(every_n_steps, every_n_epochs, spread, offset)
+        check_grouping(granularity, order)
         self.granularity, self.order = granularity, order if isinstance(order, str) else list(order)
         self.every_n_steps, self.every_n_epochs, self.spread = every_n_steps, every_n_epochs, spread
         self.offset = offset
@@ -147,7 +176,7 @@ class StagingCallback(Callback):
     # --- setup ---------------------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Runs before the module's configure_model: ask it for switchable layers instead of apply_plan.
-        pl_module.staged = True
+        pl_module.enable_staging()
         if stage != "fit":
             return
         strategy = trainer.strategy
@@ -161,12 +190,9 @@ class StagingCallback(Callback):
             raise MisconfigurationException(
                 f"StagingCallback supports single-device and DDP strategies, not {type(strategy).__name__}")
 
-    def _model(self, pl_module: pl.LightningModule) -> torch.nn.Module:
-        return getattr(pl_module, "model", pl_module)
-
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After configure_model, a checkpoint's module/callback state and configure_optimizers.
-        self._switches = find_switchable(self._model(pl_module))
+        self._switches = find_switchable(pl_module.factorized_model)
         if self._restored:
             # The checkpoint's stages rule (they define what "done" means); they must cover this model's layers.
             if sorted(p for s in self.stages for p in s) != sorted(self._switches):
@@ -252,9 +278,12 @@ class StagingCallback(Callback):
 
     def _run_stage(self, trainer: pl.Trainer, pl_module: pl.LightningModule, i: int) -> None:
         errors = {}
+        # Data-aware projections (init whitened/fisher) calibrate on the model as it is at this stage.
+        stage_stats = getattr(pl_module, "stage_stats", None)
+        stats = stage_stats(self.stages[i]) if stage_stats is not None else {}
         for path in self.stages[i]:
             switch = self._switches[path]
-            errors[path] = switch.switch_()
+            errors[path] = switch.switch_(stats.get(path))
             self._sync_from_rank0(switch)
             for opt in trainer.optimizers:
                 # The replaced weight is frozen for good: its Adam moments are dead memory.
