@@ -369,7 +369,13 @@ class GLUEDataModule(L.LightningDataModule):
         # Write to a private temporary directory and rename: several DDP ranks may build the same split at once.
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = tempfile.mkdtemp(dir=path.parent, prefix=".tmp-")
-        ds.save_to_disk(tmp)
+        bars = datasets.is_progress_bar_enabled()  # a "Saving the dataset" bar per split is noise on stderr
+        datasets.disable_progress_bars()
+        try:
+            ds.save_to_disk(tmp)
+        finally:
+            if bars:
+                datasets.enable_progress_bars()
         try:
             os.replace(tmp, path)
         except OSError:  # another process won the race; use its copy
