@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import lightning as L
 import pytest
 import torch
 from torch import nn
@@ -73,3 +74,61 @@ def test_bad_settings():
         load_teacher("/nowhere/model", num_labels=2)
     with pytest.raises(DistillationError, match="does not exist"):
         load_teacher("/nowhere/model.ckpt", num_labels=2)
+
+
+# --- in a fit ------------------------------------------------------------------------------------------------
+class _TeacherProbe(L.Callback):
+    """Copies the teacher's and the student's weights when training starts."""
+
+    def on_train_start(self, trainer, pl_module):
+        self.teacher = {n: p.detach().clone() for n, p in pl_module._teacher.model.named_parameters()}
+        self.student = {n: p.detach().clone() for n, p in pl_module.model.named_parameters()}
+
+
+def _fit_module(steps=2, callbacks=(), **kwargs):
+    from conftest import quiet_trainer
+    from test_compress import _datamodule
+
+    from lit_factor.module import FactorizedClassifier
+
+    module = FactorizedClassifier("random:tiny-bert", learning_rate=1e-2, **kwargs)
+    trainer = quiet_trainer(max_steps=steps, limit_val_batches=0, callbacks=list(callbacks))
+    trainer.fit(module, datamodule=_datamodule())
+    return module, trainer
+
+
+def test_teacher_is_frozen_outside_the_optimizer_and_checkpoint(one_thread, tmp_path):
+    from lit_factor.module import Factorization
+
+    probe = _TeacherProbe()
+    module, trainer = _fit_module(factorization=Factorization(method="lowrank", budget=0.5), callbacks=[probe],
+                                  distillation=Distillation("self", temperature=2.0, alpha=0.7, hidden_weight=0.1))
+    teacher = module._teacher
+    assert all(torch.equal(p, probe.teacher[n]) for n, p in teacher.model.named_parameters())
+    assert any(not torch.equal(p, probe.student[n]) for n, p in module.model.named_parameters())  # student trained
+    in_optimizer = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
+    assert not in_optimizer & {id(p) for p in teacher.parameters()}
+    assert all(not p.requires_grad for p in teacher.parameters())
+    path = tmp_path / "s.ckpt"
+    trainer.save_checkpoint(path)
+    keys = torch.load(path, map_location="cpu", weights_only=False)["state_dict"].keys()
+    assert set(keys) == set(module.state_dict()) and not any("teacher" in k for k in keys)
+
+
+def test_compress_after_fine_tuning(one_thread, tmp_path):
+    from lit_factor.module import Factorization
+
+    dense, trainer = _fit_module(steps=3)
+    path = tmp_path / "dense.ckpt"
+    trainer.save_checkpoint(path)
+    module, student_trainer = _fit_module(steps=1, init_checkpoint=str(path), distillation=Distillation("self"),
+                                          factorization=Factorization(method="lowrank", budget=0.5, init="whitened",
+                                                                      calibration_samples=8))
+    # the teacher is the fine-tuned dense model, not the pretrained one
+    teacher = dict(module._teacher.model.named_parameters())
+    for name, p in dense.model.named_parameters():
+        torch.testing.assert_close(teacher[name], p.detach())
+    factorized = tmp_path / "factorized.ckpt"
+    student_trainer.save_checkpoint(factorized)
+    with pytest.raises(DistillationError, match="is factorized"):
+        _fit_module(init_checkpoint=str(factorized))
