@@ -122,15 +122,14 @@ class SwitchableLinear(nn.Module):
         return f"path={self.path!r}, live={'factorized' if self.is_switched else 'dense'}"
 
 
-def make_switchable(model: nn.Module, plan: Plan, *, project: bool | None = None) -> dict[str, SwitchableLinear]:
+def make_switchable(model: nn.Module, plan: Plan) -> dict[str, SwitchableLinear]:
     """Wrap every planned ``nn.Linear`` of ``model`` (in place) in a :class:`SwitchableLinear`, dense path live.
 
     Returns ``{path: SwitchableLinear}`` in plan order. Idempotent: layers that already are switchable (e.g. built
     by ``configure_model`` before a checkpoint loads) are kept. No factor is projected here: each is projected at
     its stage from the dense weight fine-tuned until then, and checkpoints restore factors and flags by
-    ``load_state_dict``. ``project`` is deprecated and ignored (kept until no caller passes it).
+    ``load_state_dict``.
     """
-    del project
     switches = {}
     for entry in plan.entries:
         module = planned_module(model, entry)
