@@ -86,3 +86,30 @@ def test_calibration_loader_leaves_global_rng_alone(glue_writer):
     assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(batches, again, strict=True))
     with pytest.raises(ValueError, match="calibration_samples=0"):
         calibration_loader(dm, samples=0)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_two_ranks_gather_identical_statistics_of_all_samples(tmp_path):
+    """Each rank calibrates on its half of the examples; after the all-reduce both hold the statistics of all of
+    them (the same second moments as one process over every example), identically."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    worker = Path(__file__).with_name("_calibration_ddp_worker.py")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(worker.parent.parent)}
+    procs = [subprocess.Popen([sys.executable, str(worker), str(r), str(port), str(tmp_path / f"{r}.pt")], env=env,
+                              stderr=subprocess.PIPE, text=True) for r in (0, 1, -1)]  # -1: one process, no DDP
+    for p in procs:
+        assert p.wait(timeout=120) == 0, p.stderr.read()[-2000:]
+    r0, r1, single = (torch.load(tmp_path / f"{r}.pt") for r in (0, 1, -1))
+    assert (r0["share"], r1["share"], single["share"]) == (5, 5, 10)  # disjoint halves, not the same examples twice
+    for path in ("a", "b"):
+        assert torch.equal(r0[path][0], r1[path][0]) and torch.equal(r0[path][1], r1[path][1])
+        torch.testing.assert_close(r0[path][0], single[path][0])
