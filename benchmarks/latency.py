@@ -57,6 +57,14 @@ def parse_budget(text: str) -> float | None:
     return value
 
 
+def parse_variant(text: str) -> tuple[str, float | None]:
+    method, _, budget = text.partition("@")
+    if method not in ("lowrank", "monarch", "blockwise") or not budget:
+        raise argparse.ArgumentTypeError(f"variant {text!r} is not METHOD@BUDGET with METHOD lowrank, monarch or "
+                                         "blockwise and BUDGET in (0, 1] or 'none'")
+    return method, parse_budget(budget)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="bert-base", help="preset name, 'minilm', hub name or path (default bert-base)")
@@ -64,6 +72,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", nargs="+", type=parse_budget, default=[0.5],
                    help="kept fraction(s) of the targeted linear weights, in (0, 1]; 'none' = the method's default "
                         "structure (Monarch/block-wise: rank min(m,n)/nblocks^2, 1.5/nblocks of a BERT block)")
+    p.add_argument("--variants", nargs="+", type=parse_variant, default=None, metavar="METHOD@BUDGET",
+                   help="exactly these variants instead of every --method x --budget, e.g. lowrank@0.5 "
+                        "lowrank@0.25 monarch@none")
     p.add_argument("--rank-multiple", nargs="+", type=int, default=[1],
                    help="round ranks down to this multiple (8 or 64 suit GPUs); several values compare them")
     p.add_argument("--nblocks", type=int, default=4, help="blocks for monarch / blockwise (default 4)")
@@ -105,28 +116,28 @@ def parser() -> argparse.ArgumentParser:
 def build_variants(dense, args) -> tuple[dict, dict]:
     """{name: factorized copy of ``dense``} for every method x budget x rank multiple, and their row metadata."""
     models, meta, problems = {}, {}, []
-    for method in args.method:
-        for budget in args.budget:
-            for multiple in args.rank_multiple:
-                name = f"{method}@{'default' if budget is None else budget}"
-                name += f"/x{multiple}" if len(args.rank_multiple) > 1 or multiple > 1 else ""
-                if budget is None and (multiple > 1 or method == "lowrank"):
-                    print(f"skipping {name}: budget 'none' means the default structure of monarch/blockwise; "
-                          "it takes no --rank-multiple", file=sys.stderr)
-                    continue
-                model = copy.deepcopy(dense)
-                try:
-                    plan = build_plan(model, method, budget, targets=args.targets, nblocks=args.nblocks,
-                                      rank_multiple=multiple, init=args.init)
-                except BudgetError as err:  # one impossible combination of a sweep does not stop the others
-                    print(f"skipping {name}: {err}", file=sys.stderr)
-                    problems.append(f"{name}: {err}")
-                    continue
-                apply_plan(model, plan)
-                models[name] = model
-                meta[name] = {"method": method, "budget": budget, "kept_fraction": plan.kept_fraction,
-                              "rank_multiple": multiple, "nblocks": args.nblocks if method != "lowrank" else None,
-                              "targeted_layers": len(plan.entries)}
+    pairs = args.variants or [(method, budget) for method in args.method for budget in args.budget]
+    for method, budget in pairs:
+        for multiple in args.rank_multiple:
+            name = f"{method}@{'default' if budget is None else budget}"
+            name += f"/x{multiple}" if len(args.rank_multiple) > 1 or multiple > 1 else ""
+            if budget is None and (multiple > 1 or method == "lowrank"):
+                print(f"skipping {name}: budget 'none' means the default structure of monarch/blockwise; "
+                      "it takes no --rank-multiple", file=sys.stderr)
+                continue
+            model = copy.deepcopy(dense)
+            try:
+                plan = build_plan(model, method, budget, targets=args.targets, nblocks=args.nblocks,
+                                  rank_multiple=multiple, init=args.init)
+            except BudgetError as err:  # one impossible combination of a sweep does not stop the others
+                print(f"skipping {name}: {err}", file=sys.stderr)
+                problems.append(f"{name}: {err}")
+                continue
+            apply_plan(model, plan)
+            models[name] = model
+            meta[name] = {"method": method, "budget": budget, "kept_fraction": plan.kept_fraction,
+                          "rank_multiple": multiple, "nblocks": args.nblocks if method != "lowrank" else None,
+                          "targeted_layers": len(plan.entries)}
     if not models:
         raise LatencyError("no variant to measure: " + ("; ".join(problems) if problems else
                                                         "budget 'none' needs --method monarch or blockwise"))
