@@ -11,7 +11,9 @@ The interface callbacks rely on (and nothing else of the module):
 * ``module.factorized_model``: the Hugging Face model being trained (an ``nn.Module``);
 * ``module.plan``: the :class:`~lit_factor.surgery.Plan`, or ``None`` for dense fine-tuning;
 * ``module.staged``: read-only, whether the planned layers are switchable (staged) rather than factorized at once;
-* ``module.enable_staging()``: ask for switchable layers; called by the StagingCallback before ``configure_model``.
+* ``module.enable_staging()``: ask for switchable layers; called by the StagingCallback before ``configure_model``;
+* ``module.dense_params`` / ``module.factorized_params``: whole-model parameter counts before and once every
+  planned layer is factorized (read by the RunSummary).
 """
 
 from __future__ import annotations
@@ -39,8 +41,9 @@ from .models import load_model
 from .surgery import Plan, apply_plan, build_plan, count_params, format_report
 from .switchable import make_switchable
 
-#: metric-name prefix of each evaluation stage: ``test`` runs on the labelled dev split (GLUE test labels are hidden)
-STAGE_PREFIX = {"val": "val", "test": "test"}
+#: metric-name prefix of each evaluation stage: ``test`` runs on the labelled dev split (GLUE's test labels are
+#: hidden), so its metrics are named for that split: ``dev/accuracy``, not ``test/accuracy``
+STAGE_PREFIX = {"val": "val", "test": "dev"}
 
 
 class ConfigError(UserError):
@@ -337,6 +340,16 @@ class FactorizedClassifier(L.LightningModule):
         self.hparams["plan"] = saved.to_dict()
         self._factorize(project=False)
         self._factorized = True
+
+    def adopt_checkpoint_architecture(self, checkpoint: dict) -> None:
+        """Before a Trainer evaluates ``checkpoint``: build its architecture (its plan, staged or not, or dense)
+        instead of the one this module's settings ask for, so that validate/test/predict of any checkpoint need no
+        factorization settings and no StagingCallback. Nothing is projected: the weights come from the checkpoint."""
+        if self._factorized:
+            raise ConfigError("adopt_checkpoint_architecture: the model is already built (call it before the Trainer)")
+        self.plan, self.hparams["plan"], self._staged = None, None, False
+        self.on_load_checkpoint(checkpoint)
+        self._factorized = True  # configure_model builds nothing more (no init_checkpoint, no calibration)
 
     # --- steps --------------------------------------------------------------------------------------------
     def forward(self, batch: dict):

@@ -1,0 +1,137 @@
+"""What a command-line run settles before it starts, and the exit status it ends with (used by ``cli.py``).
+
+Before anything is written:
+
+* the ``--ckpt_path`` file is checked (:func:`lit_factor.checkpoints.read_checkpoint`: one line if it is missing,
+  truncated or corrupted) and the data files are read, checked and tokenized (``GLUEDataModule.check``), so a
+  bad input stops with one line and no empty ``version_N`` behind;
+* ``--trainer.default_root_dir`` moves everything a run writes: a relative logger ``save_dir`` is taken inside it;
+* a fit resumed from a checkpoint of a run continues that run: same TensorBoard directory and version, the
+  interrupted run's events after the checkpoint's step purged;
+* ``validate``/``test``/``predict`` build the checkpoint's own architecture (no factorization settings or
+  StagingCallback needed; one warning line when the command line asked for another one);
+* every fit saves its random state for exact resume (:class:`~lit_factor.callbacks.resume.ExactResume`, first in
+  the callback list) and logs its learning-rate curve (``LearningRateMonitor``).
+
+Exit status (README "Exit codes"): 0 success, 2 bad settings or data, 3 a fit that trained but failed
+(:func:`lit_factor.callbacks.stability.run_failed`), 1 a crash.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import asdict
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.utilities import rank_zero_only
+
+from .callbacks.resume import ExactResume
+from .callbacks.stability import run_failed
+from .callbacks.staging import StagingCallback
+from .checkpoints import read_checkpoint, run_dir_of
+from .errors import EXIT_RUN_FAILED, UserError
+from .module import Factorization
+
+#: ``--ckpt_path`` values that Lightning resolves itself (not files)
+CKPT_KEYWORDS = ("best", "last", "hpc")
+
+
+def info_to_stdout() -> None:
+    """Lightning's informational lines ("Seed set to 42", "GPU available: ...") go to stdout: stderr is for
+    warnings and the one ``error:`` line of a refused input (a script can read it alone)."""
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, logging.StreamHandler) and handler.stream is sys.__stderr__:
+                handler.setStream(sys.stdout)
+
+
+def checkpoint_to_load(ckpt_path: Any) -> dict[str, Any] | None:
+    """The checkpoint a subcommand will load, checked now; None when there is none or Lightning resolves it."""
+    if ckpt_path is None or str(ckpt_path) in CKPT_KEYWORDS or str(ckpt_path).startswith("registry"):
+        return None
+    return read_checkpoint(ckpt_path)
+
+
+def _tensorboard_args(config) -> Any | None:
+    """The TensorBoardLogger's ``init_args`` in a parsed subcommand config (None for another or no logger)."""
+    logger = config.trainer.get("logger")
+    if hasattr(logger, "get") and str(logger.get("class_path", "")).endswith("TensorBoardLogger"):
+        return logger.init_args
+    return None
+
+
+def place_run_dir(config, checkpoint: dict[str, Any] | None, resuming: bool) -> None:
+    """Where the run writes: inside ``default_root_dir``, or the run a resumed fit's checkpoint belongs to."""
+    args = _tensorboard_args(config)
+    if args is None:
+        return
+    root = config.trainer.get("default_root_dir")
+    if root and not os.path.isabs(str(args.save_dir)):
+        args.save_dir = os.path.join(str(root), str(args.save_dir))
+    run = run_dir_of(config.get("ckpt_path")) if resuming and checkpoint is not None else None
+    if run is not None and args.get("version") is None:
+        args.save_dir, args.name, args.version = str(run.save_dir), run.name, run.version
+        if args.get("purge_step") is None:  # the interrupted run logged past its last checkpoint: drop that part
+            args.purge_step = int(checkpoint.get("global_step", 0))
+
+
+def check_fit_limits(trainer: pl.Trainer) -> None:
+    """An endless fit is refused now, before a run directory exists (the LR schedule would refuse it later)."""
+    if trainer.max_steps == -1 and trainer.max_epochs == -1:
+        raise UserError("trainer.max_epochs=-1 with trainer.max_steps=-1 never ends, and the linear warm-up/decay "
+                        "schedule needs a finite run: set trainer.max_epochs >= 1 or trainer.max_steps >= 1")
+
+
+def add_fit_callbacks(trainer: pl.Trainer) -> None:
+    """Exact resume for every fit (first: it restores the random state before other callbacks draw from it) and
+    a learning-rate curve (when there is a logger to draw it)."""
+    if not any(isinstance(c, ExactResume) for c in trainer.callbacks):
+        trainer.callbacks.insert(0, ExactResume())
+    if trainer.loggers and not any(isinstance(c, LearningRateMonitor) for c in trainer.callbacks):
+        trainer.callbacks.append(LearningRateMonitor(logging_interval="step"))
+
+
+def _describe(factorization: dict) -> str:
+    if factorization.get("method", "none") == "none":
+        return "dense, no factorization"
+    shown = {k: v for k, v in factorization.items() if v is not None and k != "method"}
+    return f"{factorization['method']}: " + ", ".join(f"{k}={v}" for k, v in sorted(shown.items()))
+
+
+def warn_other_factorization(asked: Any, checkpoint: dict[str, Any]) -> None:
+    """One warning line when the command line asked for a factorization other than the checkpoint's (which is
+    used: the weights only fit their own architecture; LightningCLI merges the checkpoint's hyperparameters)."""
+    asked = Factorization.coerce(asked.as_dict() if hasattr(asked, "as_dict") else asked)
+    saved = (checkpoint.get("hyper_parameters") or {}).get("factorization")
+    if asked == Factorization() or not isinstance(saved, dict):
+        return  # nothing asked for (the defaults), or a checkpoint without settings to compare with
+    saved = asdict(Factorization.coerce(saved))
+    if asdict(asked) != saved:
+        _warn(f"ckpt_path: using the checkpoint's factorization ({_describe(saved)}) instead of the command line's "
+              f"({_describe(asdict(asked))})")
+
+
+@rank_zero_only
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)  # one line, like the error lines
+
+
+def adopt_checkpoint(trainer: pl.Trainer, model, checkpoint: dict[str, Any]) -> None:
+    """``validate``/``test``/``predict``: the model takes the checkpoint's architecture (its plan, staged or not);
+    a StagingCallback has nothing to do there and is dropped."""
+    trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, StagingCallback)]
+    model.adopt_checkpoint_architecture(checkpoint)
+
+
+def fit_exit_status(trainer: pl.Trainer) -> int:
+    """0 for a fit that succeeded, 3 (printing why on stderr) for one that trained but failed."""
+    reasons = run_failed(trainer)
+    if not reasons:
+        return 0
+    if trainer.is_global_zero:
+        print(f"RUN FAILED (exit status {EXIT_RUN_FAILED}): {'; '.join(reasons)}", file=sys.stderr, flush=True)
+    return EXIT_RUN_FAILED
