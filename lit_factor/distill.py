@@ -132,14 +132,22 @@ class Teacher:
         return self.model.parameters()
 
 
+def _read(path: str, setting: str) -> dict:
+    """The checkpoint, or one line naming the setting and what is wrong with the file."""
+    from .checkpoints import CheckpointError, read_checkpoint
+
+    try:
+        return read_checkpoint(path)
+    except CheckpointError as err:
+        raise DistillationError(f"{setting}: {err}") from None
+
+
 def checkpoint_model(path: str) -> nn.Module:
     """The Hugging Face model inside a checkpoint of this project (its factorized plan rebuilt)."""
     from .module import FactorizedClassifier  # the module imports this file: import at call time
 
-    try:
-        return FactorizedClassifier.load_from_checkpoint(path, map_location="cpu").model
-    except FileNotFoundError:
-        raise DistillationError(f"checkpoint {path!r} does not exist") from None
+    _read(path, "distillation.teacher")  # a missing or broken file is one line, before Lightning tries
+    return FactorizedClassifier.load_from_checkpoint(path, map_location="cpu").factorized_model
 
 
 def load_teacher(spec: str, *, num_labels: int, as_loaded: nn.Module | None = None) -> Teacher:
@@ -167,10 +175,7 @@ def load_teacher(spec: str, *, num_labels: int, as_loaded: nn.Module | None = No
 def load_dense_weights(model: nn.Module, path: str) -> None:
     """Load a *dense* checkpoint of this project into ``model`` (``model.init_checkpoint``): the starting point of
     compress-after-fine-tuning. A factorized checkpoint is refused: its weights have other shapes."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except FileNotFoundError:
-        raise DistillationError(f"model.init_checkpoint={path!r} does not exist") from None
+    ckpt = _read(path, "model.init_checkpoint")
     info = ckpt.get("factorization") or {}
     plan = info.get("plan") if isinstance(info, dict) else None
     if plan or (ckpt.get("hyper_parameters") or {}).get("plan"):
