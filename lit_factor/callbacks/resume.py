@@ -113,9 +113,12 @@ def _reload_train_loader_state(trainer: pl.Trainer) -> None:
     resume path would; a no-op where Lightning already loaded them."""
     loop = trainer.fit_loop
     pending = list(getattr(loop, "_combined_loader_states_to_load", None) or [])
-    if not (loop.restarting and pending and loop._combined_loader is not None):
+    if not pending or loop._combined_loader is None:
         return
-    loop._load_combined_loader_states()
+    # Not loop._load_combined_loader_states(): it skips a checkpoint written after validation at an epoch's end
+    # (Lightning does not count that as "restarting"), whose loader must still start the next epoch's shuffle.
+    loop._combined_loader._load_state_dicts(pending)
+    loop._combined_loader_states_to_load = []
     stateful = [dl for dl in loop._combined_loader.flattened if hasattr(dl, "load_state_dict")]
     for loader, state in zip(stateful, pending, strict=False):
         if state.get("_num_yielded", 0) >= trainer.num_training_batches:
