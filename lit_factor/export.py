@@ -1,0 +1,253 @@
+"""``python cli.py export``: ship a trained checkpoint as a Hugging Face directory or an ONNX model.
+
+    python cli.py export --ckpt_path logs/run/version_0/checkpoints/best.ckpt --to out/hf --format hf
+    python cli.py export --ckpt_path ... --to out/dense --format dense
+    python cli.py export --ckpt_path ... --to out/onnx --format onnx [--ort-fusions] [--optimize]
+
+Formats (nothing pickled: JSON and safetensors / ONNX only; the tokenizer's files are saved beside the model):
+
+* ``hf``: ``config.json`` carrying the factorization plan + ``model.safetensors`` holding the factors. Load with
+  ``lit_factor.load_pretrained(DIR)``: the small, fast model.
+* ``dense``: the factors multiplied back out into a plain Hugging Face model that ``transformers`` alone loads
+  (``AutoModelForSequenceClassification.from_pretrained(DIR)``). For compatibility only: it has the dense model's
+  size and speed.
+* ``onnx``: ``model.onnx`` (inputs ``input_ids``, ``attention_mask`` [, ``token_type_ids``]; output ``logits``;
+  dynamic batch and sequence axes) + ``config.json``. ``--ort-fusions`` adds ``model.fused.onnx`` with ONNX
+  Runtime's transformer fusions; ``--optimize`` exports after the exact inference rewrites of
+  ``lit_factor/inference.py``. Each file is run in ONNX Runtime and checked against PyTorch's logits.
+
+Every export is checked before it is written (reloaded and compared with the checkpoint's logits on inputs of a
+shape the export did not see) and listed in ``lit_factor_export.json``. A checkpoint saved between stages of a
+staged fit is exported as it is: switched layers factorized, the others dense, and the command says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import inspect
+import json
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoints import read_checkpoint
+from .errors import UserError, fail
+from .surgery import Plan
+
+FORMATS = ("hf", "dense", "onnx")
+MANIFEST = "lit_factor_export.json"
+EXIT_CHECK_FAILED = 1
+
+
+class ExportCheckError(RuntimeError):
+    """The exported model does not reproduce the checkpoint's logits (a bug, not a user error: exit 1)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's own errors as the project's one line, exit 2
+        fail(f"export: {message}")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="cli.py export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt_path", required=True, help="a checkpoint written by `cli.py fit`")
+    p.add_argument("--to", required=True, metavar="DIR", help="output directory (must be empty or new)")
+    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty DIR (same-named files replaced)")
+    p.add_argument("--ort-fusions", action="store_true", help="onnx: also write model.fused.onnx (ORT fusions)")
+    p.add_argument("--optimize", action="store_true", help="onnx: export after the exact inference rewrites")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="largest |logit difference| accepted (1e-4)")
+    return p
+
+
+@dataclass
+class Loaded:
+    """A checkpoint's model as it would be deployed now, and what it is."""
+
+    model: nn.Module
+    plan: Plan | None  # entries of the layers that are factorized in ``model``
+    source: dict
+    notes: list[str] = field(default_factory=list)
+
+
+# --- reading the checkpoint ------------------------------------------------------------------------------------
+def load_checkpoint_model(path: str) -> Loaded:
+    """The checkpoint's Hugging Face model (eval mode, switchable layers resolved to their live path)."""
+    checkpoint = read_checkpoint(path)
+    hp = checkpoint.get("hyper_parameters") or {}
+    if "factorization" not in checkpoint or not {"model_name_or_path", "task"} <= set(hp):
+        raise UserError(f"ckpt_path {path!r} is not a lit-factor checkpoint (no factorization record or no "
+                        "model_name_or_path/task hyperparameters); export reads checkpoints written by `cli.py fit`")
+    from .models import ModelSourceError
+    from .module import FactorizedClassifier
+    from .switchable import finalize
+
+    try:
+        module = FactorizedClassifier(hp["model_name_or_path"], hp["task"])
+    except (ModelSourceError, OSError) as err:
+        raise UserError(f"cannot build the checkpoint's model {hp['model_name_or_path']!r}: {err}") from None
+    module.adopt_checkpoint_architecture(checkpoint)
+    try:
+        module.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"ckpt_path {path!r} does not match the architecture its own plan describes ({first}): "
+                        "corrupted, or written by another version") from None
+    model, plan = module.factorized_model.eval(), module.plan
+    source = {"checkpoint": str(path), "model_name_or_path": hp["model_name_or_path"], "task": hp["task"]}
+    loaded = Loaded(model, plan, source)
+    if module.staged:
+        live = finalize(model, strict=False)
+        kept = [e for e in plan.entries if live.get(e.path) == "factorized"]
+        loaded.plan = Plan(plan.method, plan.budget, kept) if kept else None
+        source["mid_staging"] = len(kept) < len(plan.entries)
+        if source["mid_staging"]:
+            loaded.notes.append(f"mid-staging checkpoint: {len(kept)} of {len(plan.entries)} planned layers are "
+                                "factorized; the others are exported dense, as they are in the checkpoint")
+    source["factorized_layers"] = len(loaded.plan.entries) if loaded.plan else 0
+    return loaded
+
+
+# --- check inputs ----------------------------------------------------------------------------------------------
+def model_inputs(model: nn.Module, batch: int, seq: int, seed: int) -> dict[str, torch.Tensor]:
+    """Random token ids with a padded row, and every other input the model's forward takes by name."""
+    gen = torch.Generator().manual_seed(seed)
+    vocab = model.config.vocab_size
+    ids = torch.randint(min(1000, vocab // 2), vocab, (batch, seq), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[0, seq - seq // 3:] = 0  # padding: the mask must reach the attention in every format
+    eos = getattr(model.config, "eos_token_id", None)
+    if getattr(model.config, "is_encoder_decoder", False) and isinstance(eos, int):
+        ids[:, -1] = eos
+        mask[0, -1] = 1
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    if "token_type_ids" in inspect.signature(model.forward).parameters:
+        inputs["token_type_ids"] = torch.zeros_like(ids)
+    return inputs
+
+
+def logits_of(model: nn.Module, inputs: dict) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(**inputs).logits.float()
+
+
+def check_close(name: str, got: torch.Tensor, want: torch.Tensor, tolerance: float) -> float:
+    diff = (got - want).abs().max().item()
+    if not diff <= tolerance:
+        raise ExportCheckError(f"{name}: logits differ from the checkpoint's by {diff:.3g} (> {tolerance})")
+    return diff
+
+
+# --- the three formats: each writes into ``out`` and returns {file or check: result} ---------------------------
+def save_tokenizer(loaded: Loaded, out: Path) -> None:
+    from .models import load_tokenizer
+
+    try:
+        load_tokenizer(loaded.source["model_name_or_path"]).save_pretrained(out)
+    except Exception as err:  # no tokenizer (offline hub name, missing package): the model still ships
+        loaded.notes.append(f"no tokenizer files saved ({type(err).__name__}: {' '.join(str(err).split())[:120]})")
+
+
+def export_hf(loaded: Loaded, out: Path, args) -> dict:
+    from .pretrained import load_pretrained, save_factorized
+
+    save_factorized(loaded.model, loaded.plan, out, source=loaded.source)
+    inputs = model_inputs(loaded.model, 3, 11, seed=1)
+    diff = check_close("hf", logits_of(load_pretrained(out), inputs), logits_of(loaded.model, inputs), args.tolerance)
+    return {"load_with": "lit_factor.load_pretrained(DIR)", "max_abs_logit_diff": diff}
+
+
+def export_dense(loaded: Loaded, out: Path, args) -> dict:
+    from transformers import AutoModelForSequenceClassification
+
+    from .latency import dense_equivalent
+
+    dense_equivalent(loaded.model).save_pretrained(out)  # safetensors; a plain config without the plan
+    inputs = model_inputs(loaded.model, 3, 11, seed=1)
+    reloaded = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    diff = check_close("dense", logits_of(reloaded, inputs), logits_of(loaded.model, inputs), args.tolerance)
+    loaded.notes.append("the dense format multiplies the factors out: the dense model's size and speed (no speed "
+                        "gain); export hf or onnx to deploy the factorized model")
+    return {"load_with": "transformers.AutoModelForSequenceClassification.from_pretrained(DIR)",
+            "max_abs_logit_diff": diff}
+
+
+def export_onnx_files(loaded: Loaded, out: Path, args) -> dict:
+    from . import ort
+    from .inference import optimize_for_inference
+
+    model = optimize_for_inference(copy.deepcopy(loaded.model)) if args.optimize else loaded.model
+    loaded.model.config.save_pretrained(out)  # labels and sizes for the serving side
+    ort.export_onnx(model, model_inputs(loaded.model, 2, 16, seed=0), out / "model.onnx", output_name="logits")
+    files = {"model.onnx": out / "model.onnx"}
+    if args.ort_fusions:
+        files["model.fused.onnx"] = ort.optimize_transformer(out / "model.onnx", out / "model.fused.onnx",
+                                                             loaded.model.config)
+    inputs = model_inputs(loaded.model, 3, 11, seed=1)  # another shape than the export's: dynamic axes
+    want = logits_of(loaded.model, inputs)
+    result = {"inputs": list(inputs), "rewrites": getattr(model, "inference_rewrites", None)}
+    for name, path in files.items():
+        got = torch.from_numpy(ort.make_session(path, threads=1).run(None, ort.numpy_inputs(inputs))[0])
+        result[f"max_abs_logit_diff[{name}]"] = check_close(name, got, want, args.tolerance)
+    return result
+
+
+EXPORTERS = {"hf": export_hf, "dense": export_dense, "onnx": export_onnx_files}
+
+
+# --- the command -----------------------------------------------------------------------------------------------
+def check_target(to: str, overwrite: bool) -> Path:
+    target = Path(to)
+    if target.exists() and not target.is_dir():
+        raise UserError(f"--to {to!r} is a file; give a directory (new or empty)")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise UserError(f"--to {to!r} exists and is not empty; give a new directory or pass --overwrite")
+    return target
+
+
+def export(args) -> tuple[Loaded, dict, list[str]]:
+    """Export into a scratch directory beside the target, check, then move the files in: a failed export leaves
+    the target as it was."""
+    target = check_target(args.to, args.overwrite)
+    loaded = load_checkpoint_model(args.ckpt_path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.export-", dir=target.parent))
+    try:
+        result = EXPORTERS[args.format](loaded, scratch, args)
+        save_tokenizer(loaded, scratch)
+        manifest = {"format": args.format, **loaded.source, "plan_method": loaded.plan.method if loaded.plan else
+                    None, "check": result, "notes": loaded.notes}
+        (scratch / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        target.mkdir(exist_ok=True)
+        files = sorted(p.name for p in scratch.iterdir())
+        for name in files:
+            dest = target / name
+            if dest.is_dir():
+                shutil.rmtree(dest)
+            (scratch / name).replace(dest)
+        return loaded, result, files
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        loaded, result, files = export(args)
+    except UserError as err:
+        fail(err)
+    except ExportCheckError as err:
+        print(f"error: export check failed, nothing written: {err}", file=sys.stderr)
+        return EXIT_CHECK_FAILED
+    print(f"exported {args.format} to {args.to}: {', '.join(files)}")
+    diffs = {k: v for k, v in result.items() if k.startswith("max_abs_logit_diff")}
+    print("checked against the checkpoint's logits: " + ", ".join(f"{k} = {v:.2e}" for k, v in diffs.items()))
+    for note in loaded.notes:
+        print(f"note: {note}")
+    return 0
