@@ -14,6 +14,10 @@ special token ids (pad 0, [SEP] 102 as T5's end of sequence).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from lightning.pytorch.utilities import rank_zero_info
 from transformers import (
     AutoConfig,
     AutoModelForSequenceClassification,
@@ -24,6 +28,7 @@ from transformers import (
     RobertaConfig,
     T5Config,
 )
+from transformers.utils import logging as hf_logging
 
 PACKAGED_MINILM = "minilm"
 RANDOM_PREFIX = "random:"
@@ -92,7 +97,45 @@ def load_model(name_or_path: str, num_labels: int = 2, **config_kwargs) -> PreTr
             setattr(source, key, value)
         return AutoModelForSequenceClassification.from_config(source)
     config = AutoConfig.from_pretrained(source, num_labels=num_labels, **problem, **config_kwargs)
-    return AutoModelForSequenceClassification.from_pretrained(source, config=config)
+    with _quiet_transformers():
+        model, info = AutoModelForSequenceClassification.from_pretrained(source, config=config,
+                                                                         output_loading_info=True)
+    _report_loading(name_or_path, info)
+    return model
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Without transformers' weight-loading bar and LOAD REPORT table: a pretrained encoder gets a new task head
+    on every fine-tuning run, so the report's "MISSING" rows are expected; :func:`_report_loading` says it in
+    one line instead."""
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _names(keys) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
+
+
+def _report_loading(name: str, info: dict) -> None:
+    new, unused = info.get("missing_keys") or (), info.get("unexpected_keys") or ()
+    mismatched = [k if isinstance(k, str) else k[0] for k in info.get("mismatched_keys") or ()]
+    line = f"model {name!r}: pretrained weights loaded"
+    if new:
+        line += f"; newly initialized (trained by the fine-tuning): {_names(new)}"
+    if mismatched:
+        line += f"; re-initialized for another shape: {_names(mismatched)}"
+    if unused:
+        line += f"; unused weights of the checkpoint: {_names(unused)}"
+    rank_zero_info(line)
 
 
 def load_tokenizer(name_or_path: str):

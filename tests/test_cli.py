@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import subprocess
 import sys
 import types
+import warnings
+from pathlib import Path
 
 import pytest
 import yaml
@@ -41,32 +45,94 @@ def scalars(log_dir) -> dict[str, list[float]]:
     return out
 
 
-def test_fit_then_test_and_validate_from_checkpoint(glue_writer, tmp_path, monkeypatch):
+def check_summary(summary: dict, logged: dict, fit, val_acc: float) -> None:
+    """The closing summary (summary.json) holds the numbers that were logged to TensorBoard."""
+    accs = logged["val/accuracy"]
+    assert summary["status"] == "succeeded" and summary["task"] == "sst2" and summary["monitor"] == "val/accuracy"
+    assert summary["best"]["value"] == pytest.approx(val_acc) == pytest.approx(max(accs))
+    assert summary["best"]["epoch"] == accs.index(max(accs))
+    assert summary["best_checkpoint"] == fit.trainer.checkpoint_callback.best_model_path
+    assert (summary["final"]["epoch"], summary["final"]["step"]) == (1, 12)
+    assert summary["final"]["metrics"]["val/accuracy"] == pytest.approx(accs[-1])
+    assert summary["final"]["metrics"]["val/loss"] == pytest.approx(logged["val/loss"][-1])
+    params = summary["params"]
+    assert params["dense_model"] == logged["params/dense_model"][0] == fit.model.dense_params
+    assert params["factorized_model"] == logged["params/factorized_model"][0] == fit.model.factorized_params
+    assert params["kept_fraction"] == pytest.approx(logged["factorize/kept_fraction"][0])
+    assert summary["train_time_s"] > 0 and summary["resumed_from"] is None and summary["stability"] is None
+
+
+def test_fit_summary_then_evaluations_in_the_run(glue_writer, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     root = glue_writer("SST-2", n_train=24, n_dev=12)
     fit = cli.main(["fit", *base_args(root, tmp_path), "--model.factorization.method", "lowrank",
                     "--model.factorization.budget", "0.5", "--model.learning_rate", "1e-3",
-                    "--trainer.max_steps", "6", "--trainer.log_every_n_steps", "1"])
+                    "--trainer.max_steps", "12", "--trainer.log_every_n_steps", "1",  # 2 epochs of 6 steps
+                    "--trainer.enable_progress_bar", "true"])
     ckpt_cb = fit.trainer.checkpoint_callback
     assert ckpt_cb.monitor == "val/accuracy" and ckpt_cb.mode == "max"  # linked from data.task
     best, val_acc = ckpt_cb.best_model_path, float(ckpt_cb.best_model_score)
-    run_dir = tmp_path / "logs" / "lightning_logs" / "version_0"
-    assert (run_dir / "config.yaml").is_file() and (tmp_path / best).resolve().parent.parent == run_dir
+    run = Path("logs/lightning_logs/version_0")
+    assert (run / "config.yaml").is_file() and Path(best).parent.parent == run
 
     # TensorBoard got the loss curve, the metrics, parameter counts and per-layer reconstruction errors.
-    logged = scalars(run_dir)
-    assert len(logged["train/loss_step"]) >= 5
+    logged = scalars(run)
+    assert len(logged["train/loss_step"]) >= 10
     assert {"val/accuracy", "val/loss", "val/combined_score", "params/factorized_model",
             "factorize/kept_fraction", "factorize/rel_error_mean"} <= set(logged)
     assert any(tag.startswith("factorize/rel_error/bert.encoder.layer.0.") for tag in logged)
 
-    # test --ckpt_path with the run's saved config reproduces the checkpoint's validation metric.
-    test = cli.main(["test", "--config", str(run_dir / "config.yaml"), "--ckpt_path", best])
-    assert float(test.trainer.callback_metrics["test/accuracy"]) == pytest.approx(val_acc)
+    check_summary(json.loads((run / "summary.json").read_text()), logged, fit, val_acc)
+    out = capsys.readouterr().out
+    assert f"run SUCCEEDED: {run}" in out and f"best checkpoint: {best}" in out
+    # stdout is no terminal under pytest: plain progress lines instead of a bar
+    line = r"^step 6/12 \(50%\)  epoch 0  loss 0\.\d{4}  [\d.]+ it/s  elapsed \S+  eta \S+$"
+    assert re.search(line, out, re.MULTILINE), out
+    assert "validation at epoch 1, step 12: val/accuracy" in out
+
+    # test --run: the run's config and best checkpoint; dev-split metrics written into <run>/test/, no new version
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*dirpath has changed")
+        test = cli.main(["test", "--run", str(run)])
+    assert float(test.trainer.callback_metrics["dev/accuracy"]) == pytest.approx(val_acc)
+    assert [p.name for p in run.parent.iterdir()] == ["version_0"]
+    metrics = json.loads((run / "test" / "metrics.json").read_text())
+    assert metrics["split"] == "dev" and metrics["metrics"]["dev/accuracy"] == pytest.approx(val_acc)
+    assert "test on the dev split of" in capsys.readouterr().out
     # validate --ckpt_path without any factorization settings: the plan comes from the checkpoint.
     val = cli.main(["validate", *base_args(root, tmp_path), "--ckpt_path", best])
     assert float(val.trainer.callback_metrics["val/accuracy"]) == pytest.approx(val_acc)
     assert val.model.plan.to_dict() == fit.model.plan.to_dict()
+    assert json.loads((run / "validate" / "metrics.json").read_text())["checkpoint"] == best
+    # last (the newest checkpoint without checkpoint.save_last) resolves inside the run; best/last need --run
+    assert cli.run_checkpoint(run, "last") == cli.run_checkpoint(run, "best") == Path(best)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["validate", "--ckpt_path", "best"])
+    assert exit_.value.code == 2 and "--ckpt_path best needs the run it belongs to" in capsys.readouterr().err
+    assert [p.name for p in run.parent.iterdir()] == ["version_0"]
+
+
+def test_best_and_last_checkpoints_of_a_run(tmp_path, capsys):
+    ckpts = tmp_path / "checkpoints"
+    ckpts.mkdir()
+    for name in ("epoch=0-step=5.ckpt", "epoch=1-step=10.ckpt"):
+        (ckpts / name).write_bytes(b"x")
+    with pytest.raises(UserError, match="cannot tell the best of 2 checkpoints"):
+        cli.run_checkpoint(tmp_path, "best")
+    (tmp_path / "summary.json").write_text(json.dumps({"best_checkpoint": "elsewhere/epoch=0-step=5.ckpt"}))
+    assert cli.run_checkpoint(tmp_path, "best") == ckpts / "epoch=0-step=5.ckpt"
+    os.utime(ckpts / "epoch=0-step=5.ckpt", (1, 1))  # the other one is the newest
+    assert cli.run_checkpoint(tmp_path, "last") == ckpts / "epoch=1-step=10.ckpt"
+    (ckpts / "last.ckpt").write_bytes(b"x")
+    os.utime(ckpts / "last.ckpt", (1, 1))
+    assert cli.run_checkpoint(tmp_path, "last") == ckpts / "last.ckpt"
+    (tmp_path / "config.yaml").write_text("{}")
+    assert cli.expand_run_option(["test", "--run", str(tmp_path), "--data.batch_size", "8"]) == [
+        "test", "--config", str(tmp_path / "config.yaml"), "--data.batch_size", "8", "--ckpt_path",
+        str(ckpts / "epoch=0-step=5.ckpt")]
+    with pytest.raises(SystemExit):
+        cli.expand_run_option(["predict", "--run", str(tmp_path / "nope")])
+    assert "is not a run directory (no config.yaml" in capsys.readouterr().err
 
 
 def test_predict_writes_glue_submission(glue_writer, tmp_path, monkeypatch):
@@ -191,3 +257,30 @@ def test_other_commands_are_dispatched_before_lightning_parses(monkeypatch, caps
     assert exit_.value.code == 2
     assert capsys.readouterr().err.strip() == ("error: command 'absent' is not available in this installation "
                                                "(no module lit_factor.no_such_command)")
+
+
+@pytest.mark.slow  # a fresh interpreter and the real pretrained MiniLM: ~15 s
+def test_fit_to_a_file_shows_progress_summary_and_no_noise(glue_writer, tmp_path):
+    """As under nohup or a cluster job: stdout to a file gets progress lines and the closing summary (with the
+    measured speedup); none of the expected-and-irrelevant lines appear."""
+    root = glue_writer("SST-2", n_train=24, n_dev=12)
+    out, err = tmp_path / "out.log", tmp_path / "err.log"
+    cmd = [sys.executable, str(REPO / "cli.py"), "fit", *base_args(root, tmp_path),
+           "--model.model_name_or_path", "minilm", "--trainer.enable_progress_bar", "true",
+           "--trainer.max_steps", "6", "--trainer.callbacks+=lit_factor.callbacks.LatencyCallback",
+           "--trainer.callbacks.batch_sizes=[2]", "--trainer.callbacks.seq_lens=[8]",
+           "--trainer.callbacks.repeats=2", "--trainer.callbacks.warmup=1"]
+    with open(out, "w") as stdout, open(err, "w") as stderr:
+        proc = subprocess.run(cmd, stdout=stdout, stderr=stderr, cwd=tmp_path, timeout=600,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    text, errors = out.read_text(), err.read_text()
+    assert proc.returncode == 0, errors[-3000:]
+    assert re.search(r"^step 6/6 \(100%\)  epoch 0  loss ", text, re.MULTILINE), text
+    assert "validation at epoch 0, step 6: val/accuracy" in text and "run SUCCEEDED" in text
+    assert re.search(r"inference: [\d.]+x the dense speed \([\d.]+ -> [\d.]+ ms per batch of 2 x 8 tokens", text)
+    summary = json.loads((tmp_path / "logs" / "lightning_logs" / "version_0" / "summary.json").read_text())
+    assert summary["latency"]["batch_size"] == 2 and summary["latency"]["speedup"] > 0
+    assert "model 'minilm': pretrained weights loaded; newly initialized (trained by the fine-tuning): " \
+           "classifier.bias, classifier.weight" in text + errors
+    for noise in ("LOAD REPORT", "Loading weights", "Tip:", "litlogger", "is deprecated", "FLOPs", "Traceback"):
+        assert noise not in text + errors, noise

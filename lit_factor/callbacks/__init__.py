@@ -2,7 +2,10 @@
 
 from .latency import LatencyCallback
 from .prediction import GLUEPredictionWriter
+from .progress import LineProgress
 from .stability import StabilityMonitor
 from .staging import StagingCallback
+from .summary import RunSummary
 
-__all__ = ["GLUEPredictionWriter", "LatencyCallback", "StabilityMonitor", "StagingCallback"]
+__all__ = ["GLUEPredictionWriter", "LatencyCallback", "LineProgress", "RunSummary", "StabilityMonitor",
+           "StagingCallback"]

@@ -1,0 +1,229 @@
+"""The closing summary of a run: what it reached, where the best weights are, what the factorization bought.
+
+:class:`RunSummary` (added by the CLI to every ``fit``, ``validate`` and ``test``) tracks the monitored dev metric
+at every validation, and at the end prints a plain-text block on global rank 0 and writes it as JSON:
+
+* ``fit``: ``<run dir>/summary.json`` -- status (the StabilityMonitor's verdict when one ran, see
+  :func:`~lit_factor.callbacks.stability.run_failed`), best and final dev metrics with their epoch and step, the
+  best checkpoint, dense -> factorized parameters and kept fractions, train time, the stability summary and, when a
+  :class:`~lit_factor.callbacks.LatencyCallback` measured at ``fit_end``, the inference speedup;
+* ``validate`` / ``test``: ``<log dir>/metrics.json`` with the metrics of that evaluation (``test`` runs on the
+  labelled dev split: GLUE's test labels are hidden).
+
+It reads the module only through the interface documented in :mod:`lit_factor.module` (``plan``, ``dense_params``,
+``factorized_params``). Under DDP every rank tracks the same (synced) metrics; only rank 0 prints and writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_only
+
+from ..errors import UserError
+from .latency import LatencyCallback
+from .stability import StabilityMonitor, run_failed
+
+SUMMARY_FILE = "summary.json"
+METRICS_FILE = "metrics.json"
+
+
+def _scalars(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    out = {}
+    for key, value in metrics.items():
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            continue
+        if key.startswith(prefix) and not key.startswith("latency/"):
+            out[key] = number
+    return dict(sorted(out.items()))
+
+
+def params_summary(pl_module: pl.LightningModule) -> dict[str, float | int]:
+    """Dense and factorized parameter counts of the whole model and of the targeted layers, and the kept shares."""
+    plan = getattr(pl_module, "plan", None)
+    dense, factorized = int(pl_module.dense_params), int(pl_module.factorized_params)
+    return {"dense_model": dense, "factorized_model": factorized,
+            "targeted_dense": plan.params_dense if plan else 0,
+            "targeted_factorized": plan.params_factorized if plan else 0,
+            "kept_fraction": plan.kept_fraction if plan else 1.0,
+            "model_kept_fraction": factorized / dense if dense else 1.0}
+
+
+def latency_summary(trainer: pl.Trainer) -> dict[str, float | int] | None:
+    """The first row a LatencyCallback measured at ``fit_end`` (rank 0 holds the rows), or None."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, LatencyCallback) and callback.rows and "fit_end" in callback.when:
+            row = callback.rows[0]
+            return {"batch_size": row.batch_size, "seq_len": row.seq_len, "dense_ms": row.dense_ms,
+                    "factorized_ms": row.factorized_ms, "speedup": row.speedup, "device": row.device}
+    return None
+
+
+def format_duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
+
+
+class RunSummary(Callback):
+    """Print and write the result of a run when it ends (see the module docstring).
+
+    Args:
+        monitor: the dev metric that picks the best epoch; ``None``: the ModelCheckpoint's monitor (the task's
+            main metric in the CLI), else ``val/loss``.
+        mode: ``max`` or ``min`` for ``monitor``; ``None``: the ModelCheckpoint's mode, else ``min``.
+    """
+
+    def __init__(self, monitor: str | None = None, mode: str | None = None) -> None:
+        if mode not in (None, "max", "min"):
+            raise UserError(f"RunSummary mode={mode!r} is not one of max, min")
+        self.monitor, self.mode = monitor, mode
+        self.best: dict[str, Any] | None = None
+        self.final: dict[str, Any] | None = None
+        self.train_time_s = 0.0  # accumulated over resumed fits (it is in the callback's checkpoint state)
+        self.resumed_from: dict[str, int] | None = None
+        #: what the last fit / evaluation wrote (rank 0): the summary dict and its file
+        self.summary: dict[str, Any] = {}
+        self.path: str | None = None
+        self._start: float | None = None
+        self._log_dir: str | None = None
+
+    # --- what to track -----------------------------------------------------------------------------------------
+    def _monitor_and_mode(self, trainer: pl.Trainer) -> tuple[str, str]:
+        ckpt = trainer.checkpoint_callback
+        monitor = self.monitor or getattr(ckpt, "monitor", None) or "val/loss"
+        mode = self.mode or (ckpt.mode if ckpt is not None and getattr(ckpt, "monitor", None) == monitor else None)
+        return monitor, mode or ("min" if monitor.endswith("loss") else "max")
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start = time.perf_counter()
+        if trainer.ckpt_path:  # the loops are restored by now: this is where the run goes on
+            self.resumed_from = {"epoch": trainer.current_epoch, "step": trainer.global_step}
+        self._log_dir = trainer.log_dir if trainer.loggers else None  # a broadcast under DDP: every rank asks
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == "validate":
+            self._write_evaluation(trainer, "validate", trainer.log_dir if trainer.loggers else None)
+            return
+        if trainer.sanity_checking:
+            return
+        monitor, mode = self._monitor_and_mode(trainer)
+        metrics = _scalars(trainer.callback_metrics, prefix="val/")
+        record = {"value": metrics.get(monitor), "epoch": trainer.current_epoch, "step": trainer.global_step,
+                  "metrics": metrics}
+        self.final = record
+        value, best = record["value"], (self.best or {}).get("value")
+        if value is not None and math.isfinite(value) and (
+                best is None or (value > best if mode == "max" else value < best)):
+            self.best = record
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._start is not None:
+            self.train_time_s += time.perf_counter() - self._start
+            self._start = None
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._write_evaluation(trainer, "test", trainer.log_dir if trainer.loggers else None)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # After on_fit_end of every callback (the latency measurement, the stability verdict): the whole story.
+        if stage == "fit":
+            self._write_fit(trainer, pl_module)
+
+    # --- what to write -----------------------------------------------------------------------------------------
+    def fit_summary(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        """The ``summary.json`` dict of the fit that just ended."""
+        monitor, _ = self._monitor_and_mode(trainer)
+        reasons = run_failed(trainer)
+        stability = next((c.summary for c in trainer.callbacks if isinstance(c, StabilityMonitor) and c.summary),
+                         None)
+        best_path = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
+        return {"status": "failed" if reasons else "succeeded", "reasons": reasons,
+                "task": getattr(getattr(pl_module, "task", None), "name", None), "monitor": monitor,
+                "best": self.best, "final": self.final, "best_checkpoint": best_path,
+                "train_time_s": round(self.train_time_s, 3), "params": params_summary(pl_module),
+                "stability": stability, "latency": latency_summary(trainer), "resumed_from": self.resumed_from}
+
+    def _write_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self.summary = self.fit_summary(trainer, pl_module)
+            self.path = _dump(self._log_dir, SUMMARY_FILE, self.summary)
+            print(format_fit_summary(self.summary, self._log_dir, self.path), flush=True)
+
+    @rank_zero_only
+    def _write_evaluation(self, trainer: pl.Trainer, stage: str, log_dir: str | None) -> None:
+        split = "dev"  # validate and test both read the labelled dev split (GLUE's test labels are hidden)
+        self.summary = {"stage": stage, "split": split, "checkpoint": trainer.ckpt_path,
+                        "metrics": _scalars(trainer.callback_metrics)}
+        self.path = _dump(log_dir, METRICS_FILE, self.summary)
+        lines = [f"{stage} on the {split} split" + (f" of {trainer.ckpt_path}" if trainer.ckpt_path else "") + ":"]
+        lines += [f"  {k}: {v:.4f}" for k, v in self.summary["metrics"].items()]
+        if self.path:
+            lines.append(f"  written: {self.path}")
+        print("\n".join(lines), flush=True)
+
+    # --- checkpointing: a resumed fit summarizes the whole run -----------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "final": self.final, "train_time_s": self.train_time_s}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best, self.final = state_dict.get("best"), state_dict.get("final")
+        self.train_time_s = float(state_dict.get("train_time_s", 0.0))
+
+
+def _dump(log_dir: str | None, name: str, data: dict[str, Any]) -> str | None:
+    if not log_dir:  # no logger: no run directory to write into (log_dir would be the working directory)
+        return None
+    os.makedirs(log_dir, exist_ok=True)
+    path = os.path.join(log_dir, name)
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
+    return path
+
+
+def _metric_line(summary: dict[str, Any]) -> str:
+    best, final, monitor = summary["best"], summary["final"], summary["monitor"]
+    if final is None:
+        return f"{monitor}: never measured (no validation ran)"
+
+    def at(r):
+        value = "n/a" if r["value"] is None else f"{r['value']:.4f}"
+        return f"{value} (epoch {r['epoch']}, step {r['step']})"
+
+    return f"{monitor}: best {at(best) if best else 'n/a'}, final {at(final)}"
+
+
+def format_fit_summary(summary: dict[str, Any], run_dir: str | None, path: str | None) -> str:
+    """The plain-text block printed at the end of a fit (one fact per line, no colours, fits a log file)."""
+    p = summary["params"]
+    lines = [f"run {summary['status'].upper()}" + (f": {run_dir}" if run_dir else ""),
+             f"  {_metric_line(summary)}",
+             f"  best checkpoint: {summary['best_checkpoint'] or 'none saved'}",
+             f"  parameters: {p['dense_model']:,} dense -> {p['factorized_model']:,} factorized "
+             f"({p['model_kept_fraction']:.1%} of the model; {p['kept_fraction']:.1%} of the targeted weights kept)",
+             f"  train time: {format_duration(summary['train_time_s'])}"
+             + (f" (resumed at epoch {summary['resumed_from']['epoch']}, step {summary['resumed_from']['step']})"
+                if summary["resumed_from"] else "")]
+    if summary["reasons"]:
+        lines.append(f"  failed because: {'; '.join(summary['reasons'])}")
+    elif summary["stability"]:
+        s = summary["stability"]
+        beat = (f"{s['monitor']} {s['dev_metric']:.4f} > baseline {s['threshold']:.4f}"
+                if s.get("dev_metric") is not None and s.get("threshold") is not None else "no divergence")
+        lines.append(f"  stability: succeeded ({beat})")
+    if summary["latency"]:
+        lat = summary["latency"]
+        lines.append(f"  inference: {lat['speedup']:.2f}x the dense speed ({lat['dense_ms']:.1f} -> "
+                     f"{lat['factorized_ms']:.1f} ms per batch of {lat['batch_size']} x {lat['seq_len']} tokens, "
+                     f"{lat['device']})")
+    if path:
+        lines.append(f"  written: {path}")
+    return "\n".join(lines)
