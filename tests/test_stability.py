@@ -12,7 +12,8 @@ from torch.utils.data import DataLoader
 from lit_factor.callbacks.stability import StabilityMonitor, majority_baseline, run_failed
 from lit_factor.errors import UserError
 from lit_factor.module import Factorization, FactorizedClassifier
-from tests.test_staging import BATCH, _data, _loader, _module, _trainer
+from tests.conftest import synthetic_loader, synthetic_rows
+from tests.test_staging import BATCH, _module, _trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -35,7 +36,7 @@ def _exploding(task: str = "sst2", **kw) -> Exploding:
 
 
 def _regression_loader(n: int) -> DataLoader:
-    rows = [{**r, "labels": r["labels"].float() * 5} for r in _data(n)]  # STS-B-like scores in [0, 5]
+    rows = [{**r, "labels": r["labels"].float() * 5} for r in synthetic_rows(n)]  # STS-B-like scores in [0, 5]
     return DataLoader(rows, batch_size=BATCH)
 
 
@@ -46,7 +47,7 @@ def test_explosion_inside_the_warm_up_is_caught_at_once(tmp_path, at, scale):
     logger = CSVLogger(tmp_path)
     trainer = _trainer(tmp_path, [monitor], max_steps=12, logger=logger)
     with pytest.warns(UserWarning, match=rf"RUN FAILED: training diverged at step {at}: loss"):
-        trainer.fit(module, _loader(48))
+        trainer.fit(module, synthetic_loader(48))
     assert monitor.diverged["step"] == at and monitor.succeeded is False
     reason = monitor.diverged["reason"]
     assert reason == "not finite" if not math.isfinite(scale) else "10x the untrained loss 0.6931" in reason
@@ -65,7 +66,7 @@ def test_absurd_learning_rate_inside_the_warm_up(tmp_path):
     monitor = StabilityMonitor(warmup_steps=20)
     trainer = _trainer(tmp_path, [monitor], max_steps=40)
     with pytest.warns(UserWarning, match="RUN FAILED: training diverged at step"):
-        trainer.fit(_module(lr=1e4), _loader(40))
+        trainer.fit(_module(lr=1e4), synthetic_loader(40))
     assert monitor.diverged["step"] < 20 and trainer.global_step < 20
     assert monitor.summary["succeeded"] is False and run_failed(trainer)
 
@@ -82,27 +83,27 @@ def test_regression_judges_against_the_first_step(tmp_path):
 def test_a_healthy_run_succeeds(tmp_path):
     monitor = StabilityMonitor(factor=3.0, warmup_steps=2)
     trainer = _trainer(tmp_path, [monitor], max_steps=8)
-    trainer.fit(_module(), _loader(40))
+    trainer.fit(_module(), synthetic_loader(40))
     assert monitor.succeeded is True and monitor.diverged is None and run_failed(trainer) == []
     assert monitor.initial_loss == pytest.approx(math.log(2))
 
 
 def test_without_a_monitor_a_non_finite_loss_still_fails(tmp_path):
     trainer = _trainer(tmp_path, [], max_steps=6)
-    trainer.fit(_exploding(at=4, scale=math.nan), _loader(40))
+    trainer.fit(_exploding(at=4, scale=math.nan), synthetic_loader(40))
     assert run_failed(trainer) and "nan" in run_failed(trainer)[0]
     healthy = _trainer(tmp_path, [], max_steps=4)
-    healthy.fit(_module(), _loader(40))
+    healthy.fit(_module(), synthetic_loader(40))
     assert run_failed(healthy) == []
 
 
 def test_success_needs_the_dev_metric_above_the_majority_baseline(tmp_path):
-    val = _data(12, seed=5)
+    val = synthetic_rows(12, seed=5)
     share = max(sum(int(r["labels"]) for r in val), sum(1 - int(r["labels"]) for r in val)) / len(val)
     for threshold, expect in ((None, None), (-1.0, True), (1.0, False)):
         monitor = StabilityMonitor(monitor="val/accuracy", success_threshold=threshold)
         trainer = _trainer(tmp_path, [monitor], max_steps=4, limit_val_batches=None, num_sanity_val_steps=0)
-        trainer.fit(_module(), _loader(16), DataLoader(val, batch_size=BATCH))
+        trainer.fit(_module(), synthetic_loader(16), DataLoader(val, batch_size=BATCH))
         acc = float(trainer.callback_metrics["val/accuracy"])
         s = monitor.summary
         assert s["dev_metric"] == pytest.approx(acc)
