@@ -3,9 +3,10 @@
 from .latency import LatencyCallback
 from .prediction import GLUEPredictionWriter
 from .progress import LineProgress
+from .resume import ExactResume
 from .stability import StabilityMonitor
 from .staging import StagingCallback
 from .summary import RunSummary
 
-__all__ = ["GLUEPredictionWriter", "LatencyCallback", "LineProgress", "RunSummary", "StabilityMonitor",
+__all__ = ["ExactResume", "GLUEPredictionWriter", "LatencyCallback", "LineProgress", "RunSummary", "StabilityMonitor",
            "StagingCallback"]
