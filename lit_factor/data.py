@@ -31,7 +31,7 @@ from typing import Literal
 import lightning as L
 import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
-from torchdata.stateful_dataloader.sampler import RandomSampler
+from torchdata.stateful_dataloader.sampler import RandomSampler as StatefulRandomSampler
 
 from .errors import UserError
 
@@ -208,6 +208,11 @@ def write_submission(path: str | Path, task: GLUETask, idx: list[int], predictio
             value = f"{min(max(float(p), 0.0), 5.0):.3f}" if task.is_regression else task.labels[int(p)]
             f.write(f"{i}\t{value}\n")
     return path
+
+
+class ResumableRandomSampler(StatefulRandomSampler, torch.utils.data.RandomSampler):
+    """torchdata's RandomSampler (its generator and position go into the loader's state), declared a torch
+    ``RandomSampler`` as well so Lightning sees a shuffling loader (under DDP: ``DistributedSampler(shuffle=True)``)."""
 
 
 def _check_sizes(**sizes: int | None) -> None:
@@ -397,7 +402,7 @@ class GLUEDataModule(L.LightningDataModule):
         # uninterrupted one (lit_factor.callbacks.resume). The sampler gets a generator of its own: shared with the
         # loader's worker-seed draw, the saved state would miss that draw and the epoch after a resume reshuffle.
         dataset, seed = self.datasets[split], int(torch.randint(2**62, (), dtype=torch.int64))
-        sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed)) if train else None
+        sampler = ResumableRandomSampler(dataset, generator=torch.Generator().manual_seed(seed)) if train else None
         with warnings.catch_warnings():  # torchdata 0.11 calls a torch API that torch >= 2.9 deprecates
             warnings.filterwarnings("ignore", message=".*set_vital.*", category=UserWarning)
             return StatefulDataLoader(dataset, sampler=sampler, generator=torch.Generator().manual_seed(seed + 1),

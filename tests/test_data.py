@@ -213,6 +213,15 @@ def test_train_loader_resumes_mid_epoch(glue_writer, tmp_path):
     assert [b["idx"].tolist() for b in resumed] == third  # and the epoch after it too
 
 
+def test_lightning_sees_the_train_loader_shuffle(glue_writer, tmp_path):
+    """Under DDP Lightning swaps the sampler for a DistributedSampler that shuffles only if the loader did."""
+    from lightning.pytorch.utilities.data import _is_dataloader_shuffled
+
+    dm = make_dm(glue_writer("SST-2"), "sst2", tmp_path)
+    dm.setup("fit")
+    assert _is_dataloader_shuffled(dm.train_dataloader()) and not _is_dataloader_shuffled(dm.val_dataloader())
+
+
 # --- the real GLUE files, where present ----------------------------------------------------------------------
 @pytest.mark.parametrize("task_dir,split,count", [
     ("CoLA", "dev", 1043), ("SST-2", "dev", 872), ("MRPC", "train", 3668), ("MRPC", "dev", 408),
