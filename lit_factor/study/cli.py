@@ -1,0 +1,102 @@
+"""``python cli.py study {run,status,report}``: run a grid of fits as one resumable Optuna study, and report it.
+
+See docs/studies/README.md for the study file format, the storage (SQLite by default, any SQLAlchemy URL for many
+machines), what counts as failed or errored, and what the report contains.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from lit_factor.errors import UserError, fail
+from lit_factor.study import storage as st
+from lit_factor.study.spec import load_spec
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (the project's convention), not argparse's usage dump
+        fail(f"{message} (see: {self.prog} --help)")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="cli.py study", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    run = sub.add_parser("run", help="run (or resume) a study file")
+    run.add_argument("file", help="study YAML file (studies/*.yaml)")
+    run.add_argument("--workers", type=int, default=1, help="parallel fits on this machine (default 1)")
+    run.add_argument("--threads", type=int, help="CPU threads per worker (default: cores // workers)")
+    run.add_argument("--gpus", help="comma-separated GPU ids, one per worker in turn (default: all visible)")
+    run.add_argument("--data-dir", help="GLUE TSV root passed to every fit as --data.data_dir (default: $GLUE_DIR)")
+    run.add_argument("--heartbeat", type=int, default=30, help="seconds between heartbeats (default 30)")
+    run.add_argument("--grace", type=int, help="a trial silent this long is re-queued (default 4 heartbeats)")
+    for sp in (sub.add_parser("status", help="done / running / failed / errored per grid cell"),
+               sub.add_parser("report", help="CSV, Markdown tables and figures of a study")):
+        sp.add_argument("study", help="study YAML file, or the study's name")
+    sub.choices["report"].add_argument("--out", required=True, help="folder for trials.csv, tables and figures")
+    sub.choices["report"].add_argument("--publish", help="also write this Markdown page (e.g. docs/results.md)")
+    sub.choices["report"].add_argument("--tensorboard", help="TensorBoard folder (default: OUT/tensorboard)")
+    for sp in sub.choices.values():
+        sp.add_argument("--variant", help="a variant of the study file (e.g. full)")
+        sp.add_argument("--storage", help="SQLAlchemy URL (default: sqlite:///logs/studies/<name>.db)")
+        sp.add_argument("--root", default=str(st.ROOT), help="run directories and default databases (logs/studies)")
+    return p
+
+
+def _open(args):
+    """(spec or None, study) for ``status``/``report``: a file gives the name, else the name is given."""
+    path = Path(args.study)
+    spec = load_spec(path, args.variant) if path.suffix in (".yaml", ".yml") or path.is_file() else None
+    name = spec.name if spec else args.study + (f"-{args.variant}" if args.variant else "")
+    url = args.storage or st.default_storage(name, Path(args.root))
+    if not args.storage and not (Path(args.root) / f"{name}.db").is_file():
+        raise UserError(f"no study database {Path(args.root) / (name + '.db')} (run it first, or give --storage)")
+    return spec, st.load(name, st.storage(url))
+
+
+def _command(argv: list[str] | None) -> str:
+    """The command as typed, for the report; a --storage URL may hold a password, so it is masked."""
+    words = list(sys.argv[1:] if argv is None else argv)
+    for i, word in enumerate(words):
+        if word == "--storage" and i + 1 < len(words):
+            words[i + 1] = "URL"
+        elif word.startswith("--storage="):
+            words[i] = "--storage=URL"
+    return "python cli.py study " + shlex.join(words)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            from lit_factor.study.runner import RunOptions, run
+
+            if args.workers < 1:
+                raise UserError(f"--workers {args.workers}: must be at least 1")
+            opts = RunOptions(workers=args.workers, storage=args.storage, root=Path(args.root),
+                              data_dir=args.data_dir, gpus=args.gpus.split(",") if args.gpus else None,
+                              threads=args.threads, heartbeat=args.heartbeat, grace=args.grace)
+            return run(load_spec(args.file, args.variant), args.file, args.variant, opts, _command(argv))
+        spec, study = _open(args)
+        if args.command == "status":
+            from lit_factor.study.status import cell_table
+
+            print(f"study {study.study_name}")
+            print(cell_table(study))
+            return 0
+        from lit_factor.study.report import write_report
+
+        written = write_report(study, Path(args.out), publish=args.publish and Path(args.publish),
+                               tensorboard=args.tensorboard and Path(args.tensorboard),
+                               command=_command(argv))
+        for what, path in written.items():
+            print(f"wrote {what}: {path}")
+        return 0
+    except UserError as err:
+        fail(err)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

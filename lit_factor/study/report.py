@@ -1,0 +1,180 @@
+"""``study report``: every trial as CSV, a Markdown table per task (mean ± sd (n), success rate per cell),
+figures (PNG and TensorBoard) and the TensorBoard HParams view; optionally published into a docs page.
+
+Everything is computed from the study database (the trials' stored results), so a report can be drawn on any
+machine that reaches the storage. Statistics: mean and sample standard deviation (n - 1) over the seeds of a
+cell whose run finished (succeeded or failed); errored trials are listed in the CSV but not averaged.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import statistics
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from lit_factor.study import status as stat
+from lit_factor.study.spec import SEED
+
+RESULT_COLUMNS = ("monitor", "final", "best", "best_epoch", "kept_fraction", "model_kept_fraction",
+                  "params_dense_model", "params_factorized_model", "params_targeted_dense",
+                  "params_targeted_factorized", "train_time_s", "latency_speedup")
+FACT_COLUMNS = ("task", "method", "budget", "staged", "schedule", "max_train_samples", "learning_rate",
+                "max_epochs", "max_steps")
+TAIL_COLUMNS = ("wall_s", "exit_code", "run_dir")
+
+
+def axes_of(study: optuna.Study) -> list[str]:
+    return [a for a in study.user_attrs["search_space"] if a != SEED]
+
+
+def columns(study: optuna.Study) -> list[str]:
+    return ["trial", "verdict", *axes_of(study), SEED, *FACT_COLUMNS, *RESULT_COLUMNS, *TAIL_COLUMNS]
+
+
+def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
+    """One row per grid point that has a finished trial (its latest complete one, else its latest error)."""
+    rows = []
+    for trials in stat.grid_points(study).values():
+        t = stat.final_trial(trials)
+        if t is None or stat.point_state(trials) in ("running", "queued"):
+            continue
+        result = t.user_attrs.get("result") or {}
+        facts = result.get("config") or {}
+        row = {"trial": t.number, "verdict": t.user_attrs.get("verdict", "error"), **t.params, **facts,
+               **{k: result.get(k) for k in RESULT_COLUMNS}, **{k: t.user_attrs.get(k) for k in TAIL_COLUMNS}}
+        row.setdefault("task", t.params.get("data.task"))
+        row["train_loss"] = result.get("train_loss")  # for the figures, not the CSV
+        rows.append(row)
+    return rows
+
+
+def write_csv(rows: list[dict], cols: list[str], path: Path) -> Path:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
+    return path
+
+
+# --- tables --------------------------------------------------------------------------------------------------------
+def mean_sd(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (None for a single value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def fmt_stat(values: list[float], digits: int = 4) -> str:
+    if not values:
+        return "–"
+    mean, sd = mean_sd(values)
+    return f"{mean:.{digits}f} ± {sd:.{digits}f} ({len(values)})" if sd is not None else \
+        f"{mean:.{digits}f} ({len(values)})"
+
+
+def _numbers(rows: list[dict], key: str) -> list[float]:
+    return [float(r[key]) for r in rows if isinstance(r.get(key), int | float) and not math.isnan(float(r[key]))]
+
+
+def cell_groups(rows: list[dict], axes: list[str]) -> dict[str, dict[str, list[dict]]]:
+    """task -> cell label (every axis but the task) -> finished rows (succeeded or failed)."""
+    groups: dict[str, dict[str, list[dict]]] = {}
+    for r in rows:
+        if r["verdict"] not in ("succeeded", "failed"):
+            continue
+        label = " ".join(f"{a}={r[a]}" for a in axes if a != "data.task") or "(all)"
+        groups.setdefault(str(r.get("task")), {}).setdefault(label, []).append(r)
+    return groups
+
+
+def task_tables(rows: list[dict], axes: list[str]) -> str:
+    """A Markdown table per task: per cell the final and best dev metric, success rate, kept fraction, speedup."""
+    out = []
+    for task, cells in cell_groups(rows, axes).items():
+        monitor = next((r["monitor"] for rs in cells.values() for r in rs if r.get("monitor")), "dev metric")
+        out += [f"#### {task} ({monitor}, final and best epoch: mean ± sd (n))", "",
+                "| cell | final | best | succeeded | kept (targeted) | kept (model) | speedup | train s |",
+                "|---|---|---|---|---|---|---|---|"]
+        for label, rs in cells.items():
+            ok = sum(r["verdict"] == "succeeded" for r in rs)
+            stats = [fmt_stat(_numbers(rs, key), digits) for key, digits in
+                     (("kept_fraction", 3), ("model_kept_fraction", 3), ("latency_speedup", 2), ("train_time_s", 0))]
+            out.append(f"| {label} | {fmt_stat(_numbers(rs, 'final'))} | {fmt_stat(_numbers(rs, 'best'))} | "
+                       f"{ok}/{len(rs)} | " + " | ".join(stats) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def progress_text(study: optuna.Study) -> str:
+    c: Counter = stat.counts(study)
+    total = sum(c.values())
+    finished = c["succeeded"] + c["failed"]
+    return (f"{finished} of {total} grid points finished ({c['succeeded']} succeeded, {c['failed']} failed); "
+            f"{c['errored']} errored, {c['running']} running, {c['queued']} not run.")
+
+
+# --- the whole report ------------------------------------------------------------------------------------------------
+def write_tensorboard(rows: list[dict], figures: dict, log_dir: Path) -> Path:
+    """Figures and one HParams run per trial (hyperparameters = grid + settings; metrics = results)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    for old in log_dir.rglob("events.out.tfevents.*"):  # a rerun replaces the report, not adds to it
+        old.unlink()
+    with SummaryWriter(str(log_dir)) as writer:
+        for name, fig in figures.items():
+            writer.add_figure(f"report/{name}", fig, close=False)
+        for r in rows:
+            hparams = {k: ("none" if v is None else v) for k, v in r.items()
+                       if k not in RESULT_COLUMNS + TAIL_COLUMNS + ("trial", "train_loss") and not isinstance(v, list)}
+            metrics = {f"hparam/{k}": float(r[k]) for k in ("final", "best", "kept_fraction", "train_time_s")
+                       if isinstance(r.get(k), int | float)}
+            metrics["hparam/succeeded"] = float(r["verdict"] == "succeeded")
+            writer.add_hparams(hparams, metrics, run_name=f"trial_{r['trial']:04d}")
+    return log_dir
+
+
+def markdown(study: optuna.Study, tables: str, figures: list[str], prefix: str = "") -> str:
+    space = study.user_attrs["search_space"]
+    grid = "; ".join(f"`{k}`: {', '.join(map(str, v))}" for k, v in space.items())
+    commands = study.user_attrs.get("commands", []) + study.user_attrs.get("report_commands", [])
+    lines = [f"## Study `{study.study_name}`", "", f"Study file: `{study.user_attrs.get('source')}`. Grid: {grid}.",
+             "", f"**Progress:** {progress_text(study)}", "", "Commands (run from the repository root):", "",
+             "```", *commands, "```", "", tables,
+             f"Every trial: [trials.csv]({prefix}trials.csv).", ""]
+    lines += [f"![{name}]({prefix}{name}.png)" for name in figures]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(study: optuna.Study, out: Path, publish: Path | None = None, tensorboard: Path | None = None,
+                 command: str | None = None) -> dict[str, Path]:
+    """Write trials.csv, report.md, the figures and the TensorBoard view; return what was written."""
+    import os
+
+    import matplotlib.pyplot as plt
+
+    from lit_factor.study.figures import FIGURES
+    from lit_factor.study.publish import publish_section
+
+    if command and command not in study.user_attrs.get("report_commands", []):
+        study.set_user_attr("report_commands", [*study.user_attrs.get("report_commands", []), command])
+    out.mkdir(parents=True, exist_ok=True)
+    rows = trial_rows(study)
+    written = {"csv": write_csv(rows, columns(study), out / "trials.csv")}
+    figures = {name: fig for name, draw in FIGURES.items() if (fig := draw(rows)) is not None}
+    for name, fig in figures.items():
+        written[name] = out / f"{name}.png"
+        fig.savefig(written[name], dpi=110)
+    written["tensorboard"] = write_tensorboard(rows, figures, tensorboard or out / "tensorboard")
+    for fig in figures.values():
+        plt.close(fig)
+    tables = task_tables(rows, axes_of(study))
+    written["markdown"] = out / "report.md"
+    written["markdown"].write_text(markdown(study, tables, list(figures)), encoding="utf-8")
+    if publish is not None:
+        prefix = os.path.relpath(out, publish.parent).replace(os.sep, "/") + "/"
+        written["page"] = publish_section(publish, f"study {study.study_name}",
+                                          markdown(study, tables, list(figures), prefix))
+    return written

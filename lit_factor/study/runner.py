@@ -1,0 +1,101 @@
+"""``study run``: open the study, start the workers (one process each), print progress until they are done.
+
+Workers share the machine: each gets ``cores // workers`` CPU threads and, where there are GPUs, one GPU
+(worker i takes GPU i mod n). Rerunning the same command resumes: finished grid points are skipped, trials of
+dead workers are re-queued once their heartbeat is stale.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from lit_factor.study import status as stat
+from lit_factor.study import storage as st
+from lit_factor.study.spec import StudySpec
+from lit_factor.study.trial import die_with_parent
+
+
+@dataclass
+class RunOptions:
+    workers: int = 1
+    storage: str | None = None
+    root: Path = st.ROOT
+    data_dir: str | None = None
+    gpus: list[str] | None = None  # None: every visible GPU (none on a CPU machine)
+    threads: int | None = None  # per worker; None: cores // workers
+    heartbeat: int = 30
+    grace: int | None = None
+    poll: float = 5.0
+
+
+def visible_gpus() -> list[str]:
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [g for g in env.split(",") if g.strip()]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def worker_commands(spec_path: str, variant: str | None, url: str, opts: RunOptions) -> list[list[str]]:
+    gpus = visible_gpus() if opts.gpus is None else opts.gpus
+    threads = opts.threads or max(1, (os.cpu_count() or 1) // opts.workers)
+    cmds = []
+    for i in range(opts.workers):
+        cmd = [sys.executable, "-m", "lit_factor.study.worker", spec_path, "--storage", url, "--root", str(opts.root),
+               "--index", str(i), "--threads", str(threads), "--heartbeat", str(opts.heartbeat)]
+        cmd += ["--variant", variant] if variant else []
+        cmd += ["--gpu", gpus[i % len(gpus)]] if gpus else []
+        cmd += ["--data-dir", opts.data_dir] if opts.data_dir else []
+        cmd += ["--grace", str(opts.grace)] if opts.grace else []
+        cmds.append(cmd)
+    return cmds
+
+
+def run(spec: StudySpec, spec_path: str, variant: str | None, opts: RunOptions, command: str | None = None) -> int:
+    """Run the study to the end; 0 when every grid point has a result, 1 when some errored or a worker died."""
+    url = opts.storage or st.default_storage(spec.name, opts.root)
+    study = st.create(spec, st.storage(url, opts.heartbeat, opts.grace, spec.retries))  # before workers race to it
+    if command and command not in study.user_attrs.get("commands", []):
+        study.set_user_attr("commands", [*study.user_attrs.get("commands", []), command])
+    before = stat.counts(study)
+    print(f"study {spec.name}: {spec.size()} trials ({len(spec.cells())} cells x {len(spec.seeds)} seeds), "
+          f"{before['succeeded'] + before['failed']} already finished; storage {url}; {opts.workers} worker(s)",
+          flush=True)
+    # workers die with this process (as their fits die with them): a killed run leaves nothing training
+    cmds = worker_commands(spec_path, variant, url, opts)
+    procs = [subprocess.Popen(cmd, preexec_fn=die_with_parent) for cmd in cmds]
+    start, shown = time.time(), None
+    finished0 = _finished(before)
+    try:
+        while any(p.poll() is None for p in procs):
+            time.sleep(opts.poll)
+            shown = _show(study, start, finished0, shown)
+    except KeyboardInterrupt:
+        print("interrupted: stopping the workers (their trials go back to the queue)", file=sys.stderr, flush=True)
+        for p in procs:
+            p.wait()
+        return 130
+    _show(study, start, finished0, shown)
+    final = stat.counts(study)
+    bad = [p.returncode for p in procs if p.returncode != 0]
+    if bad:
+        print(f"warning: {len(bad)} worker(s) ended with exit status {bad}", file=sys.stderr, flush=True)
+    return 1 if bad or final["errored"] or final["queued"] or final["running"] else 0
+
+
+def _finished(c) -> int:
+    return c["succeeded"] + c["failed"] + c["errored"]
+
+
+def _show(study, start: float, finished0: int, shown: str | None) -> str:
+    c = stat.counts(study)
+    key = str(sorted(c.items()))
+    if key != shown:
+        print(stat.progress(c, time.time() - start, _finished(c) - finished0), flush=True)
+    return key

@@ -1,0 +1,105 @@
+"""One trial = one ``python cli.py fit`` subprocess with its own run directory, log file and CPU/GPU share.
+
+The exit status decides what the trial *is* (docs/studies/README.md): 0 a run that succeeded, 3 a run that trained and
+failed (diverged or ended at the majority baseline: a result, never retried), 2 bad settings (not retried),
+anything else a crash (an error, retried once). Until every fit exits 3 on failure, a run that exits 0 but whose
+``stability.json`` says it did not succeed also counts as failed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from lit_factor.errors import EXIT_RUN_FAILED, EXIT_USAGE
+
+REPO = Path(__file__).resolve().parents[2]
+SUCCEEDED, FAILED, INVALID, ERROR, INTERRUPTED = "succeeded", "failed", "invalid", "error", "interrupted"
+#: verdicts that are results of the experiment (the trial is COMPLETE and never rerun)
+RESULTS = (SUCCEEDED, FAILED)
+
+
+def fit_command() -> list[str]:
+    """``python cli.py fit`` of this checkout."""
+    return [sys.executable, str(REPO / "cli.py"), "fit"]
+
+
+def trial_env(threads: int, gpu: str | None) -> dict[str, str]:
+    """The environment of a fit: its share of CPU threads and, on GPU machines, its one GPU."""
+    env = dict(os.environ)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[var] = str(threads)  # torch's intra-op pool follows OMP_NUM_THREADS
+    env["TOKENIZERS_PARALLELISM"] = "false"
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def die_with_parent() -> None:
+    """Ask Linux to SIGKILL this (child) process when its parent dies: a killed worker leaves no fit training on.
+    Elsewhere a no-op (then a killed worker's fit runs to its end, and its result is simply not recorded)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def execute(cmd: list[str], env: dict[str, str], log_file: Path, on_start: Callable[[int], None] | None = None) -> int:
+    """Run ``cmd`` with stdout+stderr into ``log_file``; its exit code.
+
+    The child runs in its own session, so a Ctrl-C at the terminal reaches the worker (which then stops the
+    child and records the trial as interrupted) rather than the fit (which would shut down "gracefully").
+    """
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "ab") as log:
+        log.write(("$ " + " ".join(cmd) + "\n").encode())
+        log.flush()
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, preexec_fn=die_with_parent)
+    try:
+        if on_start is not None:
+            on_start(proc.pid)
+        return proc.wait()
+    except BaseException:
+        stop(proc)
+        raise
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Terminate a fit, then kill it if it does not stop within 10 s."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def verdict(returncode: int, result: dict) -> str:
+    """What a finished fit was: succeeded / failed (results) or invalid / error."""
+    if returncode == 0:
+        return FAILED if result.get("succeeded") is False else SUCCEEDED
+    if returncode == EXIT_RUN_FAILED:
+        return FAILED
+    if returncode == EXIT_USAGE:
+        return INVALID
+    return ERROR
+
+
+def tail(log_file: Path, lines: int = 20) -> str:
+    """The last ``lines`` lines of a log file (what a crash said)."""
+    try:
+        with open(log_file, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 16384))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])

@@ -1,0 +1,191 @@
+"""A study worker: takes grid cells from the study until none is left, running each as a ``fit`` subprocess.
+
+Started by ``study run`` (one process per worker: ``python -m lit_factor.study.worker ...``), or by hand on
+other machines against the same ``--storage``. Prints one line per finished trial.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
+from optuna.trial import TrialState
+
+from lit_factor.errors import UserError, fail
+from lit_factor.study import storage as st
+from lit_factor.study import trial as tr
+from lit_factor.study.results import read_run
+from lit_factor.study.spec import SEED, StudySpec, cell_label, load_spec
+
+
+@dataclass
+class Worker:
+    spec: StudySpec
+    study: optuna.Study
+    store: RDBStorage
+    root: Path  # run directories go to <root>/<study name>/trial_NNNN
+    index: int = 0
+    threads: int = 1
+    gpu: str | None = None
+    data_dir: str | None = None
+    heartbeat: float = 30.0
+
+    def loop(self) -> int:
+        """Run trials until the grid is done; the number run."""
+        done = 0
+        while True:
+            fail_stale_trials(self.study)  # a dead worker's trial is failed and re-queued here
+            state = st.grid_state(self.study)
+            if not state.waiting and not state.unstarted:
+                if not state.running:
+                    return done
+                time.sleep(self.heartbeat)  # a running trial may still turn out stale: wait and see
+                continue
+            trial = self.study.ask()
+            try:
+                with Heartbeat(self.store, trial._trial_id, self.heartbeat):  # silent = dead worker
+                    done += self.take(trial)
+            except UpdateFinishedTrialError:  # declared dead meanwhile (no heartbeat within the grace period)
+                print(f"warning: trial {trial.number} was re-queued by another worker (no heartbeat); left to it",
+                      file=sys.stderr, flush=True)
+
+    def take(self, trial: optuna.Trial) -> int:
+        """Run ``trial`` unless another trial already covers its grid point; 1 if it ran."""
+        params = {axis: trial.suggest_categorical(axis, values)
+                  for axis, values in self.study.user_attrs["search_space"].items()}
+        holder = st.holder_of(self.study, trial.number, self.frozen(trial.number).system_attrs.get("grid_id"))
+        if holder is not None:
+            trial.set_user_attr("duplicate_of", holder.number)
+            self.study.tell(trial, state=TrialState.PRUNED)
+            return 0
+        self.run(trial, params)
+        return 1
+
+    def run(self, trial: optuna.Trial, params: dict) -> None:
+        spec, number = self.spec, trial.number
+        run_dir = self.root / spec.name / f"trial_{number:04d}"
+        task = spec.task_of(params) if spec.stability is not None else None  # the monitor needs the task
+        cmd = (spec.command or tr.fit_command()) + spec.fit_args(params, task) + self.run_dir_args(run_dir)
+        log_file = run_dir / "fit.log"
+        start = time.time()
+        trial.set_user_attr("run_dir", str(run_dir))
+        trial.set_user_attr("host", os.uname().nodename)
+        trial.set_user_attr("worker", self.index)
+        trial.set_user_attr("worker_pid", os.getpid())
+        trial.set_user_attr("verdict", "running")
+        try:
+            rc = tr.execute(cmd, tr.trial_env(self.threads, self.gpu), log_file,
+                            on_start=lambda pid: trial.set_user_attr("pid", pid))
+        except KeyboardInterrupt:
+            self.interrupted(trial, time.time() - start)
+            raise
+        result = read_run(run_dir) if run_dir.is_dir() else {}
+        verdict = tr.verdict(rc, result)
+        self.record(trial, params, verdict, rc, result, time.time() - start, log_file)
+        if not spec.keep_checkpoints:
+            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+
+    def run_dir_args(self, run_dir: Path) -> list[str]:
+        args = ["--trainer.logger.init_args.save_dir", str(run_dir.parent), "--trainer.logger.init_args.name", "",
+                "--trainer.logger.init_args.version", run_dir.name]
+        return args + (["--data.data_dir", self.data_dir] if self.data_dir else [])
+
+    def record(self, trial, params, verdict: str, rc: int, result: dict, wall: float, log_file: Path) -> None:
+        trial.set_user_attr("verdict", verdict)
+        trial.set_user_attr("exit_code", rc)
+        trial.set_user_attr("wall_s", round(wall, 1))
+        trial.set_user_attr("result", result)
+        trial.set_user_attr("log_tail", "" if verdict in tr.RESULTS else tr.tail(log_file))
+        value = result.get("final")
+        value = value if isinstance(value, float | int) and math.isfinite(value) else -math.inf
+        self.study.tell(trial, value if verdict in tr.RESULTS else None,
+                        state=TrialState.COMPLETE if verdict in tr.RESULTS else TrialState.FAIL)
+        if verdict == tr.ERROR:
+            RetryHeartbeatStaleTrialCallback(max_retry=self.spec.retries)(self.study, self.frozen(trial.number))
+        print(progress_line(trial.number, params, verdict, result, wall, self.index), flush=True)
+
+    def interrupted(self, trial, wall: float) -> None:
+        trial.set_user_attr("verdict", tr.INTERRUPTED)
+        trial.set_user_attr("wall_s", round(wall, 1))
+        self.study.tell(trial, state=TrialState.FAIL)
+        frozen = self.frozen(trial.number)
+        self.study.add_trial(optuna.create_trial(  # back in the queue, not counted as a retry
+            state=TrialState.WAITING, params=frozen.params, distributions=frozen.distributions,
+            system_attrs={k: v for k, v in frozen.system_attrs.items() if k in ("grid_id", "search_space")}))
+
+    def frozen(self, number: int):
+        return next(t for t in self.study.get_trials(deepcopy=False) if t.number == number)
+
+
+class Heartbeat:
+    """Record a trial's heartbeat every ``interval`` s from a thread while the block runs (as Study.optimize does)."""
+
+    def __init__(self, store: RDBStorage, trial_id: int, interval: float) -> None:
+        self.store, self.trial_id, self.interval = store, trial_id, interval
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._beat, daemon=True)
+
+    def _beat(self) -> None:
+        while True:
+            self.store.record_heartbeat(self.trial_id)
+            if self.stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> Heartbeat:
+        self.store.record_heartbeat(self.trial_id)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+def progress_line(number: int, params: dict, verdict: str, result: dict, wall: float, worker: int) -> str:
+    metric = result.get("monitor") or "dev"
+    value = result.get("final")
+    shown = f" {metric}={value:.4f}" if isinstance(value, float | int) else ""
+    return (f"[worker {worker}] trial {number} {verdict}:{shown} in {wall / 60:.1f} min "
+            f"({cell_label(params)} {SEED}={params[SEED]})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m lit_factor.study.worker", description=__doc__)
+    p.add_argument("spec")
+    p.add_argument("--variant")
+    p.add_argument("--storage", required=True)
+    p.add_argument("--root", default=str(st.ROOT))
+    p.add_argument("--index", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--gpu")
+    p.add_argument("--data-dir")
+    p.add_argument("--heartbeat", type=float, default=30.0)
+    p.add_argument("--grace", type=float)
+    args = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop like Ctrl-C: the trial is re-queued
+    try:
+        spec = load_spec(args.spec, args.variant)
+        store = st.storage(args.storage, int(args.heartbeat), args.grace and int(args.grace), spec.retries)
+        worker = Worker(spec, st.create(spec, store), store, Path(args.root), args.index, args.threads, args.gpu,
+                        args.data_dir, args.heartbeat)
+        worker.loop()
+    except UserError as err:
+        fail(err)
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,298 @@
+"""The study runner: study files, the Optuna queue with workers, resume after SIGKILL, verdicts, the report.
+
+Fast tests drive the runner with tests/_study_fake_fit.py (a stand-in for ``cli.py fit`` that starts in
+milliseconds); the slow ones run real tiny fits (random:tiny-bert on a tiny GLUE directory).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+import yaml
+
+from lit_factor.errors import UserError
+from lit_factor.study import cli as study_cli
+from lit_factor.study import storage as st
+from lit_factor.study.spec import load_spec
+
+REPO = Path(__file__).resolve().parent.parent
+FAKE = [sys.executable, str(REPO / "tests" / "_study_fake_fit.py")]
+
+
+def write_study(path: Path, **study) -> Path:
+    path.write_text(yaml.safe_dump(study, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def base_yaml(tmp_path) -> Path:
+    return write_study(tmp_path / "base.yaml", data={"task": "sst2"})
+
+
+def open_study(root: Path, name: str):
+    return st.load(name, st.storage(st.default_storage(name, root)))
+
+
+def real_trials(study) -> list:
+    """Trials less duplicates (two workers that asked for the last free grid point at once: one steps back)."""
+    return [t for t in study.get_trials() if "duplicate_of" not in t.user_attrs]
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "lit_factor.study.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+# --- study files ---------------------------------------------------------------------------------------------------
+def test_fit_args_configs_first_then_keys_then_callbacks(tmp_path, base_yaml):
+    overlay = write_study(tmp_path / "overlay.yaml", trainer={"max_epochs": 1})
+    spec = load_spec(write_study(
+        tmp_path / "s.yaml", base=str(base_yaml), args={"trainer.max_steps": 5}, stability={"factor": 4.0},
+        axes={"model.factorization.budget": [0.5, None],
+              "staging": {"off": {}, "on": {"config": str(overlay), "callbacks": [
+                  {"class_path": "lit_factor.callbacks.StagingCallback", "init_args": {"spread": 0.5}}]}}},
+        seeds=[7, 8]))
+    assert spec.name == "s" and spec.size() == 8 and len(spec.cells()) == 4
+    assert spec.search_space() == {"model.factorization.budget": [0.5, None], "staging": ["off", "on"], "seed": [7, 8]}
+    params = {"model.factorization.budget": None, "staging": "on", "seed": 8}
+    args = spec.fit_args(params, spec.task_of(params))
+    assert args[:4] == ["--config", str(base_yaml), "--config", str(overlay)]
+    assert args[4:8] == ["--trainer.max_steps", "5", "--model.factorization.budget", "null"]
+    callbacks = [json.loads(a.split("+=", 1)[1]) for a in args if a.startswith("--trainer.callbacks+=")]
+    assert callbacks[0]["init_args"] == {"spread": 0.5}
+    assert callbacks[1]["init_args"] == {"monitor": "val/accuracy", "factor": 4.0}  # the task's metric, from base
+    assert args[-2:] == ["--seed_everything", "8"]
+
+
+def test_variant_updates_args_and_replaces_seeds(tmp_path, base_yaml):
+    path = write_study(tmp_path / "c.yaml", base=str(base_yaml), args={"a.b": 1, "c.d": 2}, axes={"x.y": [1]},
+                       seeds=[1], variants={"full": {"args": {"c.d": 3}, "seeds": [1, 2, 3]}})
+    spec = load_spec(path, "full")
+    assert spec.name == "c-full" and spec.args == {"a.b": 1, "c.d": 3} and spec.seeds == [1, 2, 3]
+
+
+@pytest.mark.parametrize("study, message", [
+    ({"axes": {"x.y": [1]}, "seeds": [1], "bogus": 1}, "unknown key(s) bogus"),
+    ({"axes": {"seed": [1]}, "seeds": [1]}, "'seed' is reserved"),
+    ({"axes": {"x.y": []}, "seeds": [1]}, "axes.x.y: expected a non-empty list"),
+    ({"axes": {"x.y": [1, 1]}, "seeds": [1]}, "values repeat"),
+    ({"axes": {"x.y": [1]}, "seeds": [1, 1]}, "seeds: expected a list of distinct integers"),
+    ({"axes": {"x.y": [1]}, "seeds": [1], "base": "nowhere.yaml"}, "nowhere.yaml: no such file"),
+    ({"axes": {"x": {"a": {"callbacks": [{"init_args": {}}]}}}, "seeds": [1]}, "class_path"),
+])
+def test_bad_study_file_is_one_clear_error(tmp_path, base_yaml, study, message):
+    path = write_study(tmp_path / "bad.yaml", **{"base": str(base_yaml), **study})
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_spec(path)
+
+
+def test_cli_errors_are_one_line_exit_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        study_cli.main(["status", "nothing-here", "--root", str(tmp_path)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: no study database") and "\n" not in err
+    with pytest.raises(SystemExit) as exc:
+        study_cli.main(["run", str(tmp_path / "missing.yaml")])
+    assert exc.value.code == 2 and "missing.yaml: no such file" in capsys.readouterr().err
+
+
+# --- the runner with the stand-in fit ------------------------------------------------------------------------------
+def fake_study(tmp_path, base_yaml, name="fk", **axes) -> Path:
+    axes = axes or {"model.factorization.method": ["lowrank", "monarch"], "model.factorization.budget": [0.5, 0.25]}
+    return write_study(tmp_path / f"{name}.yaml", base=str(base_yaml), command=FAKE, axes=axes, seeds=[1, 2])
+
+
+@pytest.mark.slow
+def test_verdicts_failed_is_a_result_error_is_retried_once_invalid_is_not(tmp_path, base_yaml):
+    path = fake_study(tmp_path, base_yaml, "verdicts", **{"fake.exit": [0, 3, 2, 1]})
+    proc = run_cli("run", str(path), "--workers", "2", "--heartbeat", "1", "--grace", "10", "--root", "logs",
+                   cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr  # some grid points errored
+    study = open_study(tmp_path / "logs", "verdicts")
+    by_exit: dict[int, list] = {}
+    for t in real_trials(study):
+        by_exit.setdefault(t.params["fake.exit"], []).append((t.state.name, t.user_attrs["verdict"]))
+    assert sorted(by_exit[0]) == [("COMPLETE", "succeeded")] * 2
+    assert sorted(by_exit[3]) == [("COMPLETE", "failed")] * 2  # a failed run is a result: never retried
+    assert sorted(by_exit[2]) == [("FAIL", "invalid")] * 2  # bad settings: not retried
+    assert sorted(by_exit[1]) == [("FAIL", "error")] * 4  # a crash: retried once
+    crashed = [t for t in real_trials(study) if t.params["fake.exit"] == 1]
+    assert all("Traceback: something broke" in t.user_attrs["log_tail"] for t in crashed)
+    status = run_cli("status", "verdicts", "--root", "logs", cwd=tmp_path)
+    assert status.returncode == 0
+    assert [ln.split()[1:] for ln in status.stdout.splitlines() if ln.startswith("total")] == [
+        ["2", "2", "4", "0", "0"]]
+
+
+def _wait_for(predicate, timeout: float = 120.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = predicate()
+        if found:
+            return found
+        time.sleep(0.2)
+    raise AssertionError("timed out")
+
+
+@pytest.mark.slow
+def test_sigkill_mid_study_then_rerun_completes_without_rerunning_finished(tmp_path, base_yaml):
+    path = write_study(tmp_path / "kill.yaml", base=str(base_yaml), command=FAKE,
+                       axes={"model.factorization.method": ["lowrank", "monarch"],
+                             "model.factorization.budget": [0.5, 0.25], "fake.sleep": [2.0]}, seeds=[1, 2])
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    args = ["run", str(path), "--workers", "2", "--heartbeat", "1", "--grace", "3", "--root", "logs"]
+    parent = subprocess.Popen([sys.executable, "-m", "lit_factor.study.cli", *args], cwd=tmp_path, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    db = tmp_path / "logs" / "kill.db"
+    study = None
+
+    def running_after_two_done():
+        nonlocal study
+        assert parent.poll() is None, "the study ended before it could be killed"
+        if study is None:
+            try:
+                study = open_study(tmp_path / "logs", "kill") if db.is_file() else None
+            except UserError:  # the run is still creating the database
+                return None
+        trials = study.get_trials() if study else []
+        done = [t for t in trials if t.state.name == "COMPLETE"]
+        running = [t for t in trials if t.state.name == "RUNNING" and "pid" in t.user_attrs]
+        return (done, running) if len(done) >= 2 and running else None
+
+    done, running = _wait_for(running_after_two_done)
+    os.kill(running[0].user_attrs["worker_pid"], signal.SIGKILL)  # a worker dies mid-trial (its fit with it) ...
+    parent.send_signal(signal.SIGKILL)  # ... then the whole run (the other worker and its fit go with it)
+    parent.wait()
+    time.sleep(0.5)
+    finished_before = {t.number: Path(t.user_attrs["run_dir"]).name
+                       for t in open_study(tmp_path / "logs", "kill").get_trials() if t.state.name == "COMPLETE"}
+    assert len(finished_before) >= 2
+
+    rerun = run_cli(*args, cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    trials = real_trials(open_study(tmp_path / "logs", "kill"))
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    points = {(t.params["model.factorization.method"], t.params["model.factorization.budget"], t.params["seed"])
+              for t in complete}
+    assert len(points) == 8 and len(complete) == 8  # every grid point exactly once
+    assert set(finished_before) <= {t.number for t in complete}
+    runs = [ln.split()[3] for ln in (tmp_path / "logs" / "invocations.txt").read_text().splitlines()]
+    assert all(runs.count(run) == 1 for run in finished_before.values())  # a finished trial never ran again
+    killed = [t for t in trials if t.state.name == "FAIL"]
+    assert running[0].number in {t.number for t in killed}
+    retried = {t.system_attrs.get("failed_trial") for t in complete}
+    assert all(t.number in retried for t in killed)  # every killed trial was re-queued and finished
+
+
+# --- the report ----------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_report_table_equals_hand_computation_and_figures_decode(tmp_path, base_yaml):
+    staging = {"class_path": "lit_factor.callbacks.StagingCallback", "init_args": {"spread": 0.5}}
+    path = fake_study(tmp_path, base_yaml, "rep", **{
+        "model.factorization.method": ["none", "lowrank"], "model.factorization.budget": [0.25],
+        "staging": {"off": {}, "on": {"callbacks": [staging]}}, "data.max_train_samples": [500, 5000]})
+    proc = run_cli("run", str(path), "--workers", "2", "--heartbeat", "1", "--grace", "10", "--root", "logs",
+                   cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out, page = tmp_path / "out", tmp_path / "docs" / "results.md"
+    proc = run_cli("report", "rep", "--root", "logs", "--out", str(out), "--publish", str(page), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    with open(out / "trials.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 * 2 * 2 * 2
+    cell = [r for r in rows if r["model.factorization.method"] == "lowrank" and r["model.factorization.budget"]
+            == "0.25" and r["staging"] == "on" and r["data.max_train_samples"] == "500"]
+    values = [float(r["final"]) for r in cell]
+    mean = sum(values) / len(values)
+    sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    label = "model.factorization.method=lowrank model.factorization.budget=0.25 staging=on data.max_train_samples=500"
+    line = next(ln for ln in (out / "report.md").read_text().splitlines() if ln.startswith(f"| {label} |"))
+    assert line.split(" | ")[1] == f"{mean:.4f} ± {sd:.4f} ({len(values)})"
+    assert line.split(" | ")[3] == f"{sum(r['verdict'] == 'succeeded' for r in cell)}/{len(cell)}"
+    for name in ("metric_vs_kept", "success_rate"):
+        image = matplotlib.image.imread(out / f"{name}.png")
+        assert image.ndim == 3 and image.shape[0] > 100
+    text = page.read_text()
+    assert "<!-- begin study rep (generated) -->" in text and "](../out/metric_vs_kept.png)" in text
+    assert "python cli.py study run" in text and "python cli.py study report rep" in text
+    # rerunning the report replaces its section rather than adding one
+    assert run_cli("report", "rep", "--root", "logs", "--out", str(out), "--publish", str(page),
+                   cwd=tmp_path).returncode == 0
+    assert page.read_text().count("<!-- begin study rep") == 1
+    assert_hparams(out / "tensorboard", expected_runs=len(rows))
+
+
+def assert_hparams(log_dir: Path, expected_runs: int) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    runs = [d for d in log_dir.iterdir() if d.is_dir()]
+    assert len(runs) == expected_runs
+    acc = EventAccumulator(str(runs[0]))
+    acc.Reload()
+    content = acc.PluginTagToContent("hparams")
+    assert content, "no HParams summary"
+    assert any(k.startswith("hparam/") for k in acc.Tags()["scalars"])
+
+
+# --- real tiny fits ------------------------------------------------------------------------------------------------
+@pytest.fixture
+def tiny_base(tmp_path, glue_writer) -> Path:
+    glue_writer("SST-2", n_train=16, n_dev=8)
+    return write_study(tmp_path / "tiny.yaml", seed_everything=1, trainer={
+        "max_steps": 3, "max_epochs": 1, "log_every_n_steps": 1, "enable_progress_bar": False,
+        "enable_model_summary": False},
+        model={"model_name_or_path": "random:tiny-bert"}, data={"task": "sst2", "batch_size": 8,
+                                                               "max_seq_length": 16})
+
+
+@pytest.mark.slow
+def test_real_2x2_grid_2_seeds_2_workers_csv_and_report(tmp_path, tiny_base):
+    path = write_study(tmp_path / "grid.yaml", base=str(tiny_base), stability={},
+                       axes={"model.factorization.method": ["none", "lowrank"],
+                             "model.factorization.budget": [0.5, 0.25]}, seeds=[1, 2])
+    proc = run_cli("run", str(path), "--workers", "2", "--threads", "1", "--root", "logs",
+                   "--data-dir", str(tmp_path / "glue"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("[worker ") == 8 and "8/8 finished" in proc.stdout
+    out = tmp_path / "out"
+    assert run_cli("report", str(path), "--root", "logs", "--out", str(out), cwd=tmp_path).returncode == 0
+    with open(out / "trials.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 8
+    assert list(rows[0])[:5] == ["trial", "verdict", "model.factorization.method", "model.factorization.budget",
+                                 "seed"]
+    assert {r["verdict"] for r in rows} <= {"succeeded", "failed"}
+    assert {(r["method"], r["budget"] or "-") for r in rows} == {("none", "-"), ("lowrank", "0.5"),
+                                                                 ("lowrank", "0.25")}
+    for r in rows:  # results read back from the run directories
+        assert r["task"] == "sst2" and r["monitor"] == "val/accuracy" and 0 <= float(r["final"]) <= 1
+        assert (float(r["kept_fraction"]) < 0.6) == (r["method"] == "lowrank")
+        assert (tmp_path / r["run_dir"] / "fit.log").is_file()
+    for name in ("metric_vs_kept", "loss_curves"):
+        assert matplotlib.image.imread(out / f"{name}.png").ndim == 3
+    assert_hparams(out / "tensorboard", expected_runs=8)
+
+
+@pytest.mark.slow
+def test_real_diverging_trial_is_failed_not_errored_not_retried(tmp_path, tiny_base):
+    path = write_study(tmp_path / "div.yaml", base=str(tiny_base), args={"trainer.max_steps": 6},
+                       stability={"factor": 2.0, "warmup_steps": 1},
+                       axes={"model.learning_rate": [1000.0]}, seeds=[1])
+    proc = run_cli("run", str(path), "--threads", "1", "--root", "logs", "--data-dir", str(tmp_path / "glue"),
+                   cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    trials = open_study(tmp_path / "logs", "div").get_trials()
+    assert len(trials) == 1 and trials[0].state.name == "COMPLETE"
+    assert trials[0].user_attrs["verdict"] == "failed"
+    assert trials[0].user_attrs["result"]["stability"]["succeeded"] is False
