@@ -24,6 +24,7 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.fabric.utilities.data import _set_sampler_epoch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
@@ -119,6 +120,9 @@ def _reload_train_loader_state(trainer: pl.Trainer) -> None:
     # (Lightning does not count that as "restarting"), whose loader must still start the next epoch's shuffle.
     loop._combined_loader._load_state_dicts(pending)
     loop._combined_loader_states_to_load = []
+    for dl in loop._combined_loader.flattened:
+        # The epoch Lightning sets only at the next epoch start: a DistributedSampler draws its order from it now.
+        _set_sampler_epoch(dl, loop.epoch_progress.current.processed)
     stateful = [dl for dl in loop._combined_loader.flattened if hasattr(dl, "load_state_dict")]
     for loader, state in zip(stateful, pending, strict=False):
         if state.get("_num_yielded", 0) >= trainer.num_training_batches:
