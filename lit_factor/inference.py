@@ -46,6 +46,10 @@ class SharedInputGEMM(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.sizes = list(sizes)
 
+    @property
+    def macs_per_token(self) -> int:
+        return self.weight.numel()
+
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
         cached = self.__dict__.get("_cache")  # a plain attribute: never in the state_dict
         if cached is not None and cached[0] is x:
@@ -67,6 +71,10 @@ class SharedInputBranch(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.up = None if up is None else nn.Parameter(up, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    @property
+    def macs_per_token(self) -> int:
+        return 0 if self.up is None else self.up.numel()  # the shared GEMM counts its own
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.shared(x)[self.index]

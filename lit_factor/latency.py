@@ -182,13 +182,14 @@ def dense_equivalent(model: nn.Module) -> nn.Module:
 
 
 def linear_macs_per_token(model: nn.Module) -> int:
-    """Multiply-adds of all linear layers for one token (factorized layers by their structure)."""
+    """Multiply-adds of all linear layers for one token: factorized layers and the fused GEMMs of
+    :mod:`lit_factor.inference` by their own ``macs_per_token``, ``nn.Linear`` by its shape."""
     total = 0
     for module in model.modules():
-        if isinstance(module, FactorizedLinear):
-            total += module.macs_per_token
-        elif isinstance(module, nn.Linear):
+        if isinstance(module, nn.Linear):
             total += module.in_features * module.out_features
+        elif hasattr(module, "macs_per_token"):
+            total += int(module.macs_per_token)
     return total
 
 

@@ -16,9 +16,9 @@ from lit_factor.inference import (
     optimize_for_inference,
     permute_input,
 )
-from lit_factor.latency import make_inputs
+from lit_factor.latency import linear_macs_per_token, make_inputs
 from lit_factor.models import load_model
-from lit_factor.surgery import apply_plan, build_plan
+from lit_factor.surgery import apply_plan, build_plan, count_params
 
 # hidden 64, 4 heads of 16, FFN 256: Monarch with 4 blocks has 16-row blocks, so a head is one chunk group
 SHAPE = dict(hidden_size=64, num_attention_heads=4, intermediate_size=256)
@@ -46,6 +46,8 @@ def test_rewritten_model_computes_the_same_function(one_thread, method, budget, 
     model = model_with(method, budget)
     fast = optimize_for_inference(copy.deepcopy(model))
     assert {k: v for k, v in fast.inference_rewrites.items() if v} == expected
+    assert linear_macs_per_token(fast) == linear_macs_per_token(model)  # the same math, regrouped
+    assert count_params(fast) == count_params(model)
     inputs = make_inputs(model, 3, 10, torch.device("cpu"))
     for got, want in zip(outputs(fast, inputs), outputs(model, inputs), strict=True):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

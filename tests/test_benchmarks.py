@@ -1,0 +1,91 @@
+"""benchmarks/latency.py in every runtime (tiny models), its profile and Markdown output; the recorded results
+are listed with their commands and the README's Deploy table is the one generated from its result file."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from lit_factor.factorize import LowRankLinear
+from lit_factor.latency import LatencyError, LatencySettings, compare_latency, dense_equivalent
+from lit_factor.models import load_model
+from lit_factor.surgery import apply_plan, build_plan
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+FAST = ["--model", "tiny-bert", "--batch-sizes", "2", "--seq-lens", "8", "--repeats", "2", "--warmup", "1",
+        "--init", "random", "--threads", "1"]
+
+
+def bench():
+    spec = importlib.util.spec_from_file_location("latency_benchmark", ROOT / "benchmarks" / "latency.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_onnxruntime_rows_profile_and_markdown(tmp_path, capsys):
+    out, profile = tmp_path / "rows.json", tmp_path / "profile.txt"
+    code = bench().main([*FAST, "--variants", "lowrank@0.5", "monarch@none", "--runtime", "eager", "onnxruntime",
+                         "--ort-fusions", "both", "--optimize", "--json", str(out), "--profile", str(profile)])
+    assert code == 0
+    rows = json.loads(out.read_text())
+    assert [(r["name"], r["runtime"], r.get("ort_fusions", False)) for r in rows] == [
+        (name, runtime, fused) for runtime, fused in (("eager", False), ("onnxruntime", False), ("onnxruntime", True))
+        for name in ("lowrank@0.5", "monarch@default")]
+    for row in rows:
+        assert row["optimized"] is True and row["dense_ms"] > 0 and row["threads"] == 1
+        assert row["speedup"] == pytest.approx(row["dense_ms"] / row["factorized_ms"], rel=1e-2)
+    text = profile.read_text()
+    assert text.count("=== ") == 9 and "aten::" in text and "MatMul" in text  # torch ops, then ORT op types
+    capsys.readouterr()
+    assert bench().main(["--from-json", str(out)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0] == "| variant (kept) | batch x len | eager | onnxruntime | onnxruntime+fusions |"
+    assert len(table) == 4 and table[2].startswith("| lowrank@0.5 (")
+
+
+def test_rank_padding_is_a_setting_of_the_measured_copies(one_thread):
+    torch.manual_seed(0)
+    model = load_model("random:tiny-bert")
+    apply_plan(model, build_plan(model, "lowrank", 0.5))
+    default = LowRankLinear.pad_rank_to
+    rows = compare_latency(dense_equivalent(model), {"lr": model},
+                           LatencySettings(batch_sizes=[2], seq_lens=[8], repeats=1, warmup=0, pad_rank_to=0))
+    assert rows[0].runtime == "eager" and rows[0].mode == "eager"
+    assert LowRankLinear.pad_rank_to == default  # no global poke ...
+    assert all(m.pad_rank_to == default for m in model.modules() if isinstance(m, LowRankLinear))  # ... nor here
+    with pytest.raises(LatencyError, match="pad_rank_to=-1"):
+        LatencySettings(pad_rank_to=-1).check()
+
+
+def test_runtime_settings_are_checked():
+    assert LatencySettings(mode="compile").runtime == "compile"  # the former name still works
+    with pytest.raises(LatencyError, match="disagree"):
+        LatencySettings(runtime="onnxruntime", mode="compile")
+    with pytest.raises(LatencyError, match="runtime='onnxruntime' runs on the CPU"):
+        LatencySettings(runtime="onnxruntime", device="cuda").check()
+
+
+def test_every_recorded_result_is_listed_with_its_command():
+    listing = (RESULTS / "README.md").read_text()
+    for path in RESULTS.iterdir():
+        if path.name != "README.md":
+            assert f"`{path.name}`" in listing, f"{path.name} is not listed in benchmarks/results/README.md"
+    for name in re.findall(r"`([\w.-]+\.(?:json|txt))`", listing):
+        assert (RESULTS / name).exists(), f"benchmarks/results/README.md lists {name}, which does not exist"
+
+
+def test_readme_deploy_table_is_the_generated_one(capsys):
+    readme = (ROOT / "README.md").read_text()
+    match = re.search(r"<!-- deploy-table: (.+?) -->\n(.*?)\n<!-- /deploy-table -->", readme, re.S)
+    assert match, "README.md has no generated Deploy table"
+    files = [str(ROOT / f) for f in match.group(1).split()]
+    assert bench().main(["--from-json", *files]) == 0
+    assert match.group(2).strip() == capsys.readouterr().out.strip()
