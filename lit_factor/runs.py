@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 from dataclasses import asdict
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from .callbacks.resume import ExactResume
 from .callbacks.stability import run_failed
@@ -86,13 +88,39 @@ def check_fit_limits(trainer: pl.Trainer) -> None:
                         "schedule needs a finite run: set trainer.max_epochs >= 1 or trainer.max_steps >= 1")
 
 
+class DiscardNewRunDir(Callback):
+    """A setting refused inside ``fit`` (e.g. a StagingCallback under the wrong strategy) comes after Lightning
+    created the run directory: remove it, and the parents it created, when this fit made them. An existing run
+    (a resumed fit) is never touched."""
+
+    def __init__(self, log_dir: str | None) -> None:
+        self.new_dirs: list[str] = []
+        path = os.path.abspath(log_dir) if log_dir else None
+        while path and not os.path.exists(path):  # the run directory and its not yet existing parents
+            self.new_dirs.append(path)
+            path = os.path.dirname(path)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, (UserError, MisconfigurationException)) or not trainer.is_global_zero:
+            return
+        for logger in trainer.loggers:
+            getattr(logger, "finalize", lambda status: None)("failed")  # close the event file before removing it
+        if self.new_dirs:
+            shutil.rmtree(self.new_dirs[0], ignore_errors=True)
+        for path in self.new_dirs[1:]:
+            if os.path.isdir(path) and not os.listdir(path):
+                os.rmdir(path)
+
+
 def add_fit_callbacks(trainer: pl.Trainer) -> None:
-    """Exact resume for every fit (first: it restores the random state before other callbacks draw from it) and
-    a learning-rate curve (when there is a logger to draw it)."""
+    """Exact resume for every fit (first: it restores the random state before other callbacks draw from it), a
+    learning-rate curve (when there is a logger to draw it), and no run directory left by a refused setting."""
     if not any(isinstance(c, ExactResume) for c in trainer.callbacks):
         trainer.callbacks.insert(0, ExactResume())
     if trainer.loggers and not any(isinstance(c, LearningRateMonitor) for c in trainer.callbacks):
         trainer.callbacks.append(LearningRateMonitor(logging_interval="step"))
+    if trainer.logger is not None:
+        trainer.callbacks.append(DiscardNewRunDir(trainer.logger.log_dir))
 
 
 def _describe(factorization: dict) -> str:

@@ -159,14 +159,14 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(command, extra, damage,
 
 
 @pytest.mark.slow  # fresh interpreters importing torch/transformers/lightning: ~10 s each, more on a busy machine
-@pytest.mark.parametrize("extra,damage,message", [
-    ([STAGING, "--trainer.callbacks.spread", "2"], None, r"spread=2(\.0)? must be in \(0, 1\]"),
-    ([], "ckpt_truncated", r"is truncated"),
-    ([], "latin1", r"train\.tsv:3: byte 0xfc is not valid UTF-8"),
-], ids=["staging spread 2", "truncated checkpoint", "non-UTF-8 byte"])
-def test_from_a_shell_stderr_is_the_error_line_alone(extra, damage, message, glue_writer, tmp_path):
+@pytest.mark.parametrize("extra,message", [
+    ([STAGING, "--trainer.callbacks.spread", "2"], r"spread=2(\.0)? must be in \(0, 1\]"),
+    # refused inside fit, after Lightning made the run directory: the directory goes again
+    ([STAGING, "--trainer.strategy", "ddp", "--trainer.devices", "1", "--trainer.accelerator", "cpu"],
+     r"StagingCallback under DDP needs strategy='ddp_find_unused_parameters_true'"),
+], ids=["staging spread 2", "staging under plain ddp"])
+def test_from_a_shell_stderr_is_the_error_line_alone(extra, message, glue_writer, tmp_path):
     root = glue_writer("SST-2")
-    extra = [*break_files(damage, root, tmp_path), *extra] if damage else extra
     before = _tree(tmp_path)
     proc = subprocess.run([sys.executable, str(REPO / "cli.py"), "fit", *base_args(root, tmp_path), *extra],
                           capture_output=True, text=True, cwd=tmp_path, timeout=300)
