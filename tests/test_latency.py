@@ -191,6 +191,7 @@ def test_callback_under_ddp_measures_on_rank_zero_only(tmp_path):
     assert rank0["world_size"] == rank1["world_size"] == 2
     assert len(rank0["rows"]) == 1 and rank1["rows"] == []
     assert proc.stdout.count("inference latency at fit_end (rank 0 of 2)") == 1
+    assert proc.stdout.count("run SUCCEEDED") == 1 and proc.stdout.count("inference: ") == 1  # RunSummary
 
 
 @pytest.mark.gpu

@@ -103,10 +103,17 @@ class RunSummary(Callback):
         mode = self.mode or (ckpt.mode if ckpt is not None and getattr(ckpt, "monitor", None) == monitor else None)
         return monitor, mode or ("min" if monitor.endswith("loss") else "max")
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self.resumed_from = None  # set again by on_load_checkpoint when this fit resumes
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        # Where the checkpoint was taken (its epoch and optimizer step): where this fit goes on from.
+        self.resumed_from = {"epoch": int(checkpoint.get("epoch", 0)), "step": int(checkpoint.get("global_step", 0))}
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start = time.perf_counter()
-        if trainer.ckpt_path:  # the loops are restored by now: this is where the run goes on
-            self.resumed_from = {"epoch": trainer.current_epoch, "step": trainer.global_step}
         self._log_dir = trainer.log_dir if trainer.loggers else None  # a broadcast under DDP: every rank asks
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -172,7 +179,8 @@ class RunSummary(Callback):
 
     # --- checkpointing: a resumed fit summarizes the whole run -----------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best, "final": self.final, "train_time_s": self.train_time_s}
+        running = time.perf_counter() - self._start if self._start is not None else 0.0  # saved mid-fit
+        return {"best": self.best, "final": self.final, "train_time_s": self.train_time_s + running}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.best, self.final = state_dict.get("best"), state_dict.get("final")
@@ -210,7 +218,7 @@ def format_fit_summary(summary: dict[str, Any], run_dir: str | None, path: str |
              f"  parameters: {p['dense_model']:,} dense -> {p['factorized_model']:,} factorized "
              f"({p['model_kept_fraction']:.1%} of the model; {p['kept_fraction']:.1%} of the targeted weights kept)",
              f"  train time: {format_duration(summary['train_time_s'])}"
-             + (f" (resumed at epoch {summary['resumed_from']['epoch']}, step {summary['resumed_from']['step']})"
+             + (f" (resumed from epoch {summary['resumed_from']['epoch']}, step {summary['resumed_from']['step']})"
                 if summary["resumed_from"] else "")]
     if summary["reasons"]:
         lines.append(f"  failed because: {'; '.join(summary['reasons'])}")
