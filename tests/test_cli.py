@@ -106,9 +106,8 @@ def test_fit_summary_then_evaluations_in_the_run(glue_writer, tmp_path, monkeypa
     assert json.loads((run / "validate" / "metrics.json").read_text())["checkpoint"] == best
     # last (the newest checkpoint without checkpoint.save_last) resolves inside the run; best/last need --run
     assert cli.run_checkpoint(run, "last") == cli.run_checkpoint(run, "best") == Path(best)
-    with pytest.raises(SystemExit) as exit_:
-        cli.main(["validate", "--ckpt_path", "best"])
-    assert exit_.value.code == 2 and "--ckpt_path best needs the run it belongs to" in capsys.readouterr().err
+    cli.main(["predict", "--run", str(run)])
+    assert len((run / "predict" / "SST-2.tsv").read_text().splitlines()) == 6  # header + 5 test sentences
     assert [p.name for p in run.parent.iterdir()] == ["version_0"]
 
 
@@ -133,6 +132,9 @@ def test_best_and_last_checkpoints_of_a_run(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.expand_run_option(["predict", "--run", str(tmp_path / "nope")])
     assert "is not a run directory (no config.yaml" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["validate", "--ckpt_path", "best"])
+    assert exit_.value.code == 2 and "--ckpt_path best needs the run it belongs to" in capsys.readouterr().err
 
 
 def test_predict_writes_glue_submission(glue_writer, tmp_path, monkeypatch):
