@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+import types
 
 import pytest
 import torch
@@ -86,6 +87,19 @@ def test_a_healthy_run_succeeds(tmp_path):
     trainer.fit(_module(), synthetic_loader(40))
     assert monitor.succeeded is True and monitor.diverged is None and run_failed(trainer) == []
     assert monitor.initial_loss == pytest.approx(math.log(2))
+
+
+def test_the_untrained_loss_is_ln_labels_only_for_a_plain_classifier():
+    def module(num_labels, problem_type=None, distilling=False):
+        config = types.SimpleNamespace(num_labels=num_labels, problem_type=problem_type)
+        return types.SimpleNamespace(factorized_model=types.SimpleNamespace(config=config),
+                                     distillation=types.SimpleNamespace(enabled=distilling))
+
+    for pl_module, expected in ((module(3), math.log(3)), (module(1, "regression"), None),
+                                (module(2, distilling=True), None)):
+        monitor = StabilityMonitor()
+        monitor.on_fit_start(None, pl_module)
+        assert monitor.initial_loss == (pytest.approx(expected) if expected else None)
 
 
 def test_without_a_monitor_a_non_finite_loss_still_fails(tmp_path):

@@ -5,8 +5,9 @@ when all of these hold:
 
 1. its training never diverged: every step's loss was finite and never exceeded ``factor`` times a reference:
    the running (exponential moving average) loss once ``warmup_steps`` steps have built it, and before that, from
-   the very first step, the untrained model's loss: ln(num_labels) for a classifier (read from the model's
-   ``config.num_labels``), else the first step's loss (or ``initial_loss`` when given);
+   the very first step, the untrained model's loss: ln(num_labels) for a classifier trained on its labels (read
+   from the model's ``config.num_labels``), else (regression, distillation) the first step's loss, or
+   ``initial_loss`` when given;
 2. its final training loss is finite;
 3. its final dev metric (``monitor``, the last validation value) beats the **majority-class baseline**: the score
    that always predicting the most frequent dev label gets with the same metric (accuracy: that label's share;
@@ -70,7 +71,7 @@ class StabilityMonitor(Callback):
         monitor: logged dev metric that must beat the baseline (e.g. ``val/acc``); ``None`` checks only the loss.
         success_threshold: the dev metric must exceed this; ``None`` uses the majority-class baseline.
         initial_loss: the untrained model's expected loss, the reference until the running loss exists; ``None``:
-            ln(num_labels) for a classifier with 2+ labels, else the first step's loss.
+            ln(num_labels) for a classifier with 2+ labels (not distilling), else the first step's loss.
     """
 
     def __init__(self, factor: float = 10.0, warmup_steps: int = 20, smoothing: float = 0.98,
@@ -110,7 +111,10 @@ class StabilityMonitor(Callback):
         return self.summary.get("succeeded")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.initial_loss is None:
+        # A distilling module's loss has another scale (soft targets x T^2, hidden-state terms): its first step sets
+        # the reference instead.
+        distilling = getattr(getattr(pl_module, "distillation", None), "enabled", False)
+        if self.initial_loss is None and not distilling:
             # An untrained classifier with k labels predicts ~uniformly: its cross-entropy is about ln(k).
             model = getattr(pl_module, "factorized_model", None) or getattr(pl_module, "model", None)
             labels = getattr(getattr(model, "config", None), "num_labels", None)
