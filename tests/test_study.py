@@ -296,3 +296,31 @@ def test_real_diverging_trial_is_failed_not_errored_not_retried(tmp_path, tiny_b
     assert len(trials) == 1 and trials[0].state.name == "COMPLETE"
     assert trials[0].user_attrs["verdict"] == "failed"
     assert trials[0].user_attrs["result"]["stability"]["succeeded"] is False
+
+
+# --- the committed study files -------------------------------------------------------------------------------------
+STUDY_FILES = sorted((REPO / "studies").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", STUDY_FILES, ids=lambda p: p.stem)
+def test_committed_study_files_parse_with_every_variant(path, monkeypatch):
+    monkeypatch.chdir(REPO)  # their base recipes are relative to the repository root
+    variants = (yaml.safe_load(path.read_text()).get("variants") or {})
+    for variant in [None, *variants]:
+        spec = load_spec(path, variant)
+        assert spec.size() >= len(spec.seeds)
+        for cell in spec.cells()[:3]:
+            params = {**cell, "seed": spec.seeds[0]}
+            assert spec.fit_args(params, spec.task_of(params))[-2:] == ["--seed_everything", str(spec.seeds[0])]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", STUDY_FILES, ids=lambda p: p.stem)
+def test_committed_study_cell_is_accepted_by_fit(path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    spec = load_spec(path)
+    params = {**spec.cells()[-1], "seed": spec.seeds[0]}
+    fit = subprocess.run([sys.executable, "cli.py", "fit", *spec.fit_args(params, spec.task_of(params)),
+                          "--print_config"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert fit.returncode == 0, fit.stderr[-2000:]
+    assert "lit_factor.callbacks.StabilityMonitor" in fit.stdout
