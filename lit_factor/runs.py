@@ -23,6 +23,7 @@ import logging
 import os
 import shutil
 import sys
+import warnings
 from dataclasses import asdict
 from typing import Any
 
@@ -34,7 +35,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from .callbacks.resume import ExactResume
 from .callbacks.stability import run_failed
 from .callbacks.staging import StagingCallback
-from .checkpoints import read_checkpoint, run_dir_of
+from .checkpoints import RunDir, read_checkpoint, run_dir_of
 from .errors import EXIT_RUN_FAILED, UserError
 from .module import Factorization
 
@@ -76,9 +77,22 @@ def place_run_dir(config, checkpoint: dict[str, Any] | None, resuming: bool) -> 
         args.save_dir = os.path.join(str(root), str(args.save_dir))
     run = run_dir_of(config.get("ckpt_path")) if resuming and checkpoint is not None else None
     if run is not None and args.get("version") is None:
-        args.save_dir, args.name, args.version = str(run.save_dir), run.name, run.version
+        args.save_dir, args.name, args.version = _spelled_as_saved(run, checkpoint), run.name, run.version
         if args.get("purge_step") is None:  # the interrupted run logged past its last checkpoint: drop that part
             args.purge_step = int(checkpoint.get("global_step", 0))
+        # Continuing a run, its checkpoint directory is of course not empty.
+        warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+
+
+def _spelled_as_saved(run: RunDir, checkpoint: dict[str, Any]) -> str:
+    """The run's save_dir spelled as the interrupted fit spelled it (relative or absolute): a ModelCheckpoint
+    restores its best-k bookkeeping only when its directory reads exactly as it was saved."""
+    for state in (checkpoint.get("callbacks") or {}).values():
+        dirpath = state.get("dirpath") if isinstance(state, dict) else None
+        if dirpath and os.path.realpath(dirpath) == os.path.realpath(run.save_dir / run.name / f"version_{run.version}"
+                                                                     / "checkpoints"):
+            return os.path.dirname(os.path.dirname(os.path.dirname(str(dirpath))))
+    return str(run.save_dir)
 
 
 def check_fit_limits(trainer: pl.Trainer) -> None:

@@ -72,10 +72,11 @@ def reference(tmp_path_factory):
     return root, weights(run), base / "logs" / "reference" / "version_0" / "checkpoints"
 
 
-def test_killed_run_resumes_bit_identical(reference, tmp_path):
+def test_killed_run_resumes_bit_identical(reference, tmp_path, monkeypatch):
     root, expected, _ = reference
+    monkeypatch.chdir(tmp_path)  # relative paths, as a user types them
     kill_at = random.Random().randint(FIRST_STAGE + 1, STEPS_PER_EPOCH * EPOCHS - 1)  # after the first stage
-    args = [*fit_args(root, tmp_path, "killed"), "--trainer.callbacks+=tests._killer.KillAt",
+    args = [*fit_args(root, ".", "killed"), "--trainer.callbacks+=tests._killer.KillAt",
             "--trainer.callbacks.step", str(kill_at)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, str(REPO / "cli.py"), *args], cwd=tmp_path, env=env,
@@ -86,11 +87,14 @@ def test_killed_run_resumes_bit_identical(reference, tmp_path):
              if (m := re.fullmatch(r"step=(\d+)\.ckpt", p.name))]
     assert max(steps) == kill_at, f"killed at step {kill_at}"
 
-    resumed = cli.main([*fit_args(root, tmp_path, "killed"), "--ckpt_path",
-                        str(run_dir / "checkpoints" / f"step={kill_at}.ckpt")])
+    resumed = cli.main([*fit_args(root, ".", "killed"), "--ckpt_path",
+                        f"logs/killed/version_0/checkpoints/step={kill_at}.ckpt"])
     assert_identical(weights(resumed), expected, f"killed at step {kill_at}, resumed")
     assert resumed_from(resumed)["step"] == kill_at
-    assert resumed.trainer.log_dir == str(run_dir)  # the same TensorBoard run, no version_1
+    assert os.path.samefile(resumed.trainer.log_dir, run_dir)  # the same TensorBoard run, no version_1
+    # the validation checkpoints of before and after the kill are all known to the restored ModelCheckpoint
+    validation = next(c for c in resumed.trainer.checkpoint_callbacks if c.monitor)
+    assert len(validation.best_k_models) == EPOCHS
     assert sorted(p.name for p in run_dir.parent.iterdir()) == ["version_0"]
 
 
