@@ -8,6 +8,7 @@ dead workers are re-queued once their heartbeat is stale.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -69,6 +70,8 @@ def run(spec: StudySpec, spec_path: str, variant: str | None, opts: RunOptions, 
           flush=True)
     # workers die with this process (as their fits die with them): a killed run leaves nothing training
     cmds = worker_commands(spec_path, variant, url, opts)
+    for sig in (signal.SIGINT, signal.SIGTERM):  # `kill` stops the study like Ctrl-C
+        signal.signal(sig, signal.default_int_handler)
     procs = [subprocess.Popen(cmd, preexec_fn=die_with_parent) for cmd in cmds]
     start, shown = time.time(), None
     finished0 = _finished(before)
@@ -78,6 +81,11 @@ def run(spec: StudySpec, spec_path: str, variant: str | None, opts: RunOptions, 
             shown = _show(study, start, finished0, shown)
     except KeyboardInterrupt:
         print("interrupted: stopping the workers (their trials go back to the queue)", file=sys.stderr, flush=True)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()  # after a Ctrl-C they have it already; after a `kill` of this process, not
         for p in procs:
             p.wait()
         return 130

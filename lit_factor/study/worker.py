@@ -59,6 +59,11 @@ class Worker:
             except UpdateFinishedTrialError:  # declared dead meanwhile (no heartbeat within the grace period)
                 print(f"warning: trial {trial.number} was re-queued by another worker (no heartbeat); left to it",
                       file=sys.stderr, flush=True)
+            except KeyboardInterrupt:
+                for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not cut the bookkeeping short
+                    signal.signal(sig, signal.SIG_IGN)
+                self.interrupted(trial)
+                raise
 
     def take(self, trial: optuna.Trial) -> int:
         """Run ``trial`` unless another trial already covers its grid point; 1 if it ran."""
@@ -84,12 +89,8 @@ class Worker:
         trial.set_user_attr("worker", self.index)
         trial.set_user_attr("worker_pid", os.getpid())
         trial.set_user_attr("verdict", "running")
-        try:
-            rc = tr.execute(cmd, tr.trial_env(self.threads, self.gpu), log_file,
-                            on_start=lambda pid: trial.set_user_attr("pid", pid))
-        except KeyboardInterrupt:
-            self.interrupted(trial, time.time() - start)
-            raise
+        rc = tr.execute(cmd, tr.trial_env(self.threads, self.gpu), log_file,
+                        on_start=lambda pid: trial.set_user_attr("pid", pid))
         result = read_run(run_dir) if run_dir.is_dir() else {}
         verdict = tr.verdict(rc, result)
         self.record(trial, params, verdict, rc, result, time.time() - start, log_file)
@@ -115,12 +116,14 @@ class Worker:
             RetryHeartbeatStaleTrialCallback(max_retry=self.spec.retries)(self.study, self.frozen(trial.number))
         print(progress_line(trial.number, params, verdict, result, wall, self.index), flush=True)
 
-    def interrupted(self, trial, wall: float) -> None:
-        trial.set_user_attr("verdict", tr.INTERRUPTED)
-        trial.set_user_attr("wall_s", round(wall, 1))
-        self.study.tell(trial, state=TrialState.FAIL)
+    def interrupted(self, trial) -> None:
+        """Ctrl-C or SIGTERM: the trial fails as ``interrupted`` and a copy goes back to the queue (not a retry)."""
         frozen = self.frozen(trial.number)
-        self.study.add_trial(optuna.create_trial(  # back in the queue, not counted as a retry
+        if frozen.state != TrialState.RUNNING:
+            return
+        trial.set_user_attr("verdict", tr.INTERRUPTED)
+        self.study.tell(trial, state=TrialState.FAIL)
+        self.study.add_trial(optuna.create_trial(
             state=TrialState.WAITING, params=frozen.params, distributions=frozen.distributions,
             system_attrs={k: v for k, v in frozen.system_attrs.items() if k in ("grid_id", "search_space")}))
 
@@ -173,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heartbeat", type=float, default=30.0)
     p.add_argument("--grace", type=float)
     args = p.parse_args(argv)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop like Ctrl-C: the trial is re-queued
+    for sig in (signal.SIGINT, signal.SIGTERM):  # stop like Ctrl-C (even if started with SIGINT ignored)
+        signal.signal(sig, signal.default_int_handler)  # the running trial goes back to the queue
     try:
         spec = load_spec(args.spec, args.variant)
         store = st.storage(args.storage, int(args.heartbeat), args.grace and int(args.grace), spec.retries)
