@@ -190,6 +190,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--budgets", type=float, nargs="+", default=list(DEFAULT_BUDGETS), help="kept fractions")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--nblocks", type=int, default=4, help="blocks of Monarch / block-wise low rank (default 4)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: many small SVDs gain nothing from more, and a busy machine "
+                        "makes extra threads spin: measured 100x slower with 2 threads under load)")
     p.add_argument("--seed", type=int, default=0, help="seed of random: presets and of the reference matrices")
     p.add_argument("--publish", help="also write a summary section into this Markdown page (docs/results.md)")
     return p
@@ -202,6 +205,7 @@ def run(args) -> dict[str, Path]:
     from lit_factor.study.publish import publish_section
     from lit_factor.surgery import PlanError, find_targets
 
+    torch.set_num_threads(max(1, args.threads))
     torch.manual_seed(args.seed)  # random: presets are drawn, so the same command gives the same numbers
     try:
         model = load_model(args.model)
