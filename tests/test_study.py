@@ -324,3 +324,27 @@ def test_committed_study_cell_is_accepted_by_fit(path, monkeypatch):
                           "--print_config"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert fit.returncode == 0, fit.stderr[-2000:]
     assert "lit_factor.callbacks.StabilityMonitor" in fit.stdout
+
+
+def _row(method, final, staged=False, verdict="succeeded", budget=0.25, samples=1000, speedup=None):
+    return {"verdict": verdict, "task": "sst2", "method": method, "budget": budget, "staged": staged,
+            "max_train_samples": samples, "learning_rate": 1e-4, "final": final, "latency_speedup": speedup}
+
+
+def test_findings_say_reproduced_not_reproduced_or_mixed_from_the_rows():
+    from lit_factor.study.findings import findings
+
+    rows = [_row("lowrank", 0.80, speedup=2.2), _row("lowrank", 0.82, speedup=2.0), _row("monarch", 0.79, speedup=1.8),
+            _row("blockwise", 0.83, speedup=1.9), _row("none", 0.9, budget=None),
+            _row("lowrank", 0.7, budget=0.5), _row("monarch", 0.6, budget=0.5)]
+    text = findings(rows)
+    # budget 0.25: low rank 0.81 < block-wise 0.83; budget 0.5: 0.7 > 0.6 -> one of two
+    assert "low rank ahead in 1 of 2 comparisons; **mixed**" in text
+    assert "sst2, budget 0.25: low rank 0.8100 vs blockwise 0.8300" in text
+    assert "low rank faster in 1 of 1 comparisons; **reproduced**" in text  # 2.1 vs 1.9
+    staged = [_row("lowrank", 0.8, staged=True), _row("lowrank", 0.5, staged=True, verdict="failed"),
+              _row("lowrank", 0.5, verdict="failed"), _row("lowrank", 0.5, verdict="failed")]
+    text = findings(staged)
+    assert "staged ahead in 1, behind in 0, equal in 0 of 1 comparisons; **reproduced**" in text
+    assert "staged 50% of 2 runs succeeded, all at once 0% of 2" in text
+    assert findings([_row("lowrank", 0.8)]) == ""  # nothing to compare

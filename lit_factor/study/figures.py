@@ -61,7 +61,7 @@ def metric_vs_kept(rows: list[dict]):
     return fig
 
 
-def _regime(r: dict) -> str:
+def regime(r: dict) -> str:
     n = r.get("max_train_samples")
     return f"<= {LOW_DATA} examples" if isinstance(n, int) and n <= LOW_DATA else "more data"
 
@@ -76,13 +76,13 @@ def success_rates(rows: list[dict]):
         panels[" ".join([f"{r['method']} {r.get('budget')}", *(f"{k}={r.get(k)}" for k in varied)])].append(r)
     fig, axes = _panels(len(panels))
     for ax, (title, rs) in zip(axes, sorted(panels.items()), strict=True):
-        regimes = sorted({_regime(r) for r in rs})
+        regimes = sorted({regime(r) for r in rs})
         kinds = sorted({r.get("schedule") if r.get("staged") else "all-at-once" for r in rs}, key=str)
         width = 0.8 / len(kinds)
         for k, kind in enumerate(kinds):
             rates = []
             for regime in regimes:
-                sel = [r for r in rs if _regime(r) == regime
+                sel = [r for r in rs if regime(r) == regime
                        and (r.get("schedule") if r.get("staged") else "all-at-once") == kind]
                 rates.append(sum(r["verdict"] == "succeeded" for r in sel) / len(sel) if sel else 0.0)
             label = kind if kind == "all-at-once" else f"staged ({kind})"

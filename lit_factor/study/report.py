@@ -28,12 +28,21 @@ FACT_COLUMNS = ("task", "method", "budget", "staged", "schedule", "max_train_sam
 TAIL_COLUMNS = ("wall_s", "exit_code", "run_dir")
 
 
+def axis_column(axis: str) -> str:
+    """The CSV column of a grid axis: its name, unless a settings/result column has it (an axis named ``task``
+    whose options are ``sst2-low`` ..., beside the ``task`` the fit ran)."""
+    return f"{axis} (axis)" if axis in FACT_COLUMNS + RESULT_COLUMNS + TAIL_COLUMNS + ("trial", "verdict") else axis
+
+
 def axes_of(study: optuna.Study) -> list[str]:
-    return [a for a in study.user_attrs["search_space"] if a != SEED]
+    """The CSV columns of the grid axes (seed excluded)."""
+    return [axis_column(a) for a in study.user_attrs["search_space"] if a != SEED]
 
 
-def columns(study: optuna.Study) -> list[str]:
-    return ["trial", "verdict", *axes_of(study), SEED, *FACT_COLUMNS, *RESULT_COLUMNS, *TAIL_COLUMNS]
+def columns(study: optuna.Study, rows: list[dict]) -> list[str]:
+    """Grid, settings, results, then every final dev metric any trial logged (``val/accuracy``, ``val/f1`` ...)."""
+    metrics = sorted({k for r in rows for k in r.get("final_metrics") or {}})
+    return ["trial", "verdict", *axes_of(study), SEED, *FACT_COLUMNS, *RESULT_COLUMNS, *metrics, *TAIL_COLUMNS]
 
 
 def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
@@ -45,10 +54,13 @@ def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
             continue
         result = t.user_attrs.get("result") or {}
         facts = result.get("config") or {}
-        row = {"trial": t.number, "verdict": t.user_attrs.get("verdict", "error"), **t.params, **facts,
+        row = {"trial": t.number, "verdict": t.user_attrs.get("verdict", "error"),
+               **{axis_column(a): v for a, v in t.params.items()}, **facts,
                **{k: result.get(k) for k in RESULT_COLUMNS}, **{k: t.user_attrs.get(k) for k in TAIL_COLUMNS}}
         row.setdefault("task", t.params.get("data.task"))
         row["train_loss"] = result.get("train_loss")  # for the figures, not the CSV
+        row["final_metrics"] = result.get("final_metrics") or {}
+        row.update(row["final_metrics"])
         rows.append(row)
     return rows
 
@@ -85,7 +97,8 @@ def cell_groups(rows: list[dict], axes: list[str]) -> dict[str, dict[str, list[d
     for r in rows:
         if r["verdict"] not in ("succeeded", "failed"):
             continue
-        label = " ".join(f"{a}={r[a]}" for a in axes if a != "data.task") or "(all)"
+        label = " ".join(f"{a.removesuffix(' (axis)')}={r[a]}" for a in axes
+                         if a not in ("data.task", "task (axis)")) or "(all)"
         groups.setdefault(str(r.get("task")), {}).setdefault(label, []).append(r)
     return groups
 
@@ -128,7 +141,8 @@ def write_tensorboard(rows: list[dict], figures: dict, log_dir: Path) -> Path:
             writer.add_figure(f"report/{name}", fig, close=False)
         for r in rows:
             hparams = {k: ("none" if v is None else v) for k, v in r.items()
-                       if k not in RESULT_COLUMNS + TAIL_COLUMNS + ("trial", "train_loss") and not isinstance(v, list)}
+                       if k not in RESULT_COLUMNS + TAIL_COLUMNS + ("trial",) and not isinstance(v, list | dict)
+                       and "/" not in k}
             metrics = {f"hparam/{k}": float(r[k]) for k in ("final", "best", "kept_fraction", "train_time_s")
                        if isinstance(r.get(k), int | float)}
             metrics["hparam/succeeded"] = float(r["verdict"] == "succeeded")
@@ -136,13 +150,13 @@ def write_tensorboard(rows: list[dict], figures: dict, log_dir: Path) -> Path:
     return log_dir
 
 
-def markdown(study: optuna.Study, tables: str, figures: list[str], prefix: str = "") -> str:
+def markdown(study: optuna.Study, tables: str, figures: list[str], prefix: str = "", notes: str = "") -> str:
     space = study.user_attrs["search_space"]
     grid = "; ".join(f"`{k}`: {', '.join(map(str, v))}" for k, v in space.items())
     commands = study.user_attrs.get("commands", []) + study.user_attrs.get("report_commands", [])
     lines = [f"## Study `{study.study_name}`", "", f"Study file: `{study.user_attrs.get('source')}`. Grid: {grid}.",
              "", f"**Progress:** {progress_text(study)}", "", "Commands (run from the repository root):", "",
-             "```", *commands, "```", "", tables,
+             "```", *commands, "```", "", notes, tables,
              f"Every trial: [trials.csv]({prefix}trials.csv).", ""]
     lines += [f"![{name}]({prefix}{name}.png)" for name in figures]
     return "\n".join(lines) + "\n"
@@ -156,13 +170,14 @@ def write_report(study: optuna.Study, out: Path, publish: Path | None = None, te
     import matplotlib.pyplot as plt
 
     from lit_factor.study.figures import FIGURES
+    from lit_factor.study.findings import findings
     from lit_factor.study.publish import publish_section
 
     if command and command not in study.user_attrs.get("report_commands", []):
         study.set_user_attr("report_commands", [*study.user_attrs.get("report_commands", []), command])
     out.mkdir(parents=True, exist_ok=True)
     rows = trial_rows(study)
-    written = {"csv": write_csv(rows, columns(study), out / "trials.csv")}
+    written = {"csv": write_csv(rows, columns(study, rows), out / "trials.csv")}
     figures = {name: fig for name, draw in FIGURES.items() if (fig := draw(rows)) is not None}
     for name, fig in figures.items():
         written[name] = out / f"{name}.png"
@@ -170,11 +185,11 @@ def write_report(study: optuna.Study, out: Path, publish: Path | None = None, te
     written["tensorboard"] = write_tensorboard(rows, figures, tensorboard or out / "tensorboard")
     for fig in figures.values():
         plt.close(fig)
-    tables = task_tables(rows, axes_of(study))
+    tables, notes = task_tables(rows, axes_of(study)), findings(rows)
     written["markdown"] = out / "report.md"
-    written["markdown"].write_text(markdown(study, tables, list(figures)), encoding="utf-8")
+    written["markdown"].write_text(markdown(study, tables, list(figures), notes=notes), encoding="utf-8")
     if publish is not None:
         prefix = os.path.relpath(out, publish.parent).replace(os.sep, "/") + "/"
         written["page"] = publish_section(publish, f"study {study.study_name}",
-                                          markdown(study, tables, list(figures), prefix))
+                                          markdown(study, tables, list(figures), prefix, notes))
     return written

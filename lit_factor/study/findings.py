@@ -1,0 +1,91 @@
+"""What a study's numbers say about the seed paper's claims, in generated sentences (no hand-typed numbers).
+
+Each check runs only when the study holds the comparison it needs, and says *reproduced* (holds in every
+comparison the study made), *not reproduced* (in none) or *mixed*, with the numbers behind it:
+
+* claim 1, low rank beats Monarch and block-wise low rank at equal parameters: per task and budget, the mean
+  final dev metric of low rank against the best other structure;
+* claim 2, staging makes compression reliable: per method, budget and data regime, the success rate of staged
+  runs against all-at-once runs;
+* claim 4, low rank is faster than Monarch: per task and budget, the mean measured inference speedup.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+
+from lit_factor.study.figures import regime
+
+
+def _mean(rows: list[dict], key: str) -> float | None:
+    values = [r[key] for r in rows if isinstance(r.get(key), int | float)]
+    return statistics.fmean(values) if values else None
+
+
+def _verdict(wins: int, total: int) -> str:
+    return "reproduced" if wins == total else "not reproduced" if wins == 0 else "mixed"
+
+
+def _by(rows: list[dict], *keys: str) -> dict[tuple, list[dict]]:
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[tuple(r.get(k) for k in keys)].append(r)
+    return groups
+
+
+def _lowrank_vs_others(rows: list[dict], key: str, what: str) -> list[str]:
+    """Per (task, budget): low rank's mean ``key`` against the best other structure's."""
+    lines, wins, total = [], 0, 0
+    for (task, budget), group in sorted(_by(rows, "task", "budget").items(), key=str):
+        means = {m: _mean(rs, key) for (m,), rs in _by(group, "method").items()}
+        means = {m: v for m, v in means.items() if v is not None and m != "none"}
+        if "lowrank" not in means or len(means) < 2:
+            continue
+        other = max((m for m in means if m != "lowrank"), key=means.get)
+        total += 1
+        wins += means["lowrank"] > means[other]
+        lines.append(f"  - {task}, budget {budget}: low rank {means['lowrank']:.4f} vs {other} {means[other]:.4f} "
+                     f"({what}, n = {len(_by(group, 'method')[('lowrank',)])} seeds)")
+    return [f"{wins} of {total} comparisons; **{_verdict(wins, total)}**", *lines] if total else []
+
+
+def claim1(rows: list[dict]) -> list[str]:
+    finished = [r for r in rows if r["verdict"] in ("succeeded", "failed") and not r.get("staged")]
+    lines = _lowrank_vs_others(finished, "final", "mean final dev metric")
+    return ["- **Claim 1, low rank beats Monarch and block-wise at equal parameters:** low rank ahead in "
+            + lines[0], *lines[1:]] if lines else []
+
+
+def claim2(rows: list[dict]) -> list[str]:
+    rows = [r for r in rows if r["verdict"] in ("succeeded", "failed") and r.get("method") not in (None, "none")]
+    lines, wins, losses, total = [], 0, 0, 0
+    for (method, budget, lr), group in sorted(_by(rows, "method", "budget", "learning_rate").items(), key=str):
+        for data in sorted({regime(r) for r in group}):
+            sel = [r for r in group if regime(r) == data]
+            staged, flat = [r for r in sel if r.get("staged")], [r for r in sel if not r.get("staged")]
+            if not staged or not flat:
+                continue
+            rate = [sum(r["verdict"] == "succeeded" for r in rs) / len(rs) for rs in (staged, flat)]
+            total += 1
+            wins, losses = wins + (rate[0] > rate[1]), losses + (rate[0] < rate[1])
+            lines.append(f"  - {method} {budget}, lr {lr}, {data}: staged {rate[0]:.0%} of {len(staged)} runs "
+                         f"succeeded, all at once {rate[1]:.0%} of {len(flat)}")
+    if not total:
+        return []
+    verdict = "reproduced" if wins and not losses else "not reproduced" if not wins else "mixed"
+    return [f"- **Claim 2, staging makes compression reliable:** staged ahead in {wins}, behind in {losses}, "
+            f"equal in {total - wins - losses} of {total} comparisons; **{verdict}**", *lines]
+
+
+def claim4(rows: list[dict]) -> list[str]:
+    finished = [r for r in rows if r["verdict"] in ("succeeded", "failed")]
+    lines = _lowrank_vs_others(finished, "latency_speedup", "mean measured speedup over dense")
+    return ["- **Claim 4, low rank is faster than Monarch (and block-wise):** low rank faster in " + lines[0],
+            *lines[1:]] if lines else []
+
+
+def findings(rows: list[dict]) -> str:
+    """The Markdown list of every claim this study can speak to ('' when none)."""
+    lines = [*claim1(rows), *claim2(rows), *claim4(rows)]
+    return "\n".join(["#### Findings (generated)", "", *lines, ""]) if lines else ""
