@@ -81,8 +81,8 @@ def success_rates(rows: list[dict]):
         width = 0.8 / len(kinds)
         for k, kind in enumerate(kinds):
             rates = []
-            for regime in regimes:
-                sel = [r for r in rs if regime(r) == regime
+            for data in regimes:
+                sel = [r for r in rs if regime(r) == data
                        and (r.get("schedule") if r.get("staged") else "all-at-once") == kind]
                 rates.append(sum(r["verdict"] == "succeeded" for r in sel) / len(sel) if sel else 0.0)
             label = kind if kind == "all-at-once" else f"staged ({kind})"
