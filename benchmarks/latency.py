@@ -155,7 +155,7 @@ def settings_list(args) -> list[LatencySettings]:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """Variants down, runtimes across; each cell the speedup and the two medians it comes from."""
+    """Variants down, runtimes across; each cell the speedup (of the medians) and the two medians."""
     labels = list(dict.fromkeys(runtime_label(r) for r in rows))
     shapes = sorted({(r["batch_size"], r["seq_len"]) for r in rows})
     lines = ["| variant (kept) | batch x len | " + " | ".join(labels) + " |", "|---|---|" + "---|" * len(labels)]

@@ -238,6 +238,9 @@ def export(args) -> tuple[Loaded, dict, list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # saving / reloading a small model: no progress bars on stderr
     try:
         loaded, result, files = export(args)
     except UserError as err:

@@ -442,9 +442,11 @@ def _human(n: int) -> str:
 
 
 def runtime_label(row: LatencyRow | dict) -> str:
-    """``eager``, ``compile``, ``onnxruntime``, ``onnxruntime+fusions`` ... of a row (or of its JSON dict)."""
+    """``eager``, ``compile``, ``onnxruntime``, ``onnxruntime+fusions`` ... of a row (or of its JSON dict);
+    ``+rewrites`` where the models ran after lit_factor.inference's rewrites (benchmark ``--optimize``)."""
     data = row.to_dict() if isinstance(row, LatencyRow) else row
-    return data.get("runtime", data.get("mode", "eager")) + ("+fusions" if data.get("ort_fusions") else "")
+    return (data.get("runtime", data.get("mode", "eager")) + ("+fusions" if data.get("ort_fusions") else "")
+            + ("+rewrites" if data.get("optimized") else ""))
 
 
 def format_table(rows: Sequence[LatencyRow], title: str = "") -> str:

@@ -47,7 +47,8 @@ def test_onnxruntime_rows_profile_and_markdown(tmp_path, capsys):
     capsys.readouterr()
     assert bench().main(["--from-json", str(out)]) == 0
     table = capsys.readouterr().out.splitlines()
-    assert table[0] == "| variant (kept) | batch x len | eager | onnxruntime | onnxruntime+fusions |"
+    assert table[0] == ("| variant (kept) | batch x len | eager+rewrites | onnxruntime+rewrites "
+                        "| onnxruntime+fusions+rewrites |")
     assert len(table) == 4 and table[2].startswith("| lowrank@0.5 (")
 
 
