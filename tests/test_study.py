@@ -294,8 +294,10 @@ def test_real_diverging_trial_is_failed_not_errored_not_retried(tmp_path, tiny_b
     assert proc.returncode == 0, proc.stdout + proc.stderr
     trials = open_study(tmp_path / "logs", "div").get_trials()
     assert len(trials) == 1 and trials[0].state.name == "COMPLETE"
-    assert trials[0].user_attrs["verdict"] == "failed"
-    assert trials[0].user_attrs["result"]["stability"]["succeeded"] is False
+    assert trials[0].user_attrs["verdict"] == "failed" and trials[0].user_attrs["exit_code"] == 3
+    stability = trials[0].user_attrs["result"]["stability"]
+    assert stability["succeeded"] is False and stability["diverged"] is True
+    assert "trial 0 failed" in proc.stdout
 
 
 # --- the committed study files -------------------------------------------------------------------------------------
@@ -348,3 +350,21 @@ def test_findings_say_reproduced_not_reproduced_or_mixed_from_the_rows():
     assert "staged ahead in 1, behind in 0, equal in 0 of 1 comparisons; **reproduced**" in text
     assert "staged 50% of 2 runs succeeded, all at once 0% of 2" in text
     assert findings([_row("lowrank", 0.8)]) == ""  # nothing to compare
+
+
+def test_workers_share_cores_and_take_one_gpu_each(monkeypatch):
+    from lit_factor.study.runner import RunOptions, worker_commands
+    from lit_factor.study.trial import trial_env
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    cmds = worker_commands("s.yaml", None, "sqlite:///x.db", RunOptions(workers=3, gpus=["0", "1"]))
+    assert [c[c.index("--gpu") + 1] for c in cmds] == ["0", "1", "0"]
+    assert {c[c.index("--threads") + 1] for c in cmds} == {"5"}
+    assert all("--gpu" not in c for c in worker_commands("s.yaml", None, "u", RunOptions(workers=2, gpus=[])))
+    env = trial_env(5, "1")
+    assert env["CUDA_VISIBLE_DEVICES"] == "1" and env["OMP_NUM_THREADS"] == "5"
+
+
+def test_unusable_storage_url_is_one_clear_error():
+    with pytest.raises(UserError, match="--storage 'nosuchdriver://x': cannot open"):
+        st.storage("nosuchdriver://x")
