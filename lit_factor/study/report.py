@@ -150,10 +150,11 @@ def write_tensorboard(rows: list[dict], figures: dict, log_dir: Path) -> Path:
     return log_dir
 
 
-def markdown(study: optuna.Study, tables: str, figures: list[str], prefix: str = "", notes: str = "") -> str:
+def markdown(study: optuna.Study, tables: str, figures: list[str], prefix: str = "", notes: str = "",
+             command: str | None = None) -> str:
     space = study.user_attrs["search_space"]
     grid = "; ".join(f"`{k}`: {', '.join(map(str, v))}" for k, v in space.items())
-    commands = study.user_attrs.get("commands", []) + study.user_attrs.get("report_commands", [])
+    commands = study.user_attrs.get("commands", []) + ([command] if command else [])
     lines = [f"## Study `{study.study_name}`", "", f"Study file: `{study.user_attrs.get('source')}`. Grid: {grid}.",
              "", f"**Progress:** {progress_text(study)}", "", "Commands (run from the repository root):", "",
              "```", *commands, "```", "", notes, tables,
@@ -173,8 +174,6 @@ def write_report(study: optuna.Study, out: Path, publish: Path | None = None, te
     from lit_factor.study.findings import findings
     from lit_factor.study.publish import publish_section
 
-    if command and command not in study.user_attrs.get("report_commands", []):
-        study.set_user_attr("report_commands", [*study.user_attrs.get("report_commands", []), command])
     out.mkdir(parents=True, exist_ok=True)
     rows = trial_rows(study)
     written = {"csv": write_csv(rows, columns(study, rows), out / "trials.csv")}
@@ -187,9 +186,10 @@ def write_report(study: optuna.Study, out: Path, publish: Path | None = None, te
         plt.close(fig)
     tables, notes = task_tables(rows, axes_of(study)), findings(rows)
     written["markdown"] = out / "report.md"
-    written["markdown"].write_text(markdown(study, tables, list(figures), notes=notes), encoding="utf-8")
+    text = markdown(study, tables, list(figures), notes=notes, command=command)
+    written["markdown"].write_text(text, encoding="utf-8")
     if publish is not None:
         prefix = os.path.relpath(out, publish.parent).replace(os.sep, "/") + "/"
         written["page"] = publish_section(publish, f"study {study.study_name}",
-                                          markdown(study, tables, list(figures), prefix, notes))
+                                          markdown(study, tables, list(figures), prefix, notes, command))
     return written
