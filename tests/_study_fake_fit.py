@@ -48,7 +48,8 @@ def main(argv: list[str]) -> int:
                "params": {"dense_model": 1000, "factorized_model": int(1000 - 500 * (1 - kept)),
                           "targeted_dense": 500, "targeted_factorized": int(500 * kept), "kept_fraction": kept,
                           "model_kept_fraction": (1000 - 500 * (1 - kept)) / 1000},
-               "stability": None, "latency": None, "resumed_from": None}
+               "stability": None, "latency": None, "resumed_from": None,
+               "projected": {"value": value - 0.2}}  # a newer fit's extra number: becomes a CSV column
     (run_dir / "summary.json").write_text(json.dumps(summary))
     return code
 

@@ -220,6 +220,7 @@ def test_report_table_equals_hand_computation_and_figures_decode(tmp_path, base_
     line = next(ln for ln in (out / "report.md").read_text().splitlines() if ln.startswith(f"| {label} |"))
     assert line.split(" | ")[1] == f"{mean:.4f} ± {sd:.4f} ({len(values)})"
     assert line.split(" | ")[3] == f"{sum(r['verdict'] == 'succeeded' for r in cell)}/{len(cell)}"
+    assert all(float(r["projected"]) == pytest.approx(float(r["final"]) - 0.2) for r in rows)
     for name in ("metric_vs_kept", "success_rate"):
         image = matplotlib.image.imread(out / f"{name}.png")
         assert image.ndim == 3 and image.shape[0] > 100

@@ -42,7 +42,9 @@ def axes_of(study: optuna.Study) -> list[str]:
 def columns(study: optuna.Study, rows: list[dict]) -> list[str]:
     """Grid, settings, results, then every final dev metric any trial logged (``val/accuracy``, ``val/f1`` ...)."""
     metrics = sorted({k for r in rows for k in r.get("final_metrics") or {}})
-    return ["trial", "verdict", *axes_of(study), SEED, *FACT_COLUMNS, *RESULT_COLUMNS, *metrics, *TAIL_COLUMNS]
+    extras = sorted({k for r in rows for k in r.get("extra") or {}})
+    return ["trial", "verdict", *axes_of(study), SEED, *FACT_COLUMNS, *RESULT_COLUMNS, *metrics, *extras,
+            *TAIL_COLUMNS]
 
 
 def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
@@ -59,8 +61,8 @@ def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
                **{k: result.get(k) for k in RESULT_COLUMNS}, **{k: t.user_attrs.get(k) for k in TAIL_COLUMNS}}
         row.setdefault("task", t.params.get("data.task"))
         row["train_loss"] = result.get("train_loss")  # for the figures, not the CSV
-        row["final_metrics"] = result.get("final_metrics") or {}
-        row.update(row["final_metrics"])
+        row["final_metrics"], row["extra"] = result.get("final_metrics") or {}, result.get("extra") or {}
+        row.update({**row["final_metrics"], **row["extra"]})
         rows.append(row)
     return rows
 
@@ -130,7 +132,7 @@ def progress_text(study: optuna.Study) -> str:
 
 
 # --- the whole report ------------------------------------------------------------------------------------------------
-def write_tensorboard(rows: list[dict], figures: dict, log_dir: Path) -> Path:
+def write_tensorboard(rows: list[dict], figures: dict, log_dir: Path, hparam_keys: list[str]) -> Path:
     """Figures and one HParams run per trial (hyperparameters = grid + settings; metrics = results)."""
     from torch.utils.tensorboard import SummaryWriter
 
@@ -140,11 +142,10 @@ def write_tensorboard(rows: list[dict], figures: dict, log_dir: Path) -> Path:
         for name, fig in figures.items():
             writer.add_figure(f"report/{name}", fig, close=False)
         for r in rows:
-            hparams = {k: ("none" if v is None else v) for k, v in r.items()
-                       if k not in RESULT_COLUMNS + TAIL_COLUMNS + ("trial",) and not isinstance(v, list | dict)
-                       and "/" not in k}
-            metrics = {f"hparam/{k}": float(r[k]) for k in ("final", "best", "kept_fraction", "train_time_s")
-                       if isinstance(r.get(k), int | float)}
+            hparams = {k: "none" if r.get(k) is None else r[k] for k in hparam_keys}
+            results = {k: r.get(k) for k in ("final", "best", "kept_fraction", "train_time_s", "latency_speedup")}
+            results.update(r.get("extra") or {})
+            metrics = {f"hparam/{k}": float(v) for k, v in results.items() if isinstance(v, int | float)}
             metrics["hparam/succeeded"] = float(r["verdict"] == "succeeded")
             writer.add_hparams(hparams, metrics, run_name=f"trial_{r['trial']:04d}")
     return log_dir
@@ -181,7 +182,8 @@ def write_report(study: optuna.Study, out: Path, publish: Path | None = None, te
     for name, fig in figures.items():
         written[name] = out / f"{name}.png"
         fig.savefig(written[name], dpi=110)
-    written["tensorboard"] = write_tensorboard(rows, figures, tensorboard or out / "tensorboard")
+    written["tensorboard"] = write_tensorboard(rows, figures, tensorboard or out / "tensorboard",
+                                               [*axes_of(study), SEED, *FACT_COLUMNS])
     for fig in figures.values():
         plt.close(fig)
     tables, notes = task_tables(rows, axes_of(study)), findings(rows)

@@ -60,6 +60,21 @@ def read_run(run_dir: str | Path) -> dict[str, Any]:
     return {k: v for k, v in result.items() if v is not None}
 
 
+#: summary.json keys read into named results; any other number (or {"value": number}) becomes an extra column
+_SUMMARY_KEYS = {"status", "reasons", "task", "monitor", "best", "final", "best_checkpoint", "train_time_s", "params",
+                 "stability", "latency", "resumed_from"}
+
+
+def _extras(summary: dict) -> dict[str, float]:
+    """Numbers a newer fit adds to summary.json (e.g. a dev metric measured right after projection)."""
+    out = {}
+    for key, value in summary.items():
+        value = value.get("value") if isinstance(value, dict) else value
+        if key not in _SUMMARY_KEYS and isinstance(value, int | float) and not isinstance(value, bool):
+            out[key] = value
+    return out
+
+
 def _from_summary(summary: dict) -> dict[str, Any]:
     params = summary.get("params") or {}
     latency = summary.get("latency") or {}
@@ -73,6 +88,7 @@ def _from_summary(summary: dict) -> dict[str, Any]:
         "kept_fraction": params.get("kept_fraction"), "model_kept_fraction": params.get("model_kept_fraction"),
         "train_time_s": summary.get("train_time_s"), "latency_speedup": latency.get("speedup"),
         "succeeded": summary.get("status") == "succeeded" if summary.get("status") else None,
+        "extra": _extras(summary) or None,
     }
 
 
