@@ -111,9 +111,10 @@ def test_killed_run_resumes_bit_identical(reference, tmp_path, monkeypatch):
     assert_identical(weights(resumed), expected, f"killed at step {kill_at}, resumed")
     assert resumed_from(resumed)["step"] == kill_at
     assert os.path.samefile(resumed.trainer.log_dir, run_dir)  # the same TensorBoard run, no version_1
-    # the validation checkpoints of before and after the kill are all known to the restored ModelCheckpoint
+    # The validation checkpoints of before and after the kill are all known to the restored ModelCheckpoint; but
+    # resumed from an epoch's last batch, Lightning does not redo that epoch's validation (README: not covered).
     validation = next(c for c in resumed.trainer.checkpoint_callbacks if c.monitor)
-    assert len(validation.best_k_models) == EPOCHS
+    assert len(validation.best_k_models) == EPOCHS - (kill_at % STEPS_PER_EPOCH == 0), f"killed at step {kill_at}"
     assert sorted(p.name for p in run_dir.parent.iterdir()) == ["version_0"]
 
 

@@ -89,6 +89,9 @@ class ExactResume(Callback):
                 logger.experiment.add_text("resume", f"resumed at epoch {trainer.current_epoch}, step "
                                            f"{trainer.global_step} from `{trainer.ckpt_path}`", trainer.global_step)
 
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._pending = None  # states read by validate/test/predict --ckpt_path are not for a later fit
+
     # A restart inside an epoch resumes at a batch (no on_train_epoch_start); one at an epoch's end at an epoch.
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._restore_rng(trainer)
