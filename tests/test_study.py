@@ -369,3 +369,17 @@ def test_workers_share_cores_and_take_one_gpu_each(monkeypatch):
 def test_unusable_storage_url_is_one_clear_error():
     with pytest.raises(UserError, match="--storage 'nosuchdriver://x': cannot open"):
         st.storage("nosuchdriver://x")
+
+
+def test_rerun_with_changed_settings_is_refused(tmp_path, base_yaml):
+    path = write_study(tmp_path / "ch.yaml", base=str(base_yaml), command=FAKE, args={"a.b": 1},
+                       axes={"x.y": [1]}, seeds=[1])
+    store = st.storage(st.default_storage("ch", tmp_path))
+    st.create(load_spec(path), store)
+    st.create(load_spec(path), store)  # same file: resumes
+    write_study(path, base=str(base_yaml), command=FAKE, args={"a.b": 2}, axes={"x.y": [1]}, seeds=[1])
+    with pytest.raises(UserError, match=r"study 'ch' ran with other settings \(args changed"):
+        st.create(load_spec(path), store)
+    write_study(path, base=str(base_yaml), command=FAKE, args={"a.b": 1}, axes={"x.y": [1, 2]}, seeds=[1])
+    with pytest.raises(UserError, match="has another grid"):
+        st.create(load_spec(path), store)

@@ -70,6 +70,11 @@ class StudySpec:
             cells = [{**c, axis: v} for c in cells for v in values]
         return cells
 
+    def settings(self) -> dict[str, Any]:
+        """Everything that shapes a trial's command besides its grid point (compared on resume)."""
+        return {"base": self.base, "args": self.args, "axes": self.axes, "stability": self.stability,
+                "command": self.command}
+
     def size(self) -> int:
         return len(self.cells()) * len(self.seeds)
 

@@ -7,6 +7,7 @@ and many machines can run the same study against one database (``--storage postg
 
 from __future__ import annotations
 
+import json
 import logging
 import warnings
 from dataclasses import dataclass
@@ -60,7 +61,13 @@ def create(spec: StudySpec, store: RDBStorage) -> optuna.Study:
     if saved is not None and saved != _jsonable(spec.search_space()):
         raise UserError(f"study {spec.name!r} in this storage has another grid ({saved}); give the study another "
                         "name, or use another --storage")
+    settings = json.loads(json.dumps(spec.settings()))  # as stored: JSON types
+    if saved is not None and study.user_attrs.get("settings", settings) != settings:
+        changed = [k for k, v in settings.items() if study.user_attrs["settings"].get(k) != v]
+        raise UserError(f"study {spec.name!r} ran with other settings ({', '.join(changed)} changed in "
+                        f"{spec.source}); its trials would not be comparable: give the study another name")
     if saved is None:
+        study.set_user_attr("settings", settings)
         study.set_user_attr("search_space", _jsonable(spec.search_space()))
         study.set_user_attr("axes", list(spec.axes))
         study.set_user_attr("source", spec.source)
