@@ -154,6 +154,10 @@ def settings_list(args) -> list[LatencySettings]:
             for fused in (fusions if runtime == "onnxruntime" else [False])]
 
 
+def _ms(value: float) -> str:
+    return f"{value:.0f}" if value >= 100 else f"{value:.3g}"
+
+
 def markdown_table(rows: list[dict]) -> str:
     """Variants down, runtimes across; each cell the speedup (of the medians) and the two medians."""
     labels = list(dict.fromkeys(runtime_label(r) for r in rows))
@@ -166,9 +170,31 @@ def markdown_table(rows: list[dict]) -> str:
             if not cells:
                 continue
             kept = next(iter(cells.values()))["kept_fraction"]
-            text = [f"**{c['speedup']:.2f}x** ({c['dense_ms']:.4g} / {c['factorized_ms']:.4g} ms)" if c else "-"
+            text = [f"**{c['speedup']:.2f}x** ({_ms(c['dense_ms'])} / {_ms(c['factorized_ms'])} ms)" if c else "-"
                     for c in (cells.get(label) for label in labels)]
             lines.append(f"| {name} ({kept:.1%}) | {batch} x {seq} | " + " | ".join(text) + " |")
+    return "\n".join(lines)
+
+
+#: issue 13's goals (CPU, fp32, 2 threads, BERT-base-shaped encoder, batch 8 x 128): variant -> (label, target
+#: speedup in the best runtime, FLOP limit of the linear layers)
+GOALS = {"lowrank@0.5": ("low rank 50 %", 1.9, 2.0), "lowrank@0.25": ("low rank 25 %", 3.2, 4.0),
+         "monarch@default": ("Monarch 4 blocks (37.5 %)", 2.1, 2.7)}
+
+
+def markdown_goals(rows: list[dict]) -> str:
+    """The goals next to the best runtime's and eager PyTorch's speedups of these rows."""
+    lines = ["| goal | target (FLOP limit) | best runtime | eager | status |", "|---|---|---|---|---|"]
+    for name, (label, target, limit) in GOALS.items():
+        mine = [r for r in rows if r["name"] == name]
+        if not mine:
+            continue
+        best = max(mine, key=lambda r: r["speedup"])
+        eager = [f"{r['speedup']:.2f}x" for r in mine if runtime_label(r) == "eager"]
+        loaded = " (loaded machine)" if any((r.get("load_avg_1min") or 0) > 2.5 for r in mine) else ""
+        status = ("met" if best["speedup"] >= target else "**missed**") + loaded
+        lines.append(f"| {label} | >= {target}x ({limit}x) | {best['speedup']:.2f}x ({runtime_label(best)}) | "
+                     f"{', '.join(eager) or '-'} | {status} |")
     return "\n".join(lines)
 
 
@@ -217,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.from_json:
         rows = [row for path in args.from_json for row in json.load(open(path))]
         print(markdown_table(rows))
+        if any(r["name"] in GOALS for r in rows):
+            print("\n" + markdown_goals(rows))
         return 0
     try:
         rows = measure(args)
