@@ -26,8 +26,8 @@ from lit_factor.data import GLUEDataModule
 from lit_factor.module import Factorization, FactorizedClassifier
 
 COMBOS = ("svd:uniform", "whitened:uniform", "fisher:uniform", "svd:energy", "whitened:energy", "fisher:fisher")
-FIELDS = ("task", "method", "budget", "init", "allocation", "calibration_samples", "kept_fraction", "metric",
-          "value", "dense_value", "seconds", "train_samples", "max_seq_length", "machine")
+FIELDS = ("task", "method", "budget", "init", "allocation", "min_share", "calibration_samples", "kept_fraction",
+          "metric", "value", "dense_value", "seconds", "train_samples", "max_seq_length", "machine")
 
 
 def _trainer(**kwargs) -> L.Trainer:
@@ -75,6 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--methods", nargs="+", default=["lowrank"])
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.5, 0.25])
     parser.add_argument("--combos", nargs="+", default=list(COMBOS), help="init:allocation pairs")
+    parser.add_argument("--min-share", type=float, default=0.0, help="factorization.allocation_min_share")
     parser.add_argument("--dense-ckpt", default=None)
     parser.add_argument("--work-dir", default="logs/projection_quality")
     parser.add_argument("--machine", default="2-core shared CPU (loaded)")
@@ -97,9 +98,10 @@ def main(argv: list[str] | None = None) -> None:
         for method, budget, combo in ((m, b, c) for m in args.methods for b in args.budgets for c in args.combos):
             init, allocation = combo.split(":")
             fact = Factorization(method=method, budget=budget, init=init, allocation=allocation,
-                                 calibration_samples=args.calibration_samples)
+                                 allocation_min_share=args.min_share, calibration_samples=args.calibration_samples)
             value, kept, seconds = validate(args, ckpt, fact)
             writer.writerow(dict(task=args.task, method=method, budget=budget, init=init, allocation=allocation,
+                                 min_share=args.min_share if allocation != "uniform" else "",
                                  calibration_samples=args.calibration_samples, kept_fraction=round(kept, 4),
                                  metric="dev accuracy right after projection", value=round(value, 4),
                                  dense_value=round(dense, 4), seconds=round(seconds, 1),

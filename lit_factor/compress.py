@@ -46,7 +46,7 @@ def module_stats(module, paths: Iterable[str], *, fisher: bool, samples: int) ->
 
 
 def allocated_plan(model: nn.Module, plan: Plan, allocation: str, stats: dict[str, ProjectionStats], *,
-                   targets, nblocks: int, rank_multiple: int) -> Plan:
+                   targets, nblocks: int, rank_multiple: int, min_share: float = 0.0) -> Plan:
     """``plan`` (built from a budget) with per-layer ranks from the global ``allocation`` (energy or fisher)."""
     if plan.budget is None:
         raise UserError(f"factorization.allocation={allocation} distributes a budget: set factorization.budget "
@@ -57,7 +57,8 @@ def allocated_plan(model: nn.Module, plan: Plan, allocation: str, stats: dict[st
         weight = model.get_submodule(e.path).weight
         spectrum = shell.rank_spectrum(weight, allocation_terms(e.init, allocation, stats.get(e.path)))
         choices.append(RankChoice(spectrum, e.out_features * e.in_features, shell.weights_per_rank))
-    ranks = allocate_ranks(choices, plan.budget, rank_multiple, normalize=allocation == "energy")
+    ranks = allocate_ranks(choices, plan.budget, rank_multiple, normalize=allocation == "energy",
+                           min_share=min_share)
     structures = {e.path: {**e.structure, "rank": r} for e, r in zip(plan.entries, ranks, strict=True)}
     return build_plan(model, plan.method, plan.budget, targets=targets, nblocks=nblocks, rank_multiple=rank_multiple,
                       init=plan.entries[0].init, structures=structures)

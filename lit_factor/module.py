@@ -71,6 +71,8 @@ class Factorization:
         allocation: per-layer ranks: ``uniform`` (every layer keeps ``budget``), or a global allocation meeting
             ``budget`` over all targeted weights: ``energy`` (normalized spectral energy) or ``fisher``
             (Fisher-weighted energy, comparable across layers); see ``lit_factor/factorize/allocation.py``.
+        allocation_min_share: a floor for non-uniform allocations: every layer keeps at least this share of its
+            uniform allocation (0: none; 0.5 keeps ``fisher`` from starving layers at small budgets).
         calibration_samples: training examples run through the model to gather the statistics of ``whitened``,
             ``fisher`` and the non-uniform allocations (one pass, before projecting; per stage when staged).
 
@@ -87,6 +89,7 @@ class Factorization:
     rank_multiple: int = 1
     init: Literal["svd", "whitened", "fisher", "random"] = "svd"
     allocation: Literal["uniform", "energy", "fisher"] = "uniform"
+    allocation_min_share: float = 0.0
     calibration_samples: int = 256
 
     def __post_init__(self) -> None:
@@ -101,6 +104,8 @@ class Factorization:
         if self.allocation != "uniform" and self.budget is None:
             raise ConfigError(f"factorization.allocation={self.allocation} distributes a budget: set "
                               "factorization.budget instead of a fixed rank")
+        if not 0 <= self.allocation_min_share <= 1:
+            raise ConfigError(f"factorization.allocation_min_share={self.allocation_min_share} must be in [0, 1]")
         if self.calibration_samples < 1:
             raise ConfigError(f"factorization.calibration_samples={self.calibration_samples} must be >= 1")
         if self.budget is not None and not 0 < self.budget <= 1:
@@ -258,7 +263,8 @@ class FactorizedClassifier(L.LightningModule):
                              samples=f.calibration_samples)
         if allocate:
             self.plan = allocated_plan(self.model, self.plan, f.allocation, stats, targets=f.targets,
-                                       nblocks=f.nblocks, rank_multiple=f.rank_multiple)
+                                       nblocks=f.nblocks, rank_multiple=f.rank_multiple,
+                                       min_share=f.allocation_min_share)
             self.hparams["plan"] = self.plan.to_dict()
         return stats
 

@@ -92,3 +92,17 @@ def test_structure_spectrum_tail_is_the_projection_error(method):
     error = (linear.weight.double() - layer.to_dense().double()).pow(2).sum()
     torch.testing.assert_close(spectrum[3 if method == "lowrank" else 2:].sum(), error.detach(), rtol=1e-4, atol=1e-6)
     assert layer.weights_per_rank * structure["rank"] == layer.weight_params
+
+
+def test_min_share_floors_every_layer():
+    k = 24
+    flat_s, steep_s = torch.linspace(1.0, 0.8, k, dtype=torch.float64), torch.logspace(0, -6, k, dtype=torch.float64)
+    choices = [_choice(_matrix(steep_s, 32, 24, seed=1)), _choice(_matrix(flat_s, 32, 24, seed=0))]
+    free = allocate_ranks(choices, 0.5, normalize=False)
+    floored = allocate_ranks(choices, 0.5, normalize=False, min_share=0.5)
+    uniform = int(0.5 * 32 * 24 // 56)
+    assert free[0] < uniform // 2 <= floored[0]  # the steep layer is starved without the floor, not with it
+    target = 0.5 * sum(c.dense_weights for c in choices)
+    assert target - 56 < _kept(choices, floored) <= target
+    with pytest.raises(BudgetError, match="min_share=2"):
+        allocate_ranks(choices, 0.5, min_share=2)

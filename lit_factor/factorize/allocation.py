@@ -64,11 +64,25 @@ def _step_gains(choice: RankChoice, rank_multiple: int, normalize: bool) -> list
     return gains[1:].tolist()
 
 
+def _start_steps(choices: list[RankChoice], budget: float, rank_multiple: int, min_share: float) -> list[int]:
+    """Rank steps every layer gets before the greedy part: one, or ``min_share`` of its uniform allocation."""
+    if not 0 <= min_share <= 1:
+        raise BudgetError(f"min_share={min_share} must be in [0, 1]: the share of its uniform allocation every "
+                          "layer keeps at least")
+    return [max(1, min(c.max_rank(rank_multiple) // rank_multiple,
+                       int(min_share * budget * c.dense_weights // (c.cost_per_rank * rank_multiple))))
+            for c in choices]
+
+
 def allocate_ranks(choices: list[RankChoice], budget: float, rank_multiple: int = 1,
-                   normalize: bool = True) -> list[int]:
+                   normalize: bool = True, min_share: float = 0.0) -> list[int]:
     """Per-layer ranks (multiples of ``rank_multiple``) meeting ``budget`` of all dense weights (see module doc).
 
-    ``normalize=True`` is the ``energy`` allocation, ``False`` the ``fisher`` (absolute) one.
+    ``normalize=True`` is the ``energy`` allocation, ``False`` the ``fisher`` (absolute) one. ``min_share`` is a
+    floor: every layer keeps at least that share of the weights a uniform allocation would give it (rounded down
+    to whole rank steps). Measured on MiniLM/SST-2 at 25 %, the unfloored ``fisher`` allocation starves layers
+    whose Fisher information is small down to rank 1 and the model collapses to chance
+    (docs/studies/projection_quality.csv).
     """
     if not 0 < budget <= 1:
         raise BudgetError(f"budget={budget} is outside (0, 1]: it is the kept fraction of targeted weights")
@@ -79,13 +93,14 @@ def allocate_ranks(choices: list[RankChoice], budget: float, rank_multiple: int 
             raise BudgetError(f"layer {i} ({c.dense_weights:,} weights) has no rank that is a multiple of "
                               f"{rank_multiple} and saves weights")
     step_cost = [c.cost_per_rank * rank_multiple for c in choices]
-    left = budget * sum(c.dense_weights for c in choices) - sum(step_cost)
+    steps = _start_steps(choices, budget, rank_multiple, min_share)
+    left = budget * sum(c.dense_weights for c in choices) - sum(s * c for s, c in zip(steps, step_cost, strict=True))
     if left < 0:
         raise BudgetError(f"budget={budget} is below one rank step ({rank_multiple}) for every targeted layer")
     candidates = [(-gain, i, k) for i, c in enumerate(choices)
                   for k, gain in enumerate(_step_gains(c, rank_multiple, normalize))]
     candidates.sort()
-    steps, closed = [1] * len(choices), set()
+    closed = set()
     for _, i, k in candidates:
         if i in closed or k + 1 != steps[i]:
             continue
