@@ -193,8 +193,6 @@ def linear_macs_per_token(model: nn.Module) -> int:
     return total
 
 
-param_count = count_params  # former name (lit_factor.surgery.count_params is the one definition)
-
 
 def describe(model: nn.Module) -> dict:
     """method / budget / kept fraction of a model factorized by lit-factor (read from its layers)."""
