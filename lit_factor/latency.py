@@ -193,7 +193,6 @@ def linear_macs_per_token(model: nn.Module) -> int:
     return total
 
 
-
 def describe(model: nn.Module) -> dict:
     """method / budget / kept fraction of a model factorized by lit-factor (read from its layers)."""
     layers = [m for m in model.modules() if isinstance(m, FactorizedLinear)]
