@@ -343,7 +343,7 @@ def test_findings_say_reproduced_not_reproduced_or_mixed_from_the_rows():
     text = findings(rows)
     # budget 0.25: low rank 0.81 < block-wise 0.83; budget 0.5: 0.7 > 0.6 -> one of two
     assert "low rank ahead in 1 of 2 comparisons; **mixed**" in text
-    assert "sst2, budget 0.25: low rank 0.8100 vs blockwise 0.8300" in text
+    assert "sst2, budget 0.25: low rank 0.8100 ± 0.0141 (2) vs blockwise 0.8300 (1)" in text
     assert "low rank faster in 1 of 1 comparisons; **reproduced**" in text  # 2.1 vs 1.9
     staged = [_row("lowrank", 0.8, staged=True), _row("lowrank", 0.5, staged=True, verdict="failed"),
               _row("lowrank", 0.5, verdict="failed"), _row("lowrank", 0.5, verdict="failed")]

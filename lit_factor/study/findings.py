@@ -16,6 +16,7 @@ import statistics
 from collections import defaultdict
 
 from lit_factor.study.figures import regime
+from lit_factor.study.report import fmt_stat
 
 
 def _mean(rows: list[dict], key: str) -> float | None:
@@ -45,14 +46,17 @@ def _lowrank_vs_others(rows: list[dict], key: str, what: str) -> list[str]:
         other = max((m for m in means if m != "lowrank"), key=means.get)
         total += 1
         wins += means["lowrank"] > means[other]
-        lines.append(f"  - {task}, budget {budget}: low rank {means['lowrank']:.4f} vs {other} {means[other]:.4f} "
-                     f"({what}, n = {len(_by(group, 'method')[('lowrank',)])} seeds)")
+        by_method = _by(group, "method")
+        lows, others = ([r[key] for r in by_method[(m,)] if isinstance(r.get(key), int | float)]
+                        for m in ("lowrank", other))
+        lines.append(f"  - {task}, budget {budget}: low rank {fmt_stat(lows)} vs {other} {fmt_stat(others)} "
+                     f"({what}, mean ± sd (n))")
     return [f"{wins} of {total} comparisons; **{_verdict(wins, total)}**", *lines] if total else []
 
 
 def claim1(rows: list[dict]) -> list[str]:
     finished = [r for r in rows if r["verdict"] in ("succeeded", "failed") and not r.get("staged")]
-    lines = _lowrank_vs_others(finished, "final", "mean final dev metric")
+    lines = _lowrank_vs_others(finished, "final", "final dev metric")
     return ["- **Claim 1, low rank beats Monarch and block-wise at equal parameters:** low rank ahead in "
             + lines[0], *lines[1:]] if lines else []
 
@@ -80,7 +84,7 @@ def claim2(rows: list[dict]) -> list[str]:
 
 def claim4(rows: list[dict]) -> list[str]:
     finished = [r for r in rows if r["verdict"] in ("succeeded", "failed")]
-    lines = _lowrank_vs_others(finished, "latency_speedup", "mean measured speedup over dense")
+    lines = _lowrank_vs_others(finished, "latency_speedup", "measured inference speedup over dense")
     return ["- **Claim 4, low rank is faster than Monarch (and block-wise):** low rank faster in " + lines[0],
             *lines[1:]] if lines else []
 
