@@ -46,10 +46,14 @@ def test_onnxruntime_rows_profile_and_markdown(tmp_path, capsys):
     assert text.count("=== ") == 9 and "aten::" in text and "MatMul" in text  # torch ops, then ORT op types
     capsys.readouterr()
     assert bench().main(["--from-json", str(out)]) == 0
-    table = capsys.readouterr().out.splitlines()
+    table, goals = capsys.readouterr().out.strip().split("\n\n")
+    table = table.splitlines()
     assert table[0] == ("| variant (kept) | batch x len | eager+rewrites | onnxruntime+rewrites "
                         "| onnxruntime+fusions+rewrites |")
     assert len(table) == 4 and table[2].startswith("| lowrank@0.5 (")
+    goals = goals.splitlines()  # issue 13's goals, for the variants these rows have
+    assert goals[0].startswith("| goal |") and [g.split(" | ")[0] for g in goals[2:]] == [
+        "| low rank 50 %", "| Monarch 4 blocks (37.5 %)"]
 
 
 def test_rank_padding_is_a_setting_of_the_measured_copies(one_thread):
