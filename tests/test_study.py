@@ -227,10 +227,11 @@ def test_report_table_equals_hand_computation_and_figures_decode(tmp_path, base_
     text = page.read_text()
     assert "<!-- begin study rep (generated) -->" in text and "](../out/metric_vs_kept.png)" in text
     assert "python cli.py study run" in text and "python cli.py study report rep" in text
-    # rerunning the report replaces its section rather than adding one
-    assert run_cli("report", "rep", "--root", "logs", "--out", str(out), "--publish", str(page),
+    # rerunning the report replaces its section rather than adding one; re-reading the run dirs changes nothing
+    table = (out / "trials.csv").read_text()
+    assert run_cli("report", "rep", "--root", "logs", "--out", str(out), "--publish", str(page), "--reread",
                    cwd=tmp_path).returncode == 0
-    assert page.read_text().count("<!-- begin study rep") == 1
+    assert page.read_text().count("<!-- begin study rep") == 1 and (out / "trials.csv").read_text() == table
     assert_hparams(out / "tensorboard", expected_runs=len(rows))
 
 

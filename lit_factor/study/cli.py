@@ -38,6 +38,8 @@ def parser() -> argparse.ArgumentParser:
     sub.choices["report"].add_argument("--out", required=True, help="folder for trials.csv, tables and figures")
     sub.choices["report"].add_argument("--publish", help="also write this Markdown page (e.g. docs/results.md)")
     sub.choices["report"].add_argument("--tensorboard", help="TensorBoard folder (default: OUT/tensorboard)")
+    sub.choices["report"].add_argument("--reread", action="store_true",
+                                       help="read results again from the run directories on this machine")
     for sp in sub.choices.values():
         sp.add_argument("--variant", help="a variant of the study file (e.g. full)")
         sp.add_argument("--storage", help="SQLAlchemy URL (default: sqlite:///logs/studies/<name>.db)")
@@ -90,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
 
         written = write_report(study, Path(args.out), publish=args.publish and Path(args.publish),
                                tensorboard=args.tensorboard and Path(args.tensorboard),
-                               command=_command(argv))
+                               command=_command(argv), reread=args.reread)
         for what, path in written.items():
             print(f"wrote {what}: {path}")
         return 0

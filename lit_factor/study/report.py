@@ -18,6 +18,7 @@ from typing import Any
 import optuna
 
 from lit_factor.study import status as stat
+from lit_factor.study.results import read_run
 from lit_factor.study.spec import SEED
 
 RESULT_COLUMNS = ("monitor", "final", "best", "best_epoch", "kept_fraction", "model_kept_fraction",
@@ -47,20 +48,25 @@ def columns(study: optuna.Study, rows: list[dict]) -> list[str]:
             *TAIL_COLUMNS]
 
 
-def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
-    """One row per grid point that has a finished trial (its latest complete one, else its latest error)."""
+def trial_rows(study: optuna.Study, reread: bool = False) -> list[dict[str, Any]]:
+    """One row per grid point that has a finished trial (its latest complete one, else its latest error).
+    ``reread``: results read again from the run directories found on this machine (after a reader update)."""
     rows = []
     for trials in stat.grid_points(study).values():
         t = stat.final_trial(trials)
         if t is None or stat.point_state(trials) in ("running", "queued"):
             continue
         result = t.user_attrs.get("result") or {}
+        run_dir = Path(t.user_attrs.get("run_dir", ""))
+        if reread and result and run_dir.is_dir():
+            result = read_run(run_dir)
         facts = result.get("config") or {}
         row = {"trial": t.number, "verdict": t.user_attrs.get("verdict", "error"),
                **{axis_column(a): v for a, v in t.params.items()}, **facts,
                **{k: result.get(k) for k in RESULT_COLUMNS}, **{k: t.user_attrs.get(k) for k in TAIL_COLUMNS}}
         row.setdefault("task", t.params.get("data.task"))
         row["train_loss"] = result.get("train_loss")  # for the figures, not the CSV
+        row["latency_setting"] = result.get("latency_setting")
         row["final_metrics"], row["extra"] = result.get("final_metrics") or {}, result.get("extra") or {}
         row.update({**row["final_metrics"], **row["extra"]})
         rows.append(row)
@@ -165,7 +171,7 @@ def markdown(study: optuna.Study, tables: str, figures: list[str], prefix: str =
 
 
 def write_report(study: optuna.Study, out: Path, publish: Path | None = None, tensorboard: Path | None = None,
-                 command: str | None = None) -> dict[str, Path]:
+                 command: str | None = None, reread: bool = False) -> dict[str, Path]:
     """Write trials.csv, report.md, the figures and the TensorBoard view; return what was written."""
     import os
 
@@ -176,7 +182,7 @@ def write_report(study: optuna.Study, out: Path, publish: Path | None = None, te
     from lit_factor.study.publish import publish_section
 
     out.mkdir(parents=True, exist_ok=True)
-    rows = trial_rows(study)
+    rows = trial_rows(study, reread)
     written = {"csv": write_csv(rows, columns(study, rows), out / "trials.csv")}
     figures = {name: fig for name, draw in FIGURES.items() if (fig := draw(rows)) is not None}
     for name, fig in figures.items():

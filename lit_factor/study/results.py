@@ -87,6 +87,8 @@ def _from_summary(summary: dict) -> dict[str, Any]:
         "params_targeted_factorized": params.get("targeted_factorized"),
         "kept_fraction": params.get("kept_fraction"), "model_kept_fraction": params.get("model_kept_fraction"),
         "train_time_s": summary.get("train_time_s"), "latency_speedup": latency.get("speedup"),
+        "latency_setting": (f"{latency.get('device', '?')}, batch {latency.get('batch_size')} x "
+                            f"{latency.get('seq_len')} tokens") if latency else None,
         "succeeded": summary.get("status") == "succeeded" if summary.get("status") else None,
         "extra": _extras(summary) or None,
     }
