@@ -352,6 +352,9 @@ def test_findings_say_reproduced_not_reproduced_or_mixed_from_the_rows():
     assert "staged ahead in 1, behind in 0, equal in 0 of 1 comparisons; **reproduced**" in text
     assert "staged 50% of 2 runs succeeded, all at once 0% of 2" in text
     assert findings([_row("lowrank", 0.8)]) == ""  # nothing to compare
+    at_baseline = [_row("lowrank", 0.81, verdict="failed"), _row("monarch", 0.81, verdict="failed")]
+    text = findings(at_baseline)  # runs at the majority baseline measure no structure: not compared
+    assert "no task and budget with successful runs" in text and "sst2: 2 of 2 runs failed" in text
 
 
 def test_workers_share_cores_and_take_one_gpu_each(monkeypatch):
