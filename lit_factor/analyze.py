@@ -153,6 +153,22 @@ def rank_needed(rows: list[dict], name: str, error: float) -> float:
     return min(r["rank_fraction"] for r in rows if r["matrix"] == name and r["relative_error"] <= error)
 
 
+#: a matrix counts as "near full rank" when a 10 % error needs at least this fraction of its full rank
+NEAR_FULL_RANK = 0.5
+
+
+def claim3(spectrum: list[dict], names: list[str]) -> str:
+    """The generated verdict on "pretrained matrices are close to full rank" (criterion: NEAR_FULL_RANK)."""
+    pretrained = [n for n in names if not n.startswith("random ")]
+    need = {n: rank_needed(spectrum, n, 0.1) for n in names}
+    near = [n for n in pretrained if need[n] >= NEAR_FULL_RANK]
+    verdict = "reproduced" if len(near) == len(pretrained) else "not reproduced" if not near else "mixed"
+    reference = ", ".join(f"{need[n]:.2f}" for n in names if n.startswith("random "))
+    return (f"**Claim 3, pretrained matrices are close to full rank:** a 10 % error needs "
+            f"{', '.join(f'{need[n]:.2f}' for n in pretrained)} of full rank for the pretrained matrices "
+            f"(a Gaussian random matrix: {reference}); criterion: at least {NEAR_FULL_RANK:.0%}; **{verdict}**.")
+
+
 def summary_markdown(model: str, spectrum: list[dict], equal: list[dict], command: str, prefix: str) -> str:
     names = list(dict.fromkeys(r["matrix"] for r in spectrum))
     lines = [f"## Analyze `{model}` (no training)", "", "```", command, "```", "",
@@ -160,6 +176,7 @@ def summary_markdown(model: str, spectrum: list[dict], equal: list[dict], comman
              "", "| matrix | 50 % | 25 % | 10 % |", "|---|---|---|---|"]
     lines += [f"| {n} | " + " | ".join(f"{rank_needed(spectrum, n, e):.2f}" for e in (0.5, 0.25, 0.1)) + " |"
               for n in names]
+    lines += ["", claim3(spectrum, names)]
     by_method = _by_method(equal)
     budgets = sorted({b for pts in by_method.values() for b in pts})
     lines += ["", "Relative projection error at equal parameters, mean over every targeted matrix:", "",

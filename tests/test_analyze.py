@@ -72,6 +72,7 @@ def test_equal_param_rows_match_the_projections(analyzed):
         assert matplotlib.image.imread(out / f"{name}.png").ndim == 3
     text = page.read_text()
     assert "<!-- begin analyze random:tiny-bert (generated) -->" in text and "python cli.py analyze" in text
+    assert "**Claim 3, pretrained matrices are close to full rank:**" in text
 
 
 def test_bad_model_or_matrix_is_one_line_exit_2(tmp_path, capsys):
