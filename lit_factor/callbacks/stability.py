@@ -208,6 +208,8 @@ class StabilityMonitor(Callback):
             threshold = self.success_threshold
             if threshold is None and counts:
                 threshold = majority_baseline(self.monitor, counts)
+            elif threshold is None and any(k in self.monitor.lower() for k in ("pearson", "spearman", "corr")):
+                threshold = 0.0  # regression (STS-B): float labels go uncounted; a constant predictor correlates 0
             summary.update(monitor=self.monitor, dev_metric=value, threshold=threshold,
                            threshold_kind="given" if self.success_threshold is not None else "majority-class")
             if value is None or not math.isfinite(value):
