@@ -25,7 +25,7 @@ from pathlib import Path
 from jsonargparse import ActionConfigFile, DefaultHelpFormatter
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from lit_factor import runs
 from lit_factor.callbacks.prediction import GLUEPredictionWriter
@@ -33,7 +33,7 @@ from lit_factor.callbacks.progress import LineProgress
 from lit_factor.callbacks.summary import SUMMARY_FILE, RunSummary
 from lit_factor.checkpoints import run_dir_of
 from lit_factor.data import GLUEDataError, GLUEDataModule, get_task
-from lit_factor.errors import UserError, fail
+from lit_factor.errors import EXIT_TERMINATED, UserError, fail
 from lit_factor.factorize import BudgetError
 from lit_factor.models import ModelSourceError
 from lit_factor.module import FactorizedClassifier
@@ -314,6 +314,11 @@ def main(args: list[str] | None = None, run: bool = True) -> LitFactorCLI:
         )
     except USER_ERRORS as err:
         fail(err)
+    except SIGTERMException:
+        # Lightning stops gracefully on SIGTERM (a cluster's preemption, `kill`, a study stopping its trials) by
+        # raising a bare SystemExit, i.e. status 0: a run that did not finish must never read as a success.
+        print(f"run terminated by SIGTERM (exit status {EXIT_TERMINATED})", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_TERMINATED) from None
     except (TypeError, ValueError) as err:
         # jsonargparse wraps what a class's own constructor refused (e.g. StagingCallback(spread=2)) in its own
         # "does not validate" error: report the refusal itself.

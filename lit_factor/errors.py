@@ -19,6 +19,8 @@ class UserError(ValueError):
 EXIT_RUN_FAILED = 3
 #: exit status of bad settings or data
 EXIT_USAGE = 2
+#: exit status of a run stopped by SIGTERM before it finished (128 + 15, the shell's convention)
+EXIT_TERMINATED = 143
 
 
 def fail(message: str | BaseException) -> NoReturn:

