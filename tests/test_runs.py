@@ -111,6 +111,7 @@ def test_run_stopped_by_sigterm_is_not_a_success(in_tmp, glue_writer, capsys):
     root = glue_writer("SST-2", n_train=16, n_dev=8)
     with pytest.raises(SystemExit) as exit_:
         cli.main(["fit", *data_args(root, in_tmp), "--trainer.max_steps", "6",
-                  "--trainer.callbacks+=tests._terminator.TerminateAt", "--trainer.callbacks.step", "2"])
+                  "--trainer.callbacks+=tests._killer.KillAt", "--trainer.callbacks.step", "2",
+                  "--trainer.callbacks.sig", "SIGTERM"])
     assert exit_.value.code == EXIT_TERMINATED
     assert "run terminated by SIGTERM (exit status 143)" in capsys.readouterr().err
