@@ -3,25 +3,10 @@
 import sys
 
 import torch
-from torch import nn
+from test_calibration import _TwoLayer  # this script's directory is on sys.path
 from torch.utils.data import DataLoader
 
 from lit_factor.calibration import calibrate, calibration_loader
-
-
-class Out:
-    def __init__(self, loss):
-        self.loss = loss
-
-
-class TwoLayer(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)  # the same weights on every rank (DDP would broadcast them)
-        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
-
-    def forward(self, batch):
-        return Out(self.b(torch.relu(self.a(batch["x"]))).pow(2).mean())
 
 
 class Data:
@@ -36,7 +21,8 @@ class Data:
 def main(rank: int, port: int, out: str) -> None:
     if rank >= 0:
         torch.distributed.init_process_group("gloo", rank=rank, world_size=2, init_method=f"tcp://127.0.0.1:{port}")
-    model = TwoLayer()
+    torch.manual_seed(0)  # the same weights on every rank (DDP would broadcast them)
+    model = _TwoLayer()
     loader = calibration_loader(Data(), samples=10)
     stats = calibrate(model, ["a", "b"], loader, forward=model, fisher=True)
     torch.save({"share": len(loader.dataset), **{p: (s.input_cov, s.row_weights) for p, s in stats.items()}}, out)
