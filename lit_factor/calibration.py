@@ -45,10 +45,12 @@ def calibration_loader(datamodule, samples: int, batch_size: int | None = None) 
     """
     if samples < 1:
         raise ValueError(f"calibration_samples={samples} must be >= 1")
-    with torch.random.fork_rng(devices=[]):
+    # Data work is CPU work: inside Lightning's configure_model the default device is the GPU, and a CPU
+    # generator there fails ("Expected a 'cuda' device type for generator").
+    with torch.device("cpu"), torch.random.fork_rng(devices=[]):
         train = datamodule.train_dataloader()
-    dataset = train.dataset
-    chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(CALIBRATION_SEED))[:samples]
+        chosen = torch.randperm(len(train.dataset), generator=torch.Generator().manual_seed(CALIBRATION_SEED))
+    dataset, chosen = train.dataset, chosen[:samples]
     rank, world = _dist()
     return DataLoader(Subset(dataset, chosen[rank::world].tolist()), batch_size=batch_size or train.batch_size,
                       shuffle=False, collate_fn=train.collate_fn)

@@ -84,6 +84,9 @@ def test_calibration_loader_leaves_global_rng_alone(glue_writer):
     assert sum(len(b["labels"]) for b in batches) == 10
     again = list(calibration_loader(dm, samples=10))
     assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(batches, again, strict=True))
+    with torch.device("meta"):  # configure_model on a GPU runs under such a default device (here: one CPU lacks)
+        under_default = calibration_loader(dm, samples=10)
+    assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(batches, under_default, strict=True))
     with pytest.raises(ValueError, match="calibration_samples=0"):
         calibration_loader(dm, samples=0)
 
