@@ -49,7 +49,8 @@ def main(argv: list[str]) -> int:
                           "targeted_dense": 500, "targeted_factorized": int(500 * kept), "kept_fraction": kept,
                           "model_kept_fraction": (1000 - 500 * (1 - kept)) / 1000},
                "stability": None, "latency": None, "resumed_from": None,
-               "projected": {"value": value - 0.2}}  # a newer fit's extra number: becomes a CSV column
+               "projected": {"value": value - 0.2},  # a newer fit's extra number: becomes a CSV column
+               "at_start": {"value": value - 0.1}}  # the dev metric before training: its own table column
     (run_dir / "summary.json").write_text(json.dumps(summary))
     return code
 

@@ -60,3 +60,25 @@ def test_line_progress_every_n_steps(capsys):
     assert all(" loss " in ln and " it/s " in ln and " eta " in ln for ln in lines)
     with pytest.raises(UserError, match="every_n_steps=0"):
         LineProgress(every_n_steps=0)
+
+
+@pytest.mark.parametrize("sanity_steps", [-1, 2])
+def test_at_start_is_the_projected_models_dev_metric_only_after_a_full_sanity_check(tmp_path, sanity_steps):
+    # The reference: validate the same (seeded, projected, untrained) model on its own.
+    def module():
+        import lightning as L
+
+        L.seed_everything(0)
+        return FactorizedClassifier("random:tiny-bert", task="sst2", learning_rate=1e-3, warmup_ratio=0.0,
+                                    factorization=Factorization("lowrank", budget=0.5))
+
+    expected = quiet_trainer().validate(module(), synthetic_loader(16, seed=1), verbose=False)[0]["val/accuracy"]
+    summary = RunSummary(monitor="val/accuracy", mode="max")
+    trainer = quiet_trainer(max_epochs=1, callbacks=[summary], num_sanity_val_steps=sanity_steps,
+                            logger=TensorBoardLogger(tmp_path, name="run", version=0))
+    trainer.fit(module(), synthetic_loader(16), synthetic_loader(16, seed=1))
+    start = summary.summary["at_start"]
+    if sanity_steps == -1:  # every dev batch: the model as projected, before the first step
+        assert start["value"] == pytest.approx(expected) and start["step"] == 0
+    else:  # 2 of 4 dev batches would mislead: nothing recorded
+        assert start is None

@@ -5,6 +5,8 @@ at every validation, and at the end prints a plain-text block on global rank 0 a
 
 * ``fit``: ``<run dir>/summary.json`` -- status (the StabilityMonitor's verdict when one ran, see
   :func:`~lit_factor.callbacks.stability.run_failed`), best and final dev metrics with their epoch and step, the
+  dev metrics *before training* (``at_start``: only when the sanity check covered the whole dev set,
+  ``trainer.num_sanity_val_steps: -1``; after an all-at-once projection that is the metric right after it), the
   best checkpoint, dense -> factorized parameters and kept fractions, train time, the stability summary and, when a
   :class:`~lit_factor.callbacks.LatencyCallback` measured at ``fit_end``, the inference speedup;
 * ``validate`` / ``test``: ``<log dir>/metrics.json`` with the metrics of that evaluation (``test`` runs on the
@@ -90,6 +92,7 @@ class RunSummary(Callback):
         self.final: dict[str, Any] | None = None
         self.train_time_s = 0.0  # accumulated over resumed fits (it is in the callback's checkpoint state)
         self.resumed_from: dict[str, int] | None = None
+        self.at_start: dict[str, Any] | None = None  # the full sanity check's dev metrics, before any step
         #: what the last fit / evaluation wrote (rank 0): the summary dict and its file
         self.summary: dict[str, Any] = {}
         self.path: str | None = None
@@ -120,12 +123,15 @@ class RunSummary(Callback):
         if trainer.state.fn == "validate":
             self._write_evaluation(trainer, "validate", trainer.log_dir if trainer.loggers else None)
             return
-        if trainer.sanity_checking:
-            return
         monitor, mode = self._monitor_and_mode(trainer)
         metrics = _scalars(trainer.callback_metrics, prefix="val/")
         record = {"value": metrics.get(monitor), "epoch": trainer.current_epoch, "step": trainer.global_step,
                   "metrics": metrics}
+        if trainer.sanity_checking:
+            # Only a sanity check over the whole dev set measures the model; a few batches would mislead.
+            if trainer.global_step == 0 and list(trainer.num_sanity_val_batches) == list(trainer.num_val_batches):
+                self.at_start = record
+            return
         self.final = record
         value, best = record["value"], (self.best or {}).get("value")
         if value is not None and math.isfinite(value) and (
@@ -155,7 +161,7 @@ class RunSummary(Callback):
         best_path = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
         return {"status": "failed" if reasons else "succeeded", "reasons": reasons,
                 "task": getattr(getattr(pl_module, "task", None), "name", None), "monitor": monitor,
-                "best": self.best, "final": self.final, "best_checkpoint": best_path,
+                "at_start": self.at_start, "best": self.best, "final": self.final, "best_checkpoint": best_path,
                 "train_time_s": round(self.train_time_s, 3), "params": params_summary(pl_module),
                 "stability": stability, "latency": latency_summary(trainer), "resumed_from": self.resumed_from}
 
@@ -206,7 +212,9 @@ def _metric_line(summary: dict[str, Any]) -> str:
         value = "n/a" if r["value"] is None else f"{r['value']:.4f}"
         return f"{value} (epoch {r['epoch']}, step {r['step']})"
 
-    return f"{monitor}: best {at(best) if best else 'n/a'}, final {at(final)}"
+    start = summary.get("at_start")
+    before = f", before training {start['value']:.4f}" if start and start["value"] is not None else ""
+    return f"{monitor}: best {at(best) if best else 'n/a'}, final {at(final)}{before}"
 
 
 def format_fit_summary(summary: dict[str, Any], run_dir: str | None, path: str | None) -> str:

@@ -116,14 +116,18 @@ def task_tables(rows: list[dict], axes: list[str]) -> str:
     out = []
     for task, cells in cell_groups(rows, axes).items():
         monitor = next((r["monitor"] for rs in cells.values() for r in rs if r.get("monitor")), "dev metric")
+        # "before training": the dev metric of a full sanity check (right after an all-at-once projection)
+        start = any(_numbers(rs, "at_start") for rs in cells.values())
         out += [f"#### {task} ({monitor}, final and best epoch: mean ± sd (n))", "",
-                "| cell | final | best | succeeded | kept (targeted) | kept (model) | speedup | train s |",
-                "|---|---|---|---|---|---|---|---|"]
+                "| cell | " + ("before training | " if start else "") +
+                "final | best | succeeded | kept (targeted) | kept (model) | speedup | train s |",
+                "|---|---|---|---|---|---|---|---|" + ("---|" if start else "")]
         for label, rs in cells.items():
             ok = sum(r["verdict"] == "succeeded" for r in rs)
             stats = [fmt_stat(_numbers(rs, key), digits) for key, digits in
                      (("kept_fraction", 3), ("model_kept_fraction", 3), ("latency_speedup", 2), ("train_time_s", 0))]
-            out.append(f"| {label} | {fmt_stat(_numbers(rs, 'final'))} | {fmt_stat(_numbers(rs, 'best'))} | "
+            first = f"{fmt_stat(_numbers(rs, 'at_start'))} | " if start else ""
+            out.append(f"| {label} | {first}{fmt_stat(_numbers(rs, 'final'))} | {fmt_stat(_numbers(rs, 'best'))} | "
                        f"{ok}/{len(rs)} | " + " | ".join(stats) + " |")
         out.append("")
     return "\n".join(out)
@@ -162,8 +166,10 @@ def markdown(study: optuna.Study, tables: str, figures: list[str], prefix: str =
     space = study.user_attrs["search_space"]
     grid = "; ".join(f"`{k}`: {', '.join(map(str, v))}" for k, v in space.items())
     commands = study.user_attrs.get("commands", []) + ([command] if command else [])
+    machines = "; ".join(study.user_attrs.get("machines", [])) or "not recorded"
     lines = [f"## Study `{study.study_name}`", "", f"Study file: `{study.user_attrs.get('source')}`. Grid: {grid}.",
-             "", f"**Progress:** {progress_text(study)}", "", "Commands (run from the repository root):", "",
+             "", f"**Progress:** {progress_text(study)}", "", f"**Ran on:** {machines}.", "",
+             "Commands (run from the repository root):", "",
              "```", *commands, "```", "", notes, tables,
              f"Every trial: [trials.csv]({prefix}trials.csv).", ""]
     lines += [f"![{name}]({prefix}{name}.png)" for name in figures]
