@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -133,6 +134,12 @@ def test_verdicts_failed_is_a_result_error_is_retried_once_invalid_is_not(tmp_pa
     assert status.returncode == 0
     assert [ln.split()[1:] for ln in status.stdout.splitlines() if ln.startswith("total")] == [
         ["2", "2", "4", "0", "0"]]
+    # --retry-errors (after a fix) gives exactly the crashed points a new round; invalid and finished ones stay.
+    again = run_cli("run", str(path), "--workers", "1", "--retry-errors", "--root", "logs", cwd=tmp_path)
+    assert "re-queued 2 errored grid point(s)" in again.stdout
+    study = open_study(tmp_path / "logs", "verdicts")
+    assert sorted(t.params["fake.exit"] for t in real_trials(study)).count(1) == 8  # 4 + a new round (try + retry) each
+    assert sorted(t.params["fake.exit"] for t in real_trials(study)).count(0) == 2
 
 
 def _wait_for(predicate, timeout: float = 120.0):
@@ -218,8 +225,12 @@ def test_report_table_equals_hand_computation_and_figures_decode(tmp_path, base_
     sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
     label = "model.factorization.method=lowrank model.factorization.budget=0.25 staging=on data.max_train_samples=500"
     line = next(ln for ln in (out / "report.md").read_text().splitlines() if ln.startswith(f"| {label} |"))
-    assert line.split(" | ")[1] == f"{mean:.4f} ± {sd:.4f} ({len(values)})"
-    assert line.split(" | ")[3] == f"{sum(r['verdict'] == 'succeeded' for r in cell)}/{len(cell)}"
+    starts = [float(r["at_start"]) for r in cell]
+    start_mean = sum(starts) / len(starts)
+    start_sd = (sum((v - start_mean) ** 2 for v in starts) / (len(starts) - 1)) ** 0.5
+    assert line.split(" | ")[1] == f"{start_mean:.4f} ± {start_sd:.4f} ({len(starts)})"  # before training
+    assert line.split(" | ")[2] == f"{mean:.4f} ± {sd:.4f} ({len(values)})"
+    assert line.split(" | ")[4] == f"{sum(r['verdict'] == 'succeeded' for r in cell)}/{len(cell)}"
     assert all(float(r["projected"]) == pytest.approx(float(r["final"]) - 0.2) for r in rows)
     for name in ("metric_vs_kept", "success_rate"):
         image = matplotlib.image.imread(out / f"{name}.png")
@@ -227,6 +238,7 @@ def test_report_table_equals_hand_computation_and_figures_decode(tmp_path, base_
     text = page.read_text()
     assert "<!-- begin study rep (generated) -->" in text and "](../out/metric_vs_kept.png)" in text
     assert "python cli.py study run" in text and "python cli.py study report rep" in text
+    assert re.search(r"\*\*Ran on:\*\* (CPU only|\d+ x .+), \d+ CPU cores\.", text)  # the machine, recorded by run
     # rerunning the report replaces its section rather than adding one; re-reading the run dirs changes nothing
     table = (out / "trials.csv").read_text()
     assert run_cli("report", "rep", "--root", "logs", "--out", str(out), "--publish", str(page), "--reread",

@@ -31,6 +31,8 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--gpus", help="comma-separated GPU ids, one per worker in turn (default: all visible)")
     run.add_argument("--data-dir", help="GLUE TSV root passed to every fit as --data.data_dir (default: $GLUE_DIR)")
     run.add_argument("--heartbeat", type=int, default=30, help="seconds between heartbeats (default 30)")
+    run.add_argument("--retry-errors", action="store_true",
+                     help="re-queue grid points whose every try crashed (not invalid settings), after fixing the cause")
     run.add_argument("--grace", type=int, help="a trial silent this long is re-queued (default 4 heartbeats)")
     for sp in (sub.add_parser("status", help="done / running / failed / errored per grid cell"),
                sub.add_parser("report", help="CSV, Markdown tables and figures of a study")):
@@ -79,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise UserError(f"--workers {args.workers}: must be at least 1")
             opts = RunOptions(workers=args.workers, storage=args.storage, root=Path(args.root),
                               data_dir=args.data_dir, gpus=args.gpus.split(",") if args.gpus else None,
-                              threads=args.threads, heartbeat=args.heartbeat, grace=args.grace)
+                              threads=args.threads, heartbeat=args.heartbeat, grace=args.grace,
+                              retry_errors=args.retry_errors)
             return run(load_spec(args.file, args.variant), args.file, args.variant, opts, _command(argv))
         spec, study = _open(args)
         if args.command == "status":

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from lit_factor.study import status as stat
 from lit_factor.study import storage as st
+from lit_factor.study import trial as tr
 from lit_factor.study.spec import StudySpec
 from lit_factor.study.trial import die_with_parent
 
@@ -29,6 +30,7 @@ class RunOptions:
     data_dir: str | None = None
     gpus: list[str] | None = None  # None: every visible GPU (none on a CPU machine)
     threads: int | None = None  # per worker; None: cores // workers
+    retry_errors: bool = False  # give grid points whose trials all errored (crashed) another try
     heartbeat: int = 30
     grace: int | None = None
     poll: float = 5.0
@@ -41,6 +43,17 @@ def visible_gpus() -> list[str]:
     import torch
 
     return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def describe_machine(gpus: list[str]) -> str:
+    """What the trials of one ``study run`` ran on (recorded with the study: results from a GPU and a laptop differ
+    in train time and latency, and a report must say which is which)."""
+    import torch
+
+    cores = f"{os.cpu_count()} CPU cores"
+    if gpus and torch.cuda.is_available():
+        return f"{len(gpus)} x {torch.cuda.get_device_name(0)}, {cores}"
+    return f"CPU only, {cores}"
 
 
 def worker_commands(spec_path: str, variant: str | None, url: str, opts: RunOptions) -> list[list[str]]:
@@ -64,6 +77,15 @@ def run(spec: StudySpec, spec_path: str, variant: str | None, opts: RunOptions, 
     study = st.create(spec, st.storage(url, opts.heartbeat, opts.grace, spec.retries))  # before workers race to it
     if command and command not in study.user_attrs.get("commands", []):
         study.set_user_attr("commands", [*study.user_attrs.get("commands", []), command])
+    machine = describe_machine(visible_gpus() if opts.gpus is None else opts.gpus)
+    if machine not in study.user_attrs.get("machines", []):
+        study.set_user_attr("machines", [*study.user_attrs.get("machines", []), machine])
+    if opts.retry_errors:  # after a fix: the grid points whose every try crashed get one more
+        errored = [ts[-1] for ts in stat.grid_points(study).values()
+                   if stat.point_state(ts) == "errored" and ts[-1].user_attrs.get("verdict") == tr.ERROR]
+        for trial in errored:
+            st.requeue(study, trial)
+        print(f"re-queued {len(errored)} errored grid point(s)", flush=True)
     before = stat.counts(study)
     print(f"study {spec.name}: {spec.size()} trials ({len(spec.cells())} cells x {len(spec.seeds)} seeds), "
           f"{before['succeeded'] + before['failed']} already finished; storage {url}; {opts.workers} worker(s)",

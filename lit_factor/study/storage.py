@@ -110,6 +110,13 @@ def grid_state(study: optuna.Study) -> GridState:
     return GridState(set(range(total)) - started, waiting, running)
 
 
+def requeue(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Put ``trial``'s grid point back in the queue: a WAITING copy with the same parameters and grid id."""
+    study.add_trial(optuna.create_trial(
+        state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
+        system_attrs={k: v for k, v in trial.system_attrs.items() if k in ("grid_id", "search_space")}))
+
+
 def holder_of(study: optuna.Study, trial_number: int, grid_id: int) -> FrozenTrial | None:
     """Another trial already covering this grid cell, if any: then this one is a duplicate (two workers asked
     for the last free cell at the same moment). Of two running duplicates the older (lower number) keeps it."""

@@ -123,9 +123,7 @@ class Worker:
             return
         trial.set_user_attr("verdict", tr.INTERRUPTED)
         self.study.tell(trial, state=TrialState.FAIL)
-        self.study.add_trial(optuna.create_trial(
-            state=TrialState.WAITING, params=frozen.params, distributions=frozen.distributions,
-            system_attrs={k: v for k, v in frozen.system_attrs.items() if k in ("grid_id", "search_space")}))
+        st.requeue(self.study, frozen)
 
     def frozen(self, number: int):
         return next(t for t in self.study.get_trials(deepcopy=False) if t.number == number)
