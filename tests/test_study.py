@@ -361,12 +361,38 @@ def test_findings_say_reproduced_not_reproduced_or_mixed_from_the_rows():
     staged = [_row("lowrank", 0.8, staged=True), _row("lowrank", 0.5, staged=True, verdict="failed"),
               _row("lowrank", 0.5, verdict="failed"), _row("lowrank", 0.5, verdict="failed")]
     text = findings(staged)
-    assert "staged ahead in 1, behind in 0, equal in 0 of 1 comparisons; **reproduced**" in text
+    assert "staged ahead in 1, behind in 0, equal in 0 of 1 informative comparisons (success rate); " \
+           "**reproduced**" in text
     assert "staged 50% of 2 runs succeeded, all at once 0% of 2" in text
+    nothing_trained = [_row("monarch", 0.5, staged=True, verdict="failed"), _row("monarch", 0.5, verdict="failed")]
+    text = findings(staged + nothing_trained)  # 0 % vs 0 %: the schedule decided, not staging
+    assert "equal in 0 of 1 informative" in text and "(uninformative: no run of either kind trained" in text
     assert findings([_row("lowrank", 0.8)]) == ""  # nothing to compare
     at_baseline = [_row("lowrank", 0.81, verdict="failed"), _row("monarch", 0.81, verdict="failed")]
     text = findings(at_baseline)  # runs at the majority baseline measure no structure: not compared
     assert "no task and budget with successful runs" in text and "sst2: 2 of 2 runs failed" in text
+
+
+def test_compression_goal_compares_each_cells_best_recipe_with_dense_trained_alike():
+    from lit_factor.study.findings import compression_goal
+
+    def row(method, budget, recipe, final):
+        return {**_row(method, final, budget=budget), "recipe": recipe}
+
+    rows = [row("none", None, "svd", 0.86), row("none", None, "svd", 0.88), row("none", None, "svd+distill", 0.99),
+            row("lowrank", 0.5, "svd", 0.80), row("lowrank", 0.5, "whitened", 0.862),
+            row("lowrank", 0.5, "whitened", 0.864),
+            row("lowrank", 0.25, "svd", 0.84), row("monarch", 0.25, "svd", 0.70)]
+    text = "\n".join(compression_goal(rows))
+    # dense = mean(0.86, 0.88) = 0.87 (self-distilled dense is not the reference)
+    assert "met in 1 of 3 task/structure/budget cells" in text
+    assert "sst2, lowrank 50%: best whitened 0.8630 ± 0.0014 (2) vs dense 0.8700 ± 0.0141 (2): 0.7 points below " \
+           "(within the 1-point goal); svd alone 0.8000 (1)" in text
+    assert "sst2, lowrank 25%: best svd 0.8400 (1) vs dense 0.8700 ± 0.0141 (2): 3.0 points below (misses the " \
+           "2-point goal)" in text
+    assert "sst2, monarch 25%: best svd 0.7000 (1) vs dense 0.8700 ± 0.0141 (2): 17.0 points below (misses the " \
+           "2-point goal)" in text
+    assert compression_goal([_row("lowrank", 0.8)]) == []  # no recipe axis: not this study
 
 
 def test_workers_share_cores_and_take_one_gpu_each(monkeypatch):
