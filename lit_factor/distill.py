@@ -11,8 +11,12 @@ have the student's architecture (true for ``self`` and for checkpoints of this p
 
 Teachers (``model.distillation.teacher``):
 
-* ``self``: the model as loaded, before factorization -- with ``model.init_checkpoint`` set to a dense
-  fine-tuned checkpoint, the fine-tuned dense model (FWSVD's workflow: fine-tune dense, factorize, distil);
+* ``self``: the dense model as it is when factorization begins. All at once: the model as loaded -- with
+  ``model.init_checkpoint`` set to a dense fine-tuned checkpoint, the fine-tuned dense model (FWSVD's workflow:
+  fine-tune dense, factorize, distil, as two commands). Staged: the model as fine-tuned until the first stage,
+  so that one run fine-tunes dense (the StagingCallback's ``offset`` steps), freezes that model as the teacher,
+  then factorizes stage by stage against it; before the first stage the loss is the task loss alone. Such a
+  teacher is saved in the checkpoint (``distillation_teacher``), since no file holds it;
 * a ``.ckpt`` file of this project (dense or factorized: its plan is rebuilt);
 * any other string: a Hugging Face hub name or local directory, or ``minilm`` (must have the task's labels).
 
@@ -170,6 +174,19 @@ def load_teacher(spec: str, *, num_labels: int, as_loaded: nn.Module | None = No
     if got != num_labels:
         raise DistillationError(f"distillation.teacher={spec!r} has {got} outputs; the task needs {num_labels}")
     return Teacher(model)
+
+
+def dense_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every switchable layer replaced by its dense ``nn.Linear`` (a staged run's teacher:
+    the dense model as fine-tuned so far, whatever has been switched since)."""
+    from .switchable import SwitchableLinear  # a higher layer: import at call time
+
+    clone = copy.deepcopy(model)
+    for name, module in list(clone.named_modules()):
+        if isinstance(module, SwitchableLinear):
+            parent, _, child = name.rpartition(".")
+            setattr(clone.get_submodule(parent) if parent else clone, child, module.dense)
+    return clone
 
 
 def load_dense_weights(model: nn.Module, path: str) -> None:

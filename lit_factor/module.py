@@ -33,7 +33,7 @@ from torchmetrics.regression import PearsonCorrCoef, SpearmanCorrCoef
 
 from .compress import adopt_structures, allocated_plan, module_stats, needs_fisher
 from .data import GLUETask, get_task
-from .distill import Distillation, Teacher, distillation_loss, load_dense_weights, load_teacher
+from .distill import SELF, Distillation, Teacher, dense_copy, distillation_loss, load_dense_weights, load_teacher
 from .errors import UserError
 from .factorize import METHODS
 from .factorize.allocation import ALLOCATIONS
@@ -143,6 +143,10 @@ def _eval_metrics(task: GLUETask, prefix: str) -> nn.ModuleList:
                                           postfix=suffix) for suffix in task.eval_suffixes)
 
 
+#: checkpoint key of a staged run's ``self`` teacher (frozen at the first stage)
+TEACHER_KEY = "distillation_teacher"
+
+
 class FactorizedClassifier(L.LightningModule):
     """Fine-tune ``AutoModelForSequenceClassification`` on a GLUE task with factorized linear layers."""
 
@@ -246,9 +250,20 @@ class FactorizedClassifier(L.LightningModule):
         if self.hparams.get("init_checkpoint"):
             load_dense_weights(self.model, self.hparams.init_checkpoint)
         fitting = self._trainer is not None and self.trainer.state.fn == "fit"
-        if self.distillation.enabled and fitting and self._teacher is None:
+        if self.distillation.enabled and fitting and self._teacher is None and not self._teacher_at_first_stage:
             self._teacher = load_teacher(self.distillation.teacher, num_labels=self.task.num_labels,
                                          as_loaded=self.model)
+
+    @property
+    def _teacher_at_first_stage(self) -> bool:
+        """``teacher: self`` in a staged run: the teacher is the model as fine-tuned until the first stage."""
+        return self._staged and self.distillation.teacher == SELF
+
+    def freeze_teacher(self) -> None:
+        """Called by the StagingCallback right before its first stage: with ``distillation.teacher: self`` the
+        teacher becomes a frozen copy of the dense model as fine-tuned so far (see lit_factor.distill)."""
+        if self._teacher_at_first_stage and self._teacher is None:
+            self._teacher = Teacher(dense_copy(self.model)).to(self.device)
 
     def _calibrate_and_allocate(self) -> dict | None:
         """Statistics for data-aware projection and allocation (None when neither is asked for now); a
@@ -323,8 +338,14 @@ class FactorizedClassifier(L.LightningModule):
     # --- checkpoints: the plan (in the hyperparameters) travels with the weights ------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["factorization"] = {"staged": self._staged}
+        if self._teacher_at_first_stage and self._teacher is not None:  # no file holds it: it travels here
+            checkpoint[TEACHER_KEY] = self._teacher.model.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if TEACHER_KEY in checkpoint and self._teacher_at_first_stage:  # resuming after the first stage
+            teacher = dense_copy(self.model)
+            teacher.load_state_dict(checkpoint[TEACHER_KEY])
+            self._teacher = Teacher(teacher).to(self.device)
         saved_dict = (checkpoint.get("hyper_parameters") or {}).get("plan")
         saved = Plan.from_dict(saved_dict) if saved_dict else None
         staged = bool((checkpoint.get("factorization") or {}).get("staged", False))

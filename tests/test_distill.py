@@ -132,3 +132,53 @@ def test_compress_after_fine_tuning(one_thread, tmp_path):
     student_trainer.save_checkpoint(factorized)
     with pytest.raises(DistillationError, match="is factorized"):
         _fit_module(init_checkpoint=str(factorized))
+
+
+class _StageProbe(L.Callback):
+    """Before the StagingCallback (listed first): at every step, whether a teacher exists and, at ``at``, the dense
+    model as it is right before that step's stage."""
+
+    def __init__(self, at: int) -> None:
+        self.at, self.had_teacher, self.before_stage, self.loaded = at, {}, None, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        from lit_factor.distill import dense_copy
+
+        self.had_teacher[trainer.global_step] = pl_module._teacher is not None
+        if trainer.global_step == 0:
+            self.loaded = {k: v.clone() for k, v in dense_copy(pl_module.model).state_dict().items()}
+        if trainer.global_step == self.at:
+            self.before_stage = {k: v.clone() for k, v in dense_copy(pl_module.model).state_dict().items()}
+
+
+def test_staged_self_teacher_is_the_dense_model_fine_tuned_until_the_first_stage_and_resumes(one_thread, tmp_path):
+    from lit_factor.callbacks import StagingCallback
+    from lit_factor.module import TEACHER_KEY, Factorization
+
+    def staged_fit(steps, probe=None, ckpt_path=None):
+        from conftest import quiet_trainer
+        from test_compress import _datamodule
+
+        from lit_factor.module import FactorizedClassifier
+
+        module = FactorizedClassifier("random:tiny-bert", learning_rate=1e-2, distillation=Distillation("self"),
+                                      factorization=Factorization(method="lowrank", budget=0.5))
+        staging = StagingCallback(granularity="block", every_n_steps=1, offset=2)  # 2 dense steps, then stages
+        trainer = quiet_trainer(max_steps=steps, limit_val_batches=0, callbacks=[c for c in (probe, staging) if c])
+        trainer.fit(module, datamodule=_datamodule(), ckpt_path=ckpt_path)
+        return module, trainer
+
+    probe = _StageProbe(at=2)
+    module, trainer = staged_fit(4, probe)
+    assert probe.had_teacher == {0: False, 1: False, 2: False, 3: True}  # no teacher while the model is dense
+    teacher = module._teacher.model.state_dict()
+    assert teacher.keys() == probe.before_stage.keys()  # plain nn.Linear layers, no switchable ones
+    assert all(torch.equal(teacher[k], v) for k, v in probe.before_stage.items())  # frozen at the first stage
+    assert any(not torch.equal(teacher[k], v) for k, v in probe.loaded.items())  # fine-tuned, not as loaded
+    path = tmp_path / "staged.ckpt"
+    trainer.save_checkpoint(path)
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    assert all(torch.equal(saved[TEACHER_KEY][k], v) for k, v in teacher.items())
+    resumed, _ = staged_fit(5, ckpt_path=str(path))  # the teacher comes back from the checkpoint, not from step 2
+    assert all(torch.equal(resumed._teacher.model.state_dict()[k].cpu(), v) for k, v in teacher.items())
+

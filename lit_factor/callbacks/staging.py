@@ -278,6 +278,9 @@ class StagingCallback(Callback):
 
     def _run_stage(self, trainer: pl.Trainer, pl_module: pl.LightningModule, i: int) -> None:
         errors = {}
+        freeze_teacher = getattr(pl_module, "freeze_teacher", None)
+        if i == 0 and freeze_teacher is not None:  # distillation.teacher=self: the dense model as fine-tuned so far
+            freeze_teacher()
         # Data-aware projections (init whitened/fisher) calibrate on the model as it is at this stage.
         stage_stats = getattr(pl_module, "stage_stats", None)
         stats = stage_stats(self.stages[i]) if stage_stats is not None else {}
