@@ -88,7 +88,8 @@ def run(spec: StudySpec, spec_path: str, variant: str | None, opts: RunOptions, 
         print(f"re-queued {len(errored)} errored grid point(s)", flush=True)
     before = stat.counts(study)
     print(f"study {spec.name}: {spec.size()} trials ({len(spec.cells())} cells x {len(spec.seeds)} seeds), "
-          f"{before['succeeded'] + before['failed']} already finished; storage {url}; {opts.workers} worker(s)",
+          f"{before['succeeded'] + before['failed']} already finished; storage {url}; {opts.workers} worker(s) "
+          f"on {machine}",
           flush=True)
     # workers die with this process (as their fits die with them): a killed run leaves nothing training
     cmds = worker_commands(spec_path, variant, url, opts)
