@@ -66,7 +66,8 @@ def validate(args, ckpt: Path, factorization: Factorization | None) -> tuple[flo
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--glue-dir", required=True)
+    parser.add_argument("--glue-dir", help="GLUE TSV root (required unless --table)")
+    parser.add_argument("--table", metavar="CSV", help="print the README's Markdown table of a result CSV and exit")
     parser.add_argument("--task", default="sst2")
     parser.add_argument("--train-samples", type=int, default=2000)
     parser.add_argument("--eval-samples", type=int, default=None)
@@ -83,8 +84,27 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def table(path: str) -> str:
+    """The README's table of a result CSV: one row per measurement, in file order."""
+    lines = ["| structure | budget | init | allocation | dev accuracy | vs dense |", "|---|---|---|---|---|---|"]
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            floor = float(r["min_share"]) if r["min_share"] else 0.0
+            allocation = r["allocation"] + (f", floor {floor:g}" if floor else "")
+            value, dense = float(r["value"]), float(r["dense_value"])
+            lines.append(f"| {r['method']} | {float(r['budget']):.0%} | {r['init']} | {allocation} | {value:.3f} | "
+                         f"{value - dense:+.3f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.table:
+        print(table(args.table))
+        return
+    if not args.glue_dir:
+        parser.error("--glue-dir is required (unless --table)")
     torch.set_num_threads(2)
     ckpt = dense_checkpoint(args)
     dense, _, _ = validate(args, ckpt, None)

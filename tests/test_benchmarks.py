@@ -94,3 +94,17 @@ def test_readme_deploy_table_is_the_generated_one(capsys):
     files = [str(ROOT / f) for f in match.group(1).split()]
     assert bench().main(["--from-json", *files]) == 0
     assert match.group(2).strip() == capsys.readouterr().out.strip()
+
+
+def test_readme_projection_table_is_the_generated_one(capsys):
+    """The README's 'right after projection' table is printed from its CSV, not copied by hand."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("projection_quality", ROOT / "benchmarks" / "projection_quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    match = re.search(r"<!-- projection-table: (\S+) -->\n(.*?)\n<!-- /projection-table -->", (ROOT / "README.md")
+                      .read_text(), re.S)
+    assert match, "README.md has no generated projection table"
+    module.main(["--table", str(ROOT / match.group(1))])
+    assert match.group(2).strip() == capsys.readouterr().out.strip()
