@@ -14,6 +14,9 @@ The interface callbacks rely on (and nothing else of the module):
 * ``module.enable_staging()``: ask for switchable layers; called by the StagingCallback before ``configure_model``;
 * ``module.dense_params`` / ``module.factorized_params``: whole-model parameter counts before and once every
   planned layer is factorized (read by the RunSummary).
+* optional, called by the StagingCallback when the module has them: ``module.stage_stats(paths)`` (calibration
+  statistics for the layers projected at a stage) and ``module.freeze_teacher()`` (right before the first stage:
+  ``distillation.teacher: self`` becomes the dense model as fine-tuned so far).
 """
 
 from __future__ import annotations
