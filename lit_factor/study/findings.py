@@ -112,7 +112,8 @@ def compression_goal(rows: list[dict]) -> list[str]:
     lines, met, total = [], 0, 0
     for (task,), group in sorted(_by(rows, "task").items(), key=str):
         # the reference: the dense model trained the same epoch without distillation (init and allocation do
-        # not touch a dense model, so those recipes are the same run)
+        # not touch a dense model, so those recipes are the same run). Distillation is read from the recipe's
+        # name (studies/compress.yaml's convention): trials store no distillation fact of their own.
         dense = _finals([r for r in group if r.get("method") == "none" and "distill" not in str(r["recipe"])])
         if not dense:
             continue
