@@ -377,10 +377,12 @@ def test_findings_say_reproduced_not_reproduced_or_mixed_from_the_rows():
 def test_compression_goal_compares_each_cells_best_recipe_with_dense_trained_alike():
     from lit_factor.study.findings import compression_goal
 
-    def row(method, budget, recipe, final):
-        return {**_row(method, final, budget=budget), "recipe": recipe}
+    def row(method, budget, recipe, final, seed=None, teacher=None):
+        return {**_row(method, final, budget=budget), "recipe": recipe, "seed": seed, "teacher": teacher}
 
-    rows = [row("none", None, "svd", 0.86), row("none", None, "svd", 0.88), row("none", None, "svd+distill", 0.99),
+    rows = [row("none", None, "svd", 0.86, seed=1), row("none", None, "svd", 0.88, seed=2),
+            row("none", None, "whitened", 0.86, seed=1),  # the dense seed-1 run again: not a third sample
+            row("none", None, "whitened-kd", 0.99, seed=3, teacher="self"),  # self-distilled: not the reference
             row("lowrank", 0.5, "svd", 0.80), row("lowrank", 0.5, "whitened", 0.862),
             row("lowrank", 0.5, "whitened", 0.864),
             row("lowrank", 0.25, "svd", 0.84), row("monarch", 0.25, "svd", 0.70)]
@@ -394,6 +396,27 @@ def test_compression_goal_compares_each_cells_best_recipe_with_dense_trained_ali
     assert "sst2, monarch 25%: best svd 0.7000 (1) vs dense 0.8700 ± 0.0141 (2): 17.0 points below (misses the " \
            "2-point goal)" in text
     assert compression_goal([_row("lowrank", 0.8)]) == []  # no recipe axis: not this study
+    # trials recorded before the teacher fact existed: distillation read from the recipe's name
+    old = [{k: v for k, v in r.items() if k != "teacher"} for r in rows]
+    old[3]["recipe"] = "svd+distill"
+    assert "met in 1 of 3 task/structure/budget cells" in "\n".join(compression_goal(old))
+
+
+def test_config_facts_read_the_settings_a_report_groups_by():
+    from lit_factor.study.results import config_facts
+
+    staging = {"class_path": "lit_factor.callbacks.StagingCallback", "init_args": {"granularity": "block",
+                                                                                   "spread": 0.5}}
+    config = {"model": {"model_name_or_path": "minilm", "learning_rate": 5e-5,
+                        "factorization": {"method": "lowrank", "budget": 0.25},
+                        "distillation": {"teacher": "self", "temperature": 2.0}},
+              "data": {"task": "sst2", "max_train_samples": 1000}, "trainer": {"callbacks": [staging]}}
+    facts = config_facts(config)
+    assert facts["method"] == "lowrank" and facts["budget"] == 0.25 and facts["teacher"] == "self"
+    assert facts["staged"] and facts["schedule"] == "granularity=block, spread=0.5"
+    config["model"].update(factorization={"method": "none", "budget": 0.25}, distillation={"teacher": None})
+    facts = config_facts(config)
+    assert facts["budget"] is None and facts["teacher"] is None  # dense: no budget; no teacher: no distillation
 
 
 def test_workers_share_cores_and_take_one_gpu_each(monkeypatch):

@@ -107,14 +107,24 @@ def _finals(rows: list[dict], key: str = "final") -> list[float]:
 GOAL = ((0.5, 0.01), (0.0, 0.02))
 
 
+def _distilled(row: dict) -> bool:
+    """Whether a trial distilled: its recorded teacher; trials recorded before that fact existed (the GPU grid of
+    studies/compress.yaml) by the recipe's name, which that file's convention keeps containing "distill"."""
+    return row["teacher"] is not None if "teacher" in row else "distill" in str(row.get("recipe"))
+
+
+def _one_per_seed(rows: list[dict]) -> list[dict]:
+    """The dense reference's runs, one per seed: recipes that only change the projection or the allocation leave a
+    dense model untouched, so the same seed under two such recipes is the same run twice, not two samples."""
+    return list({r.get("seed", id(r)): r for r in rows}.values())
+
+
 def compression_goal(rows: list[dict]) -> list[str]:
     rows = [r for r in rows if r["verdict"] in ("succeeded", "failed") and r.get("recipe") is not None]
     lines, met, total = [], 0, 0
     for (task,), group in sorted(_by(rows, "task").items(), key=str):
-        # the reference: the dense model trained the same epoch without distillation (init and allocation do
-        # not touch a dense model, so those recipes are the same run). Distillation is read from the recipe's
-        # name (studies/compress.yaml's convention): trials store no distillation fact of their own.
-        dense = _finals([r for r in group if r.get("method") == "none" and "distill" not in str(r["recipe"])])
+        # the reference: the dense model trained the same epoch without distillation
+        dense = _finals(_one_per_seed([r for r in group if r.get("method") == "none" and not _distilled(r)]))
         if not dense:
             continue
         for (method, budget), cell in sorted(_by(group, "method", "budget").items(), key=str):

@@ -143,6 +143,7 @@ def config_facts(config: dict) -> dict[str, Any]:
     monitor = (config.get("checkpoint") or {}).get("monitor")
     factorization = model.get("factorization") or {}
     method = factorization.get("method") or "none"
+    teacher = (model.get("distillation") or {}).get("teacher")
     staging = [cb for cb in trainer.get("callbacks") or []
                if isinstance(cb, dict) and str(cb.get("class_path", "")).endswith("StagingCallback")]
     schedule = staging[0].get("init_args") or {} if staging else {}
@@ -154,6 +155,7 @@ def config_facts(config: dict) -> dict[str, Any]:
         "learning_rate": model.get("learning_rate"), "max_train_samples": data.get("max_train_samples"),
         "max_seq_length": data.get("max_seq_length"), "max_epochs": trainer.get("max_epochs"),
         "max_steps": trainer.get("max_steps"), "monitor": monitor,
+        "teacher": str(teacher) if teacher else None,  # distillation's teacher ("self", a checkpoint, a model)
     }
 
 
