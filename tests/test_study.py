@@ -90,10 +90,13 @@ def test_variant_updates_args_and_replaces_seeds(tmp_path, base_yaml):
     ({"axes": {"x.y": [1]}, "seeds": [1, 1]}, "seeds: expected a list of distinct integers"),
     ({"axes": {"x.y": [1]}, "seeds": [1], "base": "nowhere.yaml"}, "nowhere.yaml: no such file"),
     ({"axes": {"x": {"a": {"callbacks": [{"init_args": {}}]}}}, "seeds": [1]}, "class_path"),
+    ({"axes": {"x.y": [1, 2]}, "seeds": [1], "exclude": [{"z": 1}]}, "exclude[0]: axis='z' is not in the grid"),
+    ({"axes": {"x.y": [1, 2]}, "seeds": [1], "exclude": [{"x.y": [2, 3]}]}, "exclude[0]: x.y=3 is not a value"),
+    ({"axes": {"x.y": [1, 2]}, "seeds": [1], "exclude": [{"x.y": [1, 2]}]}, "exclude leaves no grid cell"),
 ])
 def test_bad_study_file_is_one_clear_error(tmp_path, base_yaml, study, message):
     path = write_study(tmp_path / "bad.yaml", **{"base": str(base_yaml), **study})
-    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(UserError, match=re.escape(message)):
         load_spec(path)
 
 
@@ -108,7 +111,35 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, capsys):
     assert exc.value.code == 2 and "missing.yaml: no such file" in capsys.readouterr().err
 
 
+def test_exclude_leaves_out_the_matching_cells(tmp_path, base_yaml):
+    spec = load_spec(write_study(
+        tmp_path / "x.yaml", base=str(base_yaml), seeds=[1, 2],
+        axes={"compression": {"dense": {}, "lowrank": {}}, "recipe": {"svd": {}, "whitened": {}, "kd": {}}},
+        exclude=[{"compression": "dense", "recipe": ["whitened"]}]))
+    assert [tuple(c.values()) for c in spec.cells()] == [
+        ("dense", "svd"), ("dense", "kd"), ("lowrank", "svd"), ("lowrank", "whitened"), ("lowrank", "kd")]
+    assert spec.size() == 10 and spec.settings()["exclude"] == [{"compression": ["dense"], "recipe": ["whitened"]}]
+
+
 # --- the runner with the stand-in fit ------------------------------------------------------------------------------
+def test_excluded_cells_are_never_run_counted_or_reported(tmp_path, base_yaml):
+    path = fake_study(tmp_path, base_yaml, "ex")
+    study_file = yaml.safe_load(path.read_text())
+    study_file["exclude"] = [{"model.factorization.method": "monarch", "model.factorization.budget": 0.25}]
+    write_study(path, **study_file)
+    proc = run_cli("run", str(path), "--workers", "1", "--root", "logs", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "6 trials (3 cells x 2 seeds)" in proc.stdout and "6/6 finished" in proc.stdout
+    study = open_study(tmp_path / "logs", "ex")
+    ran = [t for t in real_trials(study) if "excluded" not in t.user_attrs]
+    assert len(ran) == 6 and not any(t.params["model.factorization.method"] == "monarch"
+                                     and t.params["model.factorization.budget"] == 0.25 for t in ran)
+    status = run_cli("status", "ex", "--root", "logs", cwd=tmp_path)
+    assert "monarch model.factorization.budget=0.25" not in status.stdout
+    assert [ln.split()[1:] for ln in status.stdout.splitlines() if ln.startswith("total")] == [
+        ["6", "0", "0", "0", "0"]]
+
+
 def fake_study(tmp_path, base_yaml, name="fk", **axes) -> Path:
     axes = axes or {"model.factorization.method": ["lowrank", "monarch"], "model.factorization.budget": [0.5, 0.25]}
     return write_study(tmp_path / f"{name}.yaml", base=str(base_yaml), command=FAKE, axes=axes, seeds=[1, 2])

@@ -13,6 +13,8 @@
         lowrank-25: {model.factorization.method: lowrank, model.factorization.budget: 0.25}
         staged: {config: configs/x.yaml, callbacks: [{class_path: ..., init_args: {...}}]}
     seeds: [1, 2, 3]                     # each becomes --seed_everything <seed>
+    exclude:                             # grid cells not to run (every listed axis matches; a list: any of)
+      - {compression: dense, data.task: rte}
     retries: 1                           # a crashed trial is retried this many times
     keep_checkpoints: false              # delete each trial's checkpoints/ when it ends
     command: [python, cli.py, fit]       # default: this checkout's cli.py fit, with the running Python
@@ -36,7 +38,8 @@ import yaml
 from lit_factor.errors import UserError
 
 SEED = "seed"
-_KEYS = {"name", "base", "args", "stability", "axes", "seeds", "variants", "retries", "keep_checkpoints", "command"}
+_KEYS = {"name", "base", "args", "stability", "axes", "seeds", "variants", "retries", "keep_checkpoints", "command",
+         "exclude"}
 _SPECIAL = ("config", "callbacks")
 _SCALAR = (str, int, float, bool, type(None))
 
@@ -54,6 +57,7 @@ class StudySpec:
     retries: int = 1
     keep_checkpoints: bool = False
     command: list[str] | None = None  # the fit command; None: ``python cli.py fit`` of this checkout
+    exclude: list[dict[str, list]] = field(default_factory=list)  # cells left out: axis -> the values that match
     source: str | None = None
 
     # --- the grid ------------------------------------------------------------------------------------------------
@@ -64,16 +68,17 @@ class StudySpec:
         return space
 
     def cells(self) -> list[dict[str, Any]]:
-        """Every grid cell (axis -> value), seeds excluded, in file order."""
+        """Every grid cell (axis -> value) the study runs, seeds and ``exclude``d cells left out, in file order."""
         cells: list[dict[str, Any]] = [{}]
         for axis, values in self.axes.items():
             cells = [{**c, axis: v} for c in cells for v in values]
-        return cells
+        return [c for c in cells if not excluded(self.exclude, c)]
 
     def settings(self) -> dict[str, Any]:
         """Everything that shapes a trial's command besides its grid point (compared on resume)."""
-        return {"base": self.base, "args": self.args, "axes": self.axes, "stability": self.stability,
-                "command": self.command}
+        settings = {"base": self.base, "args": self.args, "axes": self.axes, "stability": self.stability,
+                    "command": self.command}
+        return {**settings, "exclude": self.exclude} if self.exclude else settings  # absent: as older studies
 
     def size(self) -> int:
         return len(self.cells()) * len(self.seeds)
@@ -118,6 +123,11 @@ class StudySpec:
             if found:
                 return str(found)
         return None
+
+
+def excluded(rules: list[dict[str, list]], params: dict[str, Any]) -> bool:
+    """Whether a grid point matches one of the ``exclude`` rules (every axis a rule names has one of its values)."""
+    return any(all(params.get(axis) in values for axis, values in rule.items()) for rule in rules)
 
 
 def cli_value(value: Any) -> str:
@@ -181,6 +191,9 @@ def load_spec(path: str | Path, variant: str | None = None) -> StudySpec:
                      retries=int(data.get("retries", 1)), keep_checkpoints=bool(data.get("keep_checkpoints", False)),
                      command=_strings(data["command"], f"{where}: command") if data.get("command") else None,
                      source=where)
+    spec.exclude = _exclude(data.get("exclude"), spec.axes, where)
+    if not spec.cells():
+        raise UserError(f"{where}: exclude leaves no grid cell to run")
     for base in spec.base:
         _read_yaml(Path(base))
     return spec
@@ -250,3 +263,22 @@ def _axes(value, where: str) -> dict[str, list | dict]:
             raise UserError(f"{at}: expected a non-empty list of scalar values or a mapping of named options, "
                             f"got {values!r}")
     return axes
+
+
+def _exclude(value, axes: dict[str, list | dict], where: str) -> list[dict[str, list]]:
+    """``exclude``: a list of {axis: value or list of values}; every axis and value must be in the grid."""
+    rules = []
+    for i, rule in enumerate(_as_list(value)):
+        at = f"{where}: exclude[{i}]"
+        if not isinstance(rule, dict) or not rule:
+            raise UserError(f"{at}: expected a mapping of axis name to a value or a list of values, got {rule!r}")
+        for axis, values in rule.items():
+            if axis not in axes:
+                raise UserError(f"{at}: axis={axis!r} is not in the grid; axes: {', '.join(axes)}")
+            allowed = list(axes[axis])
+            bad = [v for v in _as_list(values) if v not in allowed]
+            if bad or not _as_list(values):
+                raise UserError(f"{at}: {axis}={bad[0] if bad else values!r} is not a value of that axis; "
+                                f"allowed: {', '.join(map(str, allowed))}")
+        rules.append({axis: _as_list(values) for axis, values in rule.items()})
+    return rules

@@ -7,22 +7,24 @@ from collections import Counter
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from lit_factor.study.spec import SEED, cell_label
+from lit_factor.study.spec import SEED, cell_label, excluded
 
 #: states of a grid point, in the order printed
 STATES = ("succeeded", "failed", "errored", "running", "queued")
 
 
 def grid_points(study: optuna.Study) -> dict[tuple, list[FrozenTrial]]:
-    """Every grid point (tuple of values in search-space order) -> its trials, oldest first, duplicates left out."""
+    """Every grid point (tuple of values in search-space order) -> its trials, oldest first; duplicates and the
+    study file's ``exclude``d cells left out."""
     space = study.user_attrs["search_space"]
-    points: dict[tuple, list[FrozenTrial]] = {}
+    rules = (study.user_attrs.get("settings") or {}).get("exclude") or []
     keys = [()]
     for values in space.values():
         keys = [k + (v,) for k in keys for v in values]
-    points = {k: [] for k in keys}
+    points: dict[tuple, list[FrozenTrial]] = {
+        k: [] for k in keys if not excluded(rules, dict(zip(space, k, strict=True)))}
     for t in study.get_trials(deepcopy=False):
-        if "duplicate_of" in t.user_attrs or set(t.params) != set(space):
+        if "duplicate_of" in t.user_attrs or "excluded" in t.user_attrs or set(t.params) != set(space):
             continue
         points.setdefault(tuple(t.params[a] for a in space), []).append(t)
     return points

@@ -26,7 +26,7 @@ from lit_factor.errors import UserError, fail
 from lit_factor.study import storage as st
 from lit_factor.study import trial as tr
 from lit_factor.study.results import read_run
-from lit_factor.study.spec import SEED, StudySpec, cell_label, load_spec
+from lit_factor.study.spec import SEED, StudySpec, cell_label, excluded, load_spec
 
 
 @dataclass
@@ -69,6 +69,10 @@ class Worker:
         """Run ``trial`` unless another trial already covers its grid point; 1 if it ran."""
         params = {axis: trial.suggest_categorical(axis, values)
                   for axis, values in self.study.user_attrs["search_space"].items()}
+        if excluded(self.spec.exclude, params):  # Optuna's grid is the full product: this cell is not to run
+            trial.set_user_attr("excluded", True)
+            self.study.tell(trial, state=TrialState.PRUNED)
+            return 0
         holder = st.holder_of(self.study, trial.number, self.frozen(trial.number).system_attrs.get("grid_id"))
         if holder is not None:
             trial.set_user_attr("duplicate_of", holder.number)
