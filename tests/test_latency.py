@@ -105,7 +105,8 @@ def test_benchmark_command_writes_json(tmp_path):
         assert REQUIRED <= set(row)
         assert row["device"] == "cpu" and row["dtype"] == "float32" and row["mode"] == "eager"
         assert row["budget"] == 0.5 and row["batch_size"] == 2 and row["seq_len"] == 8
-        assert row["speedup"] == pytest.approx(row["dense_ms"] / row["factorized_ms"], rel=1e-2)
+        # the row's speedup is rounded to 3 decimals: a small one (a timing spike on a loaded machine) needs abs
+        assert row["speedup"] == pytest.approx(row["dense_ms"] / row["factorized_ms"], rel=1e-2, abs=1e-3)
     assert "speedup" in done.stdout and "lowrank@0.5" in done.stdout
 
 
