@@ -396,6 +396,8 @@ def test_findings_say_reproduced_not_reproduced_or_mixed_from_the_rows():
     assert "staged ahead in 1, behind in 0, equal in 0 of 1 informative comparisons (success rate); " \
            "**reproduced**" in text
     assert "staged 50% of 2 runs succeeded, all at once 0% of 2" in text
+    distilled = [{**r, "teacher": "self"} for r in staged if r["staged"]]  # staging plus distillation: not claim 2
+    assert "Claim 2" not in findings(distilled + staged[2:])
     nothing_trained = [_row("monarch", 0.5, staged=True, verdict="failed"), _row("monarch", 0.5, verdict="failed")]
     text = findings(staged + nothing_trained)  # 0 % vs 0 %: the schedule decided, not staging
     assert "equal in 0 of 1 informative" in text and "(uninformative: no run of either kind trained" in text

@@ -73,7 +73,9 @@ def claim1(rows: list[dict]) -> list[str]:
 
 
 def claim2(rows: list[dict]) -> list[str]:
-    rows = [r for r in rows if r["verdict"] in ("succeeded", "failed") and r.get("method") not in (None, "none")]
+    # staging alone: a distilled staged run (the one-run compress recipe) differs from all-at-once in more than that
+    rows = [r for r in rows if r["verdict"] in ("succeeded", "failed") and r.get("method") not in (None, "none")
+            and not r.get("teacher")]
     lines, wins, losses, total = [], 0, 0, 0
     for (method, budget, lr), group in sorted(_by(rows, "method", "budget", "learning_rate").items(), key=str):
         for data in sorted({regime(r) for r in group}):
