@@ -405,6 +405,12 @@ def test_findings_say_reproduced_not_reproduced_or_mixed_from_the_rows():
     at_baseline = [_row("lowrank", 0.81, verdict="failed"), _row("monarch", 0.81, verdict="failed")]
     text = findings(at_baseline)  # runs at the majority baseline measure no structure: not compared
     assert "no task and budget with successful runs" in text and "sst2: 2 of 2 runs failed" in text
+    below = [_row("lowrank", 0.80, verdict="failed"), _row("monarch", 0.78, verdict="failed"),
+             _row("monarch", 0.70, verdict="failed")]
+    text = findings(below)  # below the baseline but trained: compared apart, never counted
+    assert "counting them (not in the verdict): low rank ahead in 1 of 1 comparisons\n" in text
+    assert "sst2, budget 0.25: low rank 0.8000 (1) vs monarch 0.7400 ± 0.0566 (2) (final dev metric, failed runs " \
+           "included" in text and "**" not in text.split("counting them")[1]
 
 
 def test_compression_goal_compares_each_cells_best_recipe_with_dense_trained_alike():
