@@ -425,6 +425,8 @@ def test_compression_goal_compares_each_cells_best_recipe_with_dense_trained_ali
             row("lowrank", 0.5, "svd", 0.80), row("lowrank", 0.5, "whitened", 0.862),
             row("lowrank", 0.5, "whitened", 0.864),
             row("lowrank", 0.25, "svd", 0.84), row("monarch", 0.25, "svd", 0.70)]
+    for r in rows[:3]:
+        r["at_start"] = 0.875  # dense runs start from the teacher: their metric before training is the teacher's
     text = "\n".join(compression_goal(rows))
     # dense = mean(0.86, 0.88) = 0.87 (self-distilled dense is not the reference)
     assert "met in 1 of 3 task/structure/budget cells" in text
@@ -434,6 +436,7 @@ def test_compression_goal_compares_each_cells_best_recipe_with_dense_trained_ali
            "2-point goal)" in text
     assert "sst2, monarch 25%: best svd 0.7000 (1) vs dense 0.8700 ± 0.0141 (2): 17.0 points below (misses the " \
            "2-point goal)" in text
+    assert "sst2: the teacher scored 0.8750 before that training; dense trained alike 0.8700 ± 0.0141 (2)" in text
     assert compression_goal([_row("lowrank", 0.8)]) == []  # no recipe axis: not this study
     # trials recorded before the teacher fact existed: distillation read from the recipe's name
     old = [{k: v for k, v in r.items() if k != "teacher"} for r in rows]

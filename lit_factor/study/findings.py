@@ -143,9 +143,14 @@ def compression_goal(rows: list[dict]) -> list[str]:
     lines, met, total = [], 0, 0
     for (task,), group in sorted(_by(rows, "task").items(), key=str):
         # the reference: the dense model trained the same epoch without distillation
-        dense = _finals(_one_per_seed([r for r in group if r.get("method") == "none" and not _distilled(r)]))
+        reference = _one_per_seed([r for r in group if r.get("method") == "none" and not _distilled(r)])
+        dense = _finals(reference)
         if not dense:
             continue
+        teacher = _finals(reference, "at_start")  # dense runs start from the teacher: their metric before training
+        if teacher:  # the reference moved from the teacher by training alike: the goal's bar depends on which way
+            lines.append(f"  - {task}: the teacher scored {statistics.fmean(teacher):.4f} before that training; "
+                         f"dense trained alike {fmt_stat(dense)}")
         for (method, budget), cell in sorted(_by(group, "method", "budget").items(), key=str):
             if method in (None, "none"):
                 continue
