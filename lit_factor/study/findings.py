@@ -38,8 +38,8 @@ def _by(rows: list[dict], *keys: str) -> dict[tuple, list[dict]]:
     return groups
 
 
-def _lowrank_vs_others(rows: list[dict], key: str, what: str) -> list[str]:
-    """Per (task, budget): low rank's mean ``key`` against the best other structure's."""
+def _lowrank_vs_others(rows: list[dict], key: str, what: str) -> tuple[int, int, list[str]]:
+    """Per (task, budget): low rank's mean ``key`` against the best other structure's: (wins, comparisons, lines)."""
     lines, wins, total = [], 0, 0
     for (task, budget), group in sorted(_by(rows, "task", "budget").items(), key=str):
         means = {m: _mean(rs, key) for (m,), rs in _by(group, "method").items()}
@@ -54,7 +54,11 @@ def _lowrank_vs_others(rows: list[dict], key: str, what: str) -> list[str]:
                         for m in ("lowrank", other))
         lines.append(f"  - {task}, budget {budget}: low rank {fmt_stat(lows)} vs {other} {fmt_stat(others)} "
                      f"({what}, mean ± sd (n))")
-    return [f"{wins} of {total} comparisons; **{_verdict(wins, total)}**", *lines] if total else []
+    return wins, total, lines
+
+
+def _tally(wins: int, total: int) -> str:
+    return f"{wins} of {total} comparisons; **{_verdict(wins, total)}**"
 
 
 def _failed_lines(flat: list[dict]) -> list[str]:
@@ -70,23 +74,24 @@ def _failed_lines(flat: list[dict]) -> list[str]:
             continue
         lines.append(f"  - {task}: {n_failed} of {len(rs)} runs failed (diverged or ended at or below the majority "
                      "baseline) and are left out")
-        every = _lowrank_vs_others(rs, "final", "final dev metric, failed runs included")
-        if every:
-            lines.append(f"    - counting them (not in the verdict): low rank ahead in {every[0].split(';')[0]}")
-            lines += ["    " + line for line in every[1:]]
+        wins, total, cells = _lowrank_vs_others(rs, "final", "final dev metric, failed runs included")
+        if total:
+            lines.append(f"    - counting them (not in the verdict): low rank ahead in {wins} of {total} comparisons")
+            lines += ["    " + line for line in cells]
     return lines
 
 
 def claim1(rows: list[dict]) -> list[str]:
     """Compared over runs that succeeded: a run ending at the majority baseline measures no structure."""
     flat = [r for r in rows if r["verdict"] in ("succeeded", "failed") and not r.get("staged")]
-    lines = _lowrank_vs_others([r for r in flat if r["verdict"] == "succeeded"], "final", "final dev metric")
+    wins, total, lines = _lowrank_vs_others([r for r in flat if r["verdict"] == "succeeded"], "final",
+                                            "final dev metric")
     failed = _failed_lines(flat)
-    if not lines:
+    if not total:
         return ["- **Claim 1:** no task and budget with successful runs of low rank and another structure",
                 *failed] if failed else []
     return ["- **Claim 1, low rank beats Monarch and block-wise at equal parameters** (runs that succeeded): "
-            "low rank ahead in " + lines[0], *lines[1:], *failed]
+            "low rank ahead in " + _tally(wins, total), *lines, *failed]
 
 
 def claim2(rows: list[dict]) -> list[str]:
@@ -173,11 +178,11 @@ def compression_goal(rows: list[dict]) -> list[str]:
 
 def claim4(rows: list[dict]) -> list[str]:
     finished = [r for r in rows if r["verdict"] in ("succeeded", "failed")]
-    lines = _lowrank_vs_others(finished, "latency_speedup", "measured inference speedup over dense")
+    wins, total, lines = _lowrank_vs_others(finished, "latency_speedup", "measured inference speedup over dense")
     settings = sorted({r["latency_setting"] for r in finished if r.get("latency_setting")})
     where = f" (LatencyCallback at the end of each fit: {'; '.join(settings)})" if settings else ""
-    return ["- **Claim 4, low rank is faster than Monarch (and block-wise):** low rank faster in " + lines[0]
-            + where, *lines[1:]] if lines else []
+    return ["- **Claim 4, low rank is faster than Monarch (and block-wise):** low rank faster in " + _tally(wins, total)
+            + where, *lines] if total else []
 
 
 def findings(rows: list[dict]) -> str:
