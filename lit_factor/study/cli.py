@@ -42,6 +42,9 @@ def parser() -> argparse.ArgumentParser:
     sub.choices["report"].add_argument("--tensorboard", help="TensorBoard folder (default: OUT/tensorboard)")
     sub.choices["report"].add_argument("--reread", action="store_true",
                                        help="read results again from the run directories on this machine")
+    sub.choices["report"].add_argument("--with", dest="joined", action="append", default=[], metavar="STUDY",
+                                       help="also report this study's trials in the same tables (repeatable; "
+                                            "added to the study file's report_with)")
     for sp in sub.choices.values():
         sp.add_argument("--variant", help="a variant of the study file (e.g. full)")
         sp.add_argument("--storage", help="SQLAlchemy URL (default: sqlite:///logs/studies/<name>.db)")
@@ -53,11 +56,15 @@ def _open(args):
     """(spec or None, study) for ``status``/``report``: a file gives the name, else the name is given."""
     path = Path(args.study)
     spec = load_spec(path, args.variant) if path.suffix in (".yaml", ".yml") or path.is_file() else None
-    name = spec.name if spec else args.study + (f"-{args.variant}" if args.variant else "")
+    return spec, _load(spec.name if spec else args.study + (f"-{args.variant}" if args.variant else ""), args)
+
+
+def _load(name: str, args):
+    """The study ``name`` from --storage, else from its own database under --root."""
     url = args.storage or st.default_storage(name, Path(args.root))
     if not args.storage and not (Path(args.root) / f"{name}.db").is_file():
         raise UserError(f"no study database {Path(args.root) / (name + '.db')} (run it first, or give --storage)")
-    return spec, st.load(name, st.storage(url))
+    return st.load(name, st.storage(url))
 
 
 def _command(argv: list[str] | None) -> str:
@@ -93,9 +100,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from lit_factor.study.report import write_report
 
+        names = dict.fromkeys([*(spec.report_with if spec else []), *args.joined])
+        joined = [_load(name, args) for name in names if name != study.study_name]
         written = write_report(study, Path(args.out), publish=args.publish and Path(args.publish),
                                tensorboard=args.tensorboard and Path(args.tensorboard),
-                               command=_command(argv), reread=args.reread)
+                               command=_command(argv), reread=args.reread, joined=joined)
         for what, path in written.items():
             print(f"wrote {what}: {path}")
         return 0

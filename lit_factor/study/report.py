@@ -12,11 +12,13 @@ import csv
 import math
 import statistics
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import optuna
 
+from lit_factor.errors import UserError
 from lit_factor.study import status as stat
 from lit_factor.study.results import read_run
 from lit_factor.study.spec import SEED
@@ -41,10 +43,12 @@ def axes_of(study: optuna.Study) -> list[str]:
 
 
 def columns(study: optuna.Study, rows: list[dict]) -> list[str]:
-    """Grid, settings, results, then every final dev metric any trial logged (``val/accuracy``, ``val/f1`` ...)."""
+    """Grid, settings, results, then every final dev metric any trial logged (``val/accuracy``, ``val/f1`` ...);
+    rows of several studies (``report_with``) also say which study each came from."""
     metrics = sorted({k for r in rows for k in r.get("final_metrics") or {}})
     extras = sorted({k for r in rows for k in r.get("extra") or {}})
-    return ["trial", "verdict", *axes_of(study), SEED, *FACT_COLUMNS, *RESULT_COLUMNS, *metrics, *extras,
+    joined = ["study"] if any("study" in r for r in rows) else []
+    return [*joined, "trial", "verdict", *axes_of(study), SEED, *FACT_COLUMNS, *RESULT_COLUMNS, *metrics, *extras,
             *TAIL_COLUMNS]
 
 
@@ -71,6 +75,34 @@ def trial_rows(study: optuna.Study, reread: bool = False) -> list[dict[str, Any]
         row.update({**row["final_metrics"], **row["extra"]})
         rows.append(row)
     return rows
+
+
+# --- studies reported together (``report_with``) ----------------------------------------------------------------------
+def check_joinable(study: optuna.Study, others: list[optuna.Study]) -> None:
+    """Studies share a table only when their trials are comparable: the same axes, base recipes, fixed args,
+    stability rule and fit command; only the axis values and the excluded cells may differ."""
+    mine = study.user_attrs.get("settings") or {}
+    for other in others:
+        axes, theirs = sorted(study.user_attrs["search_space"]), sorted(other.user_attrs["search_space"])
+        if axes != theirs:
+            raise UserError(f"report_with {other.study_name!r}: its axes ({', '.join(theirs)}) are not those of "
+                            f"{study.study_name!r} ({', '.join(axes)}); only studies over the same axes share a table")
+        settings = other.user_attrs.get("settings") or {}
+        changed = [k for k in ("base", "args", "stability", "command") if mine.get(k) != settings.get(k)]
+        if changed:
+            raise UserError(f"report_with {other.study_name!r}: its {', '.join(changed)} differ from "
+                            f"{study.study_name!r}'s, so their trials are not comparable")
+
+
+def joined_rows(studies: list[optuna.Study], reread: bool = False) -> list[dict[str, Any]]:
+    """The rows of several studies as one grid: each row names its study, and rows are ordered by the joined
+    grid (each axis's values in the order the studies list them, earlier studies first), then by seed."""
+    rows = [{"study": s.study_name, **r} for s in studies for r in trial_rows(s, reread)]
+    order: dict[str, list] = {}
+    for s in studies:
+        for axis, values in s.user_attrs["search_space"].items():
+            order.setdefault(axis, []).extend(v for v in values if v not in order[axis])
+    return sorted(rows, key=lambda r: [order[a].index(r[axis_column(a)]) for a in order])
 
 
 def write_csv(rows: list[dict], cols: list[str], path: Path) -> Path:
@@ -161,24 +193,35 @@ def write_tensorboard(rows: list[dict], figures: dict, log_dir: Path, hparam_key
     return log_dir
 
 
+def _grid(study: optuna.Study) -> str:
+    return "; ".join(f"`{k}`: {', '.join(map(str, v))}" for k, v in study.user_attrs["search_space"].items())
+
+
 def markdown(study: optuna.Study, tables: str, figures: list[str], prefix: str = "", notes: str = "",
-             command: str | None = None) -> str:
-    space = study.user_attrs["search_space"]
-    grid = "; ".join(f"`{k}`: {', '.join(map(str, v))}" for k, v in space.items())
-    commands = study.user_attrs.get("commands", []) + ([command] if command else [])
-    machines = "; ".join(study.user_attrs.get("machines", [])) or "not recorded"
-    lines = [f"## Study `{study.study_name}`", "", f"Study file: `{study.user_attrs.get('source')}`. Grid: {grid}.",
-             "", f"**Progress:** {progress_text(study)}", "", f"**Ran on:** {machines}.", "",
-             "Commands (run from the repository root):", "",
-             "```", *commands, "```", "", notes, tables,
-             f"Every trial: [trials.csv]({prefix}trials.csv).", ""]
+             command: str | None = None, joined: Sequence[optuna.Study] = ()) -> str:
+    """The report's Markdown; ``joined``: the ``report_with`` studies whose trials share the tables."""
+    everything = [*joined, study]
+    commands = [c for s in everything for c in s.user_attrs.get("commands", [])] + ([command] if command else [])
+    machines = "; ".join(dict.fromkeys(m for s in everything for m in s.user_attrs.get("machines", []))) \
+        or "not recorded"
+    lines = [f"## Study `{study.study_name}`", "",
+             f"Study file: `{study.user_attrs.get('source')}`. Grid: {_grid(study)}.", ""]
+    for other in joined:
+        lines += [f"Reported with study `{other.study_name}` (same settings; its trials are in the tables). "
+                  f"Grid: {_grid(other)}. Progress: {progress_text(other)}", ""]
+    lines += [f"**Progress:** {progress_text(study)}", "", f"**Ran on:** {machines}.", "",
+              "Commands (run from the repository root):", "",
+              "```", *dict.fromkeys(commands), "```", "", notes, tables,
+              f"Every trial: [trials.csv]({prefix}trials.csv).", ""]
     lines += [f"![{name}]({prefix}{name}.png)" for name in figures]
     return "\n".join(lines) + "\n"
 
 
 def write_report(study: optuna.Study, out: Path, publish: Path | None = None, tensorboard: Path | None = None,
-                 command: str | None = None, reread: bool = False) -> dict[str, Path]:
-    """Write trials.csv, report.md, the figures and the TensorBoard view; return what was written."""
+                 command: str | None = None, reread: bool = False,
+                 joined: Sequence[optuna.Study] = ()) -> dict[str, Path]:
+    """Write trials.csv, report.md, the figures and the TensorBoard view; return what was written. ``joined``:
+    studies (``report_with``) whose trials are reported in the same tables, findings and figures."""
     import os
 
     import matplotlib.pyplot as plt
@@ -187,8 +230,9 @@ def write_report(study: optuna.Study, out: Path, publish: Path | None = None, te
     from lit_factor.study.findings import findings
     from lit_factor.study.publish import publish_section
 
+    check_joinable(study, list(joined))
     out.mkdir(parents=True, exist_ok=True)
-    rows = trial_rows(study, reread)
+    rows = joined_rows([*joined, study], reread) if joined else trial_rows(study, reread)
     written = {"csv": write_csv(rows, columns(study, rows), out / "trials.csv")}
     figures = {name: fig for name, draw in FIGURES.items() if (fig := draw(rows)) is not None}
     for name, fig in figures.items():
@@ -200,10 +244,10 @@ def write_report(study: optuna.Study, out: Path, publish: Path | None = None, te
         plt.close(fig)
     tables, notes = task_tables(rows, axes_of(study)), findings(rows)
     written["markdown"] = out / "report.md"
-    text = markdown(study, tables, list(figures), notes=notes, command=command)
+    text = markdown(study, tables, list(figures), notes=notes, command=command, joined=joined)
     written["markdown"].write_text(text, encoding="utf-8")
     if publish is not None:
         prefix = os.path.relpath(out, publish.parent).replace(os.sep, "/") + "/"
         written["page"] = publish_section(publish, f"study {study.study_name}",
-                                          markdown(study, tables, list(figures), prefix, notes, command))
+                                          markdown(study, tables, list(figures), prefix, notes, command, joined))
     return written

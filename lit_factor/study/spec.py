@@ -20,6 +20,8 @@
     command: [python, cli.py, fit]       # default: this checkout's cli.py fit, with the running Python
     variants:                            # --variant full: these top-level keys replace (args/axes: update) the above
       full: {args: {data.max_train_samples: null}, seeds: [1, 2, 3, 4, 5]}
+    report_with: [claim1-pilot]          # report these studies' trials in one table with this one's (same
+                                         # base, args and axis names: a study that adds cells to another)
 
 Inside a bundle (and ``args``) two keys are special: ``config`` (a path or list of paths: extra ``--config``
 files, given right after the base) and ``callbacks`` (a list of ``{class_path, init_args}``: each appended with
@@ -39,7 +41,7 @@ from lit_factor.errors import UserError
 
 SEED = "seed"
 _KEYS = {"name", "base", "args", "stability", "axes", "seeds", "variants", "retries", "keep_checkpoints", "command",
-         "exclude"}
+         "exclude", "report_with"}
 _SPECIAL = ("config", "callbacks")
 _SCALAR = (str, int, float, bool, type(None))
 
@@ -58,6 +60,7 @@ class StudySpec:
     keep_checkpoints: bool = False
     command: list[str] | None = None  # the fit command; None: ``python cli.py fit`` of this checkout
     exclude: list[dict[str, list]] = field(default_factory=list)  # cells left out: axis -> the values that match
+    report_with: list[str] = field(default_factory=list)  # studies reported in one table with this one (not run)
     source: str | None = None
 
     # --- the grid ------------------------------------------------------------------------------------------------
@@ -190,7 +193,7 @@ def load_spec(path: str | Path, variant: str | None = None) -> StudySpec:
                      stability=_stability(data.get("stability"), where),
                      retries=int(data.get("retries", 1)), keep_checkpoints=bool(data.get("keep_checkpoints", False)),
                      command=_strings(data["command"], f"{where}: command") if data.get("command") else None,
-                     source=where)
+                     report_with=_names(data.get("report_with"), f"{where}: report_with"), source=where)
     spec.exclude = _exclude(data.get("exclude"), spec.axes, where)
     if not spec.cells():
         raise UserError(f"{where}: exclude leaves no grid cell to run")
@@ -214,6 +217,13 @@ def _strings(value, where: str) -> list[str]:
     if not items or not all(isinstance(v, str) for v in items):
         raise UserError(f"{where}: expected a config path or a list of them, got {value!r}")
     return items
+
+
+def _names(value, where: str) -> list[str]:
+    names = _as_list(value)
+    if not all(isinstance(v, str) and v for v in names):
+        raise UserError(f"{where}: expected a study name or a list of them, got {value!r}")
+    return names
 
 
 def _seeds(value, where: str) -> list[int]:
