@@ -36,3 +36,18 @@ def test_publishing_keeps_one_verdict_table_before_the_sections_and_rewrites_it(
 def test_a_page_without_findings_has_no_verdict_table(tmp_path):
     page = publish_section(tmp_path / "results.md", "study b", "## Study `b`\n\nno claims here\n")
     assert "Verdicts" not in page.read_text(encoding="utf-8")
+
+
+def test_a_joined_report_takes_the_place_of_the_sections_it_holds(tmp_path):
+    """A report with report_with holds those studies' trials: their sections give way to it, others stay."""
+    page = tmp_path / "results.md"
+    for key in ("study a", "study b", "study c"):
+        publish_section(page, key, _study("mixed").replace("`a`", f"`{key[-1]}`"))
+    publish_section(page, "study a+", _study("reproduced").replace("`a`", "`a+`"), supersedes=["study a", "study c"])
+    text = page.read_text(encoding="utf-8")
+    assert "<!-- begin study a (generated) -->" not in text and "<!-- begin study c (generated) -->" not in text
+    assert text.index("<!-- begin study a+ (generated) -->") < text.index("<!-- begin study b (generated) -->")
+    assert [row[1] for row in verdict_rows(text) if row[0] == "Claim 1"] == ["`a+`", "`b`"]
+    assert text.endswith("<!-- end study b -->\n")
+    publish_section(page, "study a+", _study("mixed").replace("`a`", "`a+`"), supersedes=["study a"])  # a rerun
+    assert page.read_text(encoding="utf-8").count("<!-- begin study a+") == 1

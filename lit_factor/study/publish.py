@@ -9,6 +9,7 @@ record of what was published), so it never holds a number that a section does no
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 HEADER = ("# Results\n\nThis page is generated: every section below is written by `python cli.py study report ... "
@@ -72,10 +73,25 @@ def verdicts_markdown(text: str) -> str:
                       "quoting its verdict.", "", *table])
 
 
-def publish_section(page: Path, key: str, markdown: str) -> Path:
+def _supersede(text: str, key: str, old: str) -> str:
+    """Section ``old`` gives way to ``key``: ``key`` takes its place when new to the page, else ``old`` goes."""
+    (old_begin, old_end), (begin, end) = _markers(old), _markers(key)
+    if old_begin not in text or old_end not in text:
+        return text
+    if begin not in text:
+        return text.replace(old_begin, begin).replace(old_end, end)
+    head, rest = text.split(old_begin, 1)
+    tail = rest.split(old_end, 1)[1].lstrip("\n")
+    return head.rstrip("\n") + "\n\n" + tail if tail else head.rstrip("\n") + "\n"
+
+
+def publish_section(page: Path, key: str, markdown: str, supersedes: Sequence[str] = ()) -> Path:
     """Write ``markdown`` as the section ``key`` of ``page`` (replacing that section, keeping the others), then
-    refresh the page's verdicts at a glance."""
+    refresh the page's verdicts at a glance. ``supersedes``: sections whose content this one holds (a report with
+    ``report_with`` has those studies' trials): the first gives its place to ``key``, all are removed."""
     text = page.read_text(encoding="utf-8") if page.is_file() else HEADER
+    for old in supersedes:
+        text = _supersede(text, key, old)
     text = _replace(text, key, markdown)
     summary = verdicts_markdown(text)
     if summary:

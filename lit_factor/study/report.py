@@ -249,5 +249,6 @@ def write_report(study: optuna.Study, out: Path, publish: Path | None = None, te
     if publish is not None:
         prefix = os.path.relpath(out, publish.parent).replace(os.sep, "/") + "/"
         written["page"] = publish_section(publish, f"study {study.study_name}",
-                                          markdown(study, tables, list(figures), prefix, notes, command, joined))
+                                          markdown(study, tables, list(figures), prefix, notes, command, joined),
+                                          supersedes=[f"study {other.study_name}" for other in joined])
     return written
