@@ -283,32 +283,37 @@ def test_report_with_joins_a_study_that_adds_cells_and_refuses_an_incomparable_o
     """A study that adds cells to another (``report_with``): one table, CSV, findings; rows say their study."""
     budget = {"model.factorization.budget": [0.5]}
     first = fake_study(tmp_path, base_yaml, "first", **{"model.factorization.method": ["none", "lowrank"], **budget})
-    more = fake_study(tmp_path, base_yaml, "more", **{"model.factorization.method": ["monarch"], **budget})
-    write_study(more, **{**yaml.safe_load(more.read_text()), "report_with": ["first"]})
+    # the file's grid has every method (in the order its report follows); variant `added` runs only the new one
+    more = fake_study(tmp_path, base_yaml, "more", **{"model.factorization.method": ["lowrank", "monarch", "none"],
+                                                      **budget})
+    added = {"axes": {"model.factorization.method": ["monarch"]}, "report_with": ["first"]}
+    write_study(more, **{**yaml.safe_load(more.read_text()), "variants": {"added": added}})
     other = write_study(tmp_path / "other.yaml", **{**yaml.safe_load(more.read_text()), "args": {"x.y": 1}})
-    for path in (first, more, other):
-        assert run_cli("run", str(path), "--root", "logs", cwd=tmp_path).returncode == 0
+    for path, variant in ((first, []), (more, ["--variant", "added"]), (other, ["--variant", "added"])):
+        assert run_cli("run", str(path), *variant, "--root", "logs", cwd=tmp_path).returncode == 0
     out, page = tmp_path / "out", tmp_path / "results.md"
-    proc = run_cli("report", str(more), "--root", "logs", "--out", str(out), "--publish", str(page), cwd=tmp_path)
+    proc = run_cli("report", str(more), "--variant", "added", "--root", "logs", "--out", str(out), "--publish",
+                   str(page), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     with open(out / "trials.csv") as f:
         rows = list(csv.DictReader(f))
-    # ordered by the joined grid: the first study's methods, then the added one; seeds within a cell
+    # ordered by the file's grid (lowrank, monarch, none), seeds within a cell; each row names its study
     assert [(r["study"], r["model.factorization.method"], r["seed"]) for r in rows] == [
-        ("first", "none", "1"), ("first", "none", "2"), ("first", "lowrank", "1"), ("first", "lowrank", "2"),
-        ("more", "monarch", "1"), ("more", "monarch", "2")]
+        ("first", "lowrank", "1"), ("first", "lowrank", "2"), ("more-added", "monarch", "1"),
+        ("more-added", "monarch", "2"), ("first", "none", "1"), ("first", "none", "2")]
     text = (out / "report.md").read_text()
     assert "Reported with study `first`" in text and "**Progress:** 2 of 2 grid points finished" in text
     cells = [ln.split(" | ")[0] for ln in text.splitlines() if ln.startswith("| model.factorization.method=")]
     assert cells == [f"| model.factorization.method={m} model.factorization.budget=0.5" for m in
-                     ("none", "lowrank", "monarch")]
+                     ("lowrank", "monarch", "none")]
     assert "low rank ahead in" in text  # the findings see both studies' rows (low rank vs Monarch)
-    assert page.read_text().count("<!-- begin study more (generated) -->") == 1
+    assert page.read_text().count("<!-- begin study more-added (generated) -->") == 1
     # a study with other fixed args is not comparable: one clear error, and nothing written over the report
     before = (out / "trials.csv").read_text()
-    proc = run_cli("report", "other", "--with", "first", "--root", "logs", "--out", str(out), cwd=tmp_path)
+    proc = run_cli("report", "other", "--variant", "added", "--with", "first", "--root", "logs", "--out", str(out),
+                   cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
-    assert "error: report_with 'first': its args differ from 'other'" in proc.stderr
+    assert "error: report_with 'first': its args differ from 'other-added'" in proc.stderr
     assert (out / "trials.csv").read_text() == before
 
 

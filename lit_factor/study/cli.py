@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         joined = [_load(name, args) for name in names if name != study.study_name]
         written = write_report(study, Path(args.out), publish=args.publish and Path(args.publish),
                                tensorboard=args.tensorboard and Path(args.tensorboard),
-                               command=_command(argv), reread=args.reread, joined=joined)
+                               command=_command(argv), reread=args.reread, joined=joined,
+                               order=load_spec(args.study).search_space() if spec and joined else None)
         for what, path in written.items():
             print(f"wrote {what}: {path}")
         return 0

@@ -94,11 +94,12 @@ def check_joinable(study: optuna.Study, others: list[optuna.Study]) -> None:
                             f"{study.study_name!r}'s, so their trials are not comparable")
 
 
-def joined_rows(studies: list[optuna.Study], reread: bool = False) -> list[dict[str, Any]]:
+def joined_rows(studies: list[optuna.Study], reread: bool = False,
+                order: dict[str, list] | None = None) -> list[dict[str, Any]]:
     """The rows of several studies as one grid: each row names its study, and rows are ordered by the joined
-    grid (each axis's values in the order the studies list them, earlier studies first), then by seed."""
+    grid: each axis's values in ``order`` (the study file's main grid), then as the studies list them."""
     rows = [{"study": s.study_name, **r} for s in studies for r in trial_rows(s, reread)]
-    order: dict[str, list] = {}
+    order = {axis: list(values) for axis, values in (order or {}).items()}
     for s in studies:
         for axis, values in s.user_attrs["search_space"].items():
             order.setdefault(axis, []).extend(v for v in values if v not in order[axis])
@@ -219,9 +220,10 @@ def markdown(study: optuna.Study, tables: str, figures: list[str], prefix: str =
 
 def write_report(study: optuna.Study, out: Path, publish: Path | None = None, tensorboard: Path | None = None,
                  command: str | None = None, reread: bool = False,
-                 joined: Sequence[optuna.Study] = ()) -> dict[str, Path]:
+                 joined: Sequence[optuna.Study] = (), order: dict[str, list] | None = None) -> dict[str, Path]:
     """Write trials.csv, report.md, the figures and the TensorBoard view; return what was written. ``joined``:
-    studies (``report_with``) whose trials are reported in the same tables, findings and figures."""
+    studies (``report_with``) whose trials are reported in the same tables, findings and figures, their rows in
+    the axis-value ``order`` given (the study file's grid)."""
     import os
 
     import matplotlib.pyplot as plt
@@ -232,7 +234,7 @@ def write_report(study: optuna.Study, out: Path, publish: Path | None = None, te
 
     check_joinable(study, list(joined))
     out.mkdir(parents=True, exist_ok=True)
-    rows = joined_rows([*joined, study], reread) if joined else trial_rows(study, reread)
+    rows = joined_rows([*joined, study], reread, order) if joined else trial_rows(study, reread)
     written = {"csv": write_csv(rows, columns(study, rows), out / "trials.csv")}
     figures = {name: fig for name, draw in FIGURES.items() if (fig := draw(rows)) is not None}
     for name, fig in figures.items():
