@@ -470,11 +470,11 @@ def test_compression_goal_compares_each_cells_best_recipe_with_dense_trained_ali
     # dense = mean(0.86, 0.88) = 0.87 (self-distilled dense is not the reference)
     assert "met in 1 of 3 task/structure/budget cells" in text
     assert "sst2, lowrank 50%: best whitened 0.8630 ± 0.0014 (2) vs dense 0.8700 ± 0.0141 (2): 0.7 points below " \
-           "(within the 1-point goal); svd alone 0.8000 (1)" in text
+           "(within the 1-point goal); svd alone 0.8000 (1); within the goal: whitened (1 of 2 recipes)" in text
     assert "sst2, lowrank 25%: best svd 0.8400 (1) vs dense 0.8700 ± 0.0141 (2): 3.0 points below (misses the " \
            "2-point goal)" in text
     assert "sst2, monarch 25%: best svd 0.7000 (1) vs dense 0.8700 ± 0.0141 (2): 17.0 points below (misses the " \
-           "2-point goal)" in text
+           "2-point goal); svd alone 0.7000 (1)\n" in text + "\n"  # one recipe: nothing to list
     assert "sst2: the teacher scored 0.8750 before that training; dense trained alike 0.8700 ± 0.0141 (2)" in text
     assert compression_goal([_row("lowrank", 0.8)]) == []  # no recipe axis: not this study
     # trials recorded before the teacher fact existed: distillation read from the recipe's name
