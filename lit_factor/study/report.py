@@ -79,8 +79,10 @@ def trial_rows(study: optuna.Study, reread: bool = False) -> list[dict[str, Any]
 
 # --- studies reported together (``report_with``) ----------------------------------------------------------------------
 def check_joinable(study: optuna.Study, others: list[optuna.Study]) -> None:
-    """Studies share a table only when their trials are comparable: the same axes, base recipes, fixed args,
-    stability rule and fit command; only the axis values and the excluded cells may differ."""
+    """Studies share a table only when their trials are comparable: the same axes and the same recorded settings
+    (``StudySpec.settings``: base, args, stability rule, fit command ...) but for the grid itself, i.e. the axis
+    values and the excluded cells."""
+    grid = ("axes", "exclude")
     mine = study.user_attrs.get("settings") or {}
     for other in others:
         axes, theirs = sorted(study.user_attrs["search_space"]), sorted(other.user_attrs["search_space"])
@@ -88,7 +90,7 @@ def check_joinable(study: optuna.Study, others: list[optuna.Study]) -> None:
             raise UserError(f"report_with {other.study_name!r}: its axes ({', '.join(theirs)}) are not those of "
                             f"{study.study_name!r} ({', '.join(axes)}); only studies over the same axes share a table")
         settings = other.user_attrs.get("settings") or {}
-        changed = [k for k in ("base", "args", "stability", "command") if mine.get(k) != settings.get(k)]
+        changed = [k for k in dict.fromkeys([*mine, *settings]) if k not in grid and mine.get(k) != settings.get(k)]
         if changed:
             raise UserError(f"report_with {other.study_name!r}: its {', '.join(changed)} differ from "
                             f"{study.study_name!r}'s, so their trials are not comparable")
