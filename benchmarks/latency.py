@@ -25,8 +25,8 @@ import os
 import sys
 import time
 
-from lit_factor.factorize import BudgetError
-from lit_factor.latency import (
+from lit_factor.compress.surgery import apply_plan, build_plan
+from lit_factor.deploy.latency import (
     DTYPES,
     RUNTIMES,
     LatencyError,
@@ -36,8 +36,8 @@ from lit_factor.latency import (
     format_table,
     runtime_label,
 )
+from lit_factor.factorize import BudgetError
 from lit_factor.models import RANDOM_PREFIX, RANDOM_PRESETS, load_model
-from lit_factor.surgery import apply_plan, build_plan
 
 
 def model_source(name: str) -> str:
@@ -97,7 +97,7 @@ def parser() -> argparse.ArgumentParser:
                    help="pad low-rank ranks with zeros to this multiple at inference on CUDA (0 = off; default: "
                         "the layers' own, 64; see docs/speed.md)")
     p.add_argument("--optimize", action="store_true",
-                   help="apply lit_factor.inference.optimize_for_inference to dense and factorized alike (one GEMM "
+                   help="apply lit_factor.deploy.inference.optimize_for_inference to dense and factorized alike (one GEMM "
                         "for the Q/K/V down-projections, Monarch FFN reorder absorbed)")
     p.add_argument("--part", default="model", choices=["model", "encoder"],
                    help="time the whole model forward, or only the encoder stack on precomputed embeddings "
@@ -199,7 +199,7 @@ def markdown_goals(rows: list[dict]) -> str:
 
 
 def write_profile(path: str, dense, models: dict, settings: LatencySettings, mode: str) -> None:
-    from lit_factor.profiling import profile_models
+    from lit_factor.deploy.profiling import profile_models
 
     tables = profile_models(dense, models, settings)
     with open(path, "a") as f:
@@ -213,7 +213,7 @@ def measure(args) -> list[LatencyRow]:
     dense = load_model(model_source(args.model)).to(args.device)
     models, meta = build_variants(dense, args)
     if args.optimize:
-        from lit_factor.inference import optimize_for_inference
+        from lit_factor.deploy.inference import optimize_for_inference
 
         dense = optimize_for_inference(copy.deepcopy(dense))
         models = {k: optimize_for_inference(m) for k, m in models.items()}

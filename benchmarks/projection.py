@@ -15,8 +15,8 @@ import time
 
 import torch
 
+from lit_factor.compress.surgery import apply_plan, build_plan, find_targets
 from lit_factor.models import RANDOM_PREFIX, RANDOM_PRESETS, load_model
-from lit_factor.surgery import apply_plan, build_plan, find_targets
 
 
 def main() -> None:

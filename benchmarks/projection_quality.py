@@ -22,8 +22,8 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from lit_factor.data import GLUEDataModule
-from lit_factor.module import Factorization, FactorizedClassifier
+from lit_factor.train.data import GLUEDataModule
+from lit_factor.train.module import Factorization, FactorizedClassifier
 
 COMBOS = ("svd:uniform", "whitened:uniform", "fisher:uniform", "svd:energy", "whitened:energy", "fisher:fisher")
 FIELDS = ("task", "method", "budget", "init", "allocation", "min_share", "calibration_samples", "kept_fraction",

@@ -11,7 +11,7 @@ __all__ = ["load_pretrained"]
 def __getattr__(name: str):
     # Lazy: ``import lit_factor.errors`` (pure Python) must not pull in torch and transformers.
     if name == "load_pretrained":
-        from .pretrained import load_pretrained
+        from lit_factor.deploy.pretrained import load_pretrained
 
         return load_pretrained
     raise AttributeError(f"module 'lit_factor' has no attribute {name!r}")

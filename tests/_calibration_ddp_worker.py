@@ -6,7 +6,7 @@ import torch
 from test_calibration import _TwoLayer  # this script's directory is on sys.path
 from torch.utils.data import DataLoader
 
-from lit_factor.calibration import calibrate, calibration_loader
+from lit_factor.compress.calibration import calibrate, calibration_loader
 
 
 class Data:

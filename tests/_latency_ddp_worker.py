@@ -8,7 +8,7 @@ import json
 import sys
 
 from lit_factor.callbacks import LatencyCallback, RunSummary
-from lit_factor.module import FactorizedClassifier
+from lit_factor.train.module import FactorizedClassifier
 from tests.conftest import quiet_trainer, synthetic_loader
 
 

@@ -14,8 +14,8 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 
 from lit_factor.callbacks import StabilityMonitor, StagingCallback
-from lit_factor.module import Factorization, FactorizedClassifier
-from lit_factor.switchable import find_switchable
+from lit_factor.compress.switchable import find_switchable
+from lit_factor.train.module import Factorization, FactorizedClassifier
 from tests.conftest import quiet_trainer, synthetic_loader
 
 

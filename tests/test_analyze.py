@@ -9,10 +9,10 @@ import matplotlib.image
 import pytest
 import torch
 
-from lit_factor import analyze
+from lit_factor.compress.surgery import find_targets, relative_error
 from lit_factor.factorize import METHODS
 from lit_factor.models import load_model
-from lit_factor.surgery import find_targets, relative_error
+from lit_factor.study import analyze
 
 
 def read_csv(path: Path) -> list[dict]:

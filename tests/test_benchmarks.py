@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from lit_factor.compress.surgery import apply_plan, build_plan
+from lit_factor.deploy.latency import LatencyError, LatencySettings, compare_latency, dense_equivalent
 from lit_factor.factorize import LowRankLinear
-from lit_factor.latency import LatencyError, LatencySettings, compare_latency, dense_equivalent
 from lit_factor.models import load_model
-from lit_factor.surgery import apply_plan, build_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from lit_factor.calibration import calibrate, calibration_loader
+from lit_factor.compress.calibration import calibrate, calibration_loader
 
 
 class _Out:
@@ -72,7 +72,7 @@ def test_unused_layer_is_named(one_thread):
 
 
 def test_calibration_loader_leaves_global_rng_alone(glue_writer):
-    from lit_factor.data import GLUEDataModule
+    from lit_factor.train.data import GLUEDataModule
 
     dm = GLUEDataModule("sst2", data_dir=str(glue_writer("SST-2", n_train=20)), model_name_or_path="random:tiny-bert",
                         batch_size=4, cache_dir=str(glue_writer("SST-2").parent / "cache"))

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-import cli
+from lit_factor import cli
 from lit_factor.errors import UserError
 from tests.conftest import REPO, write_tsv
 

@@ -9,7 +9,7 @@ from conftest import quiet_trainer, synthetic_rows
 
 from lit_factor.callbacks import StagingCallback
 from lit_factor.errors import UserError
-from lit_factor.module import Factorization, FactorizedClassifier
+from lit_factor.train.module import Factorization, FactorizedClassifier
 
 
 class _Rows(torch.utils.data.Dataset):
@@ -75,7 +75,7 @@ def test_data_aware_projection_runs_in_fit(one_thread, init, allocation):
 
 
 def test_each_stage_calibrates_the_model_as_it_is(one_thread, monkeypatch):
-    import lit_factor.module as module_py
+    import lit_factor.train.module as module_py
 
     seen = []
     real = module_py.module_stats

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-import cli
+from lit_factor import cli
 from tests.conftest import REPO
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))

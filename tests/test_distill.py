@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from lit_factor.distill import Distillation, DistillationError, Teacher, distillation_loss, load_teacher
+from lit_factor.compress.distillation import Distillation, DistillationError, Teacher, distillation_loss, load_teacher
 
 
 def _out(logits, hidden=None, loss=None):
@@ -89,7 +89,7 @@ def _fit_module(steps=2, callbacks=(), **kwargs):
     from conftest import quiet_trainer
     from test_compress import _datamodule
 
-    from lit_factor.module import FactorizedClassifier
+    from lit_factor.train.module import FactorizedClassifier
 
     module = FactorizedClassifier("random:tiny-bert", learning_rate=1e-2, **kwargs)
     trainer = quiet_trainer(max_steps=steps, limit_val_batches=0, callbacks=list(callbacks))
@@ -98,7 +98,7 @@ def _fit_module(steps=2, callbacks=(), **kwargs):
 
 
 def test_teacher_is_frozen_outside_the_optimizer_and_checkpoint(one_thread, tmp_path):
-    from lit_factor.module import Factorization
+    from lit_factor.train.module import Factorization
 
     probe = _TeacherProbe()
     module, trainer = _fit_module(factorization=Factorization(method="lowrank", budget=0.5), callbacks=[probe],
@@ -116,7 +116,7 @@ def test_teacher_is_frozen_outside_the_optimizer_and_checkpoint(one_thread, tmp_
 
 
 def test_compress_after_fine_tuning(one_thread, tmp_path):
-    from lit_factor.module import Factorization
+    from lit_factor.train.module import Factorization
 
     dense, trainer = _fit_module(steps=3)
     path = tmp_path / "dense.ckpt"
@@ -142,7 +142,7 @@ class _StageProbe(L.Callback):
         self.at, self.had_teacher, self.before_stage, self.loaded = at, {}, None, None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        from lit_factor.distill import dense_copy
+        from lit_factor.compress.distillation import dense_copy
 
         self.had_teacher[trainer.global_step] = pl_module._teacher is not None
         if trainer.global_step == 0:
@@ -153,13 +153,13 @@ class _StageProbe(L.Callback):
 
 def test_staged_self_teacher_is_the_dense_model_fine_tuned_until_the_first_stage_and_resumes(one_thread, tmp_path):
     from lit_factor.callbacks import StagingCallback
-    from lit_factor.module import TEACHER_KEY, Factorization
+    from lit_factor.train.module import TEACHER_KEY, Factorization
 
     def staged_fit(steps, probe=None, ckpt_path=None):
         from conftest import quiet_trainer
         from test_compress import _datamodule
 
-        from lit_factor.module import FactorizedClassifier
+        from lit_factor.train.module import FactorizedClassifier
 
         module = FactorizedClassifier("random:tiny-bert", learning_rate=1e-2, distillation=Distillation("self"),
                                       factorization=Factorization(method="lowrank", budget=0.5))

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 import lit_factor
-from lit_factor.export import main, model_inputs
-from lit_factor.module import Factorization, FactorizedClassifier
-from lit_factor.surgery import count_params
-from lit_factor.switchable import find_switchable
+from lit_factor.compress.surgery import count_params
+from lit_factor.compress.switchable import find_switchable
+from lit_factor.deploy.export import main, model_inputs
+from lit_factor.train.module import Factorization, FactorizedClassifier
 
 ROOT = Path(__file__).resolve().parents[1]
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}

@@ -8,17 +8,17 @@ import pytest
 import torch
 from torch import nn
 
-from lit_factor.factorize import LowRankLinear, MonarchLinear
-from lit_factor.inference import (
+from lit_factor.compress.surgery import apply_plan, build_plan, count_params
+from lit_factor.deploy.inference import (
     ChunkOrderMonarchLinear,
     SharedInputBranch,
     chunk_order,
     optimize_for_inference,
     permute_input,
 )
-from lit_factor.latency import linear_macs_per_token, make_inputs
+from lit_factor.deploy.latency import linear_macs_per_token, make_inputs
+from lit_factor.factorize import LowRankLinear, MonarchLinear
 from lit_factor.models import load_model
-from lit_factor.surgery import apply_plan, build_plan, count_params
 
 # hidden 64, 4 heads of 16, FFN 256: Monarch with 4 blocks has 16-row blocks, so a head is one chunk group
 SHAPE = dict(hidden_size=64, num_attention_heads=4, intermediate_size=256)

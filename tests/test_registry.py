@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from test_factorize import CONTRACTS, Case
 from torch import Tensor, nn
 
+from lit_factor.compress.surgery import Plan, PlanError, apply_plan, build_plan, count_params, format_report
+from lit_factor.compress.switchable import finalize, make_switchable
 from lit_factor.factorize import METHODS, BudgetError, FactorizedLinear, ProjectionStats, fit_rank, truncated_factors
 from lit_factor.models import load_model
-from lit_factor.surgery import Plan, PlanError, apply_plan, build_plan, count_params, format_report
-from lit_factor.switchable import finalize, make_switchable
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

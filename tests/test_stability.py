@@ -10,9 +10,9 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
-from lit_factor.callbacks.stability import StabilityMonitor, majority_baseline, run_failed
 from lit_factor.errors import UserError
-from lit_factor.module import Factorization, FactorizedClassifier
+from lit_factor.train.callbacks.stability import StabilityMonitor, majority_baseline, run_failed
+from lit_factor.train.module import Factorization, FactorizedClassifier
 from tests.conftest import synthetic_loader, synthetic_rows
 from tests.test_staging import BATCH, _module, _trainer
 

@@ -10,12 +10,12 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lit_factor.callbacks.staging import StagingCallback, StagingError, block_of, plan_stages
+from lit_factor.compress.surgery import apply_plan
+from lit_factor.compress.switchable import SwitchableLinear, finalize, find_switchable
 from lit_factor.errors import UserError
 from lit_factor.models import load_model
-from lit_factor.module import Factorization, FactorizedClassifier
-from lit_factor.surgery import apply_plan
-from lit_factor.switchable import SwitchableLinear, finalize, find_switchable
+from lit_factor.train.callbacks.staging import StagingCallback, StagingError, block_of, plan_stages
+from lit_factor.train.module import Factorization, FactorizedClassifier
 from tests.conftest import quiet_trainer, synthetic_loader
 
 BATCH = 4

@@ -10,7 +10,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from lit_factor.callbacks import LineProgress, RunSummary, StabilityMonitor
 from lit_factor.errors import UserError
-from lit_factor.module import Factorization, FactorizedClassifier
+from lit_factor.train.module import Factorization, FactorizedClassifier
 from tests.conftest import quiet_trainer, synthetic_loader
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
+from lit_factor.compress.surgery import Plan, PlanError, apply_plan, build_plan, find_targets, format_report
 from lit_factor.factorize import BudgetError, FactorizedLinear, LowRankLinear, MonarchLinear, ProjectionStats
 from lit_factor.models import load_model
-from lit_factor.surgery import Plan, PlanError, apply_plan, build_plan, find_targets, format_report
 
 ARCHS = ["random:tiny-bert", "random:tiny-roberta", "random:tiny-t5"]
 METHOD_ARGS = {"lowrank": {"budget": 0.5}, "monarch": {"budget": None, "nblocks": 4},

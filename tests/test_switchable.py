@@ -5,9 +5,9 @@ import copy
 import pytest
 import torch
 
+from lit_factor.compress.surgery import PlanError, apply_plan, build_plan, count_params, format_report
+from lit_factor.compress.switchable import SwitchableLinear, finalize, find_switchable, make_switchable
 from lit_factor.models import load_model
-from lit_factor.surgery import PlanError, apply_plan, build_plan, count_params, format_report
-from lit_factor.switchable import SwitchableLinear, finalize, find_switchable, make_switchable
 
 METHODS = ["lowrank", "monarch", "blockwise"]
 

@@ -5,11 +5,11 @@
 names a structure.
 """
 
-from .base import FactorizedLinear, ProjectionStats, truncated_factors
-from .blockwise import BlockLowRankLinear
-from .budget import BudgetError, check_budget, check_saves, fit_rank
-from .lowrank import LowRankLinear
-from .monarch import MonarchLinear
+from lit_factor.factorize.base import FactorizedLinear, ProjectionStats, truncated_factors
+from lit_factor.factorize.blockwise import BlockLowRankLinear
+from lit_factor.factorize.budget import BudgetError, check_budget, check_saves, fit_rank
+from lit_factor.factorize.lowrank import LowRankLinear
+from lit_factor.factorize.monarch import MonarchLinear
 
 #: method name (as used in plans and configs) -> layer class
 METHODS: dict[str, type[FactorizedLinear]] = {

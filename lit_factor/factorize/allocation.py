@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .budget import BudgetError
+from lit_factor.factorize.budget import BudgetError
 
 ALLOCATIONS = ("uniform", "energy", "fisher")
 

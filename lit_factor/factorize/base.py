@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .budget import BudgetError, check_budget, check_saves
+from lit_factor.factorize.budget import BudgetError, check_budget, check_saves
 
 
 @dataclass

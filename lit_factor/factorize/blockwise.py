@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .allocation import block_step_spectrum
-from .base import FactorizedLinear, ProjectionStats, truncated_factors
-from .budget import BudgetError, fit_rank
-from .datawise import DATA_INITS, data_terms, weighted_factors, weighted_spectrum
+from lit_factor.factorize.allocation import block_step_spectrum
+from lit_factor.factorize.base import FactorizedLinear, ProjectionStats, truncated_factors
+from lit_factor.factorize.budget import BudgetError, fit_rank
+from lit_factor.factorize.datawise import DATA_INITS, data_terms, weighted_factors, weighted_spectrum
 
 
 class BlockLowRankLinear(FactorizedLinear):

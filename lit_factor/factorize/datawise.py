@@ -137,7 +137,7 @@ def data_terms(init: str, stats) -> dict:
     value = getattr(stats, needed[init], None) if stats is not None else None
     if value is None:
         raise ValueError(f"init={init!r} needs calibration statistics ({needed[init]}); gather them with "
-                         "lit_factor.calibration (factorization.calibration_samples)")
+                         "lit_factor.compress.calibration (factorization.calibration_samples)")
     return {"second_moment": value} if init == "whitened" else {"row_weights": value}
 
 

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import FactorizedLinear, ProjectionStats, truncated_factors
-from .budget import fit_rank
-from .datawise import DATA_INITS, data_terms, weighted_factors, weighted_spectrum
+from lit_factor.factorize.base import FactorizedLinear, ProjectionStats, truncated_factors
+from lit_factor.factorize.budget import fit_rank
+from lit_factor.factorize.datawise import DATA_INITS, data_terms, weighted_factors, weighted_spectrum
 
 
 class LowRankLinear(FactorizedLinear):

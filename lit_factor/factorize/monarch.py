@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .blockwise import BlockLowRankLinear
+from lit_factor.factorize.blockwise import BlockLowRankLinear
 
 
 class MonarchLinear(BlockLowRankLinear):

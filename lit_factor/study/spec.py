@@ -145,7 +145,7 @@ def cli_value(value: Any) -> str:
 
 
 def monitor_of(task: str) -> str:
-    from lit_factor.data import get_task  # imported late: it pulls in datasets/transformers
+    from lit_factor.train.data import get_task  # imported late: it pulls in datasets/transformers
 
     return get_task(task).monitor
 

@@ -18,15 +18,15 @@ from pathlib import Path
 
 from lit_factor.errors import EXIT_RUN_FAILED, EXIT_USAGE
 
-REPO = Path(__file__).resolve().parents[2]
 SUCCEEDED, FAILED, INVALID, ERROR, INTERRUPTED = "succeeded", "failed", "invalid", "error", "interrupted"
 #: verdicts that are results of the experiment (the trial is COMPLETE and never rerun)
 RESULTS = (SUCCEEDED, FAILED)
 
 
 def fit_command() -> list[str]:
-    """``python cli.py fit`` of this checkout."""
-    return [sys.executable, str(REPO / "cli.py"), "fit"]
+    """``lit-factor fit`` of the installed package, run by this interpreter (``python -m lit_factor fit``): no
+    checkout needed, so a non-editable install runs studies too."""
+    return [sys.executable, "-m", "lit_factor", "fit"]
 
 
 def trial_env(threads: int, gpu: str | None) -> dict[str, str]:

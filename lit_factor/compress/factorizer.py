@@ -1,10 +1,10 @@
 """Data-aware compression inside a run: calibrate on training data, allocate ranks globally, then project.
 
-Used by :class:`~lit_factor.module.FactorizedClassifier` when ``factorization.init`` is ``whitened`` / ``fisher``
+Used by :class:`~lit_factor.train.module.FactorizedClassifier` when ``factorization.init`` is ``whitened`` / ``fisher``
 or ``factorization.allocation`` is ``energy`` / ``fisher``:
 
 1. :func:`module_stats` runs ``factorization.calibration_samples`` training examples from the trainer's datamodule
-   through the model (one pass, hooks on every planned layer; :mod:`lit_factor.calibration`);
+   through the model (one pass, hooks on every planned layer; :mod:`lit_factor.compress.calibration`);
 2. :func:`allocated_plan` turns the uniform plan into per-layer ranks meeting the same total budget
    (:mod:`lit_factor.factorize.allocation`); the plan records each layer's structure;
 3. ``apply_plan(..., stats=...)`` projects each layer with its statistics (:mod:`lit_factor.factorize.datawise`).
@@ -20,13 +20,13 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from .calibration import calibrate, calibration_loader
-from .errors import UserError
-from .factorize import METHODS, ProjectionStats
-from .factorize.allocation import RankChoice, allocate_ranks
-from .factorize.datawise import allocation_terms
-from .surgery import Plan, build_plan, set_module
-from .switchable import SwitchableLinear
+from lit_factor.compress.calibration import calibrate, calibration_loader
+from lit_factor.compress.surgery import Plan, build_plan, set_module
+from lit_factor.compress.switchable import SwitchableLinear
+from lit_factor.errors import UserError
+from lit_factor.factorize import METHODS, ProjectionStats
+from lit_factor.factorize.allocation import RankChoice, allocate_ranks
+from lit_factor.factorize.datawise import allocation_terms
 
 
 def needs_fisher(init: str, allocation: str) -> bool:

@@ -19,7 +19,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ProgressBar
 
-from ..errors import UserError
+from lit_factor.errors import UserError
 
 
 def _clock(seconds: float) -> str:

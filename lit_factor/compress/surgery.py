@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .factorize import METHODS, BudgetError, FactorizedLinear, ProjectionStats, check_saves
+from lit_factor.factorize import METHODS, BudgetError, FactorizedLinear, ProjectionStats, check_saves
 
 # Module-name regular expressions (``re.search`` on the dotted path) of the linears factorized by default:
 # attention Q/K/V/O and the FFN in/out of every transformer block. Never embeddings, pooler or classifier.

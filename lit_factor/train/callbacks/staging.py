@@ -4,10 +4,10 @@ Projecting all layers of a pretrained transformer at once often makes fine-tunin
 by one, each from its already fine-tuned weights, fixes that. :class:`StagingCallback` drives it:
 
 * before the model is built it asks the module for *switchable* layers (``pl_module.enable_staging()``; the
-  module then calls :func:`lit_factor.switchable.make_switchable` instead of ``apply_plan``), so every factor exists
+  module then calls :func:`lit_factor.compress.switchable.make_switchable` instead of ``apply_plan``), so every factor exists
   before the optimizer is built and the optimizer is never rebuilt, nor DDP re-wrapped;
 * at each stage it projects the stage's layers from their current dense weights and makes the factors live
-  (:meth:`~lit_factor.switchable.SwitchableLinear.switch_`): replaced dense weights get no gradient from then on,
+  (:meth:`~lit_factor.compress.switchable.SwitchableLinear.switch_`): replaced dense weights get no gradient from then on,
   so AdamW neither updates nor decays them; the factors train from their first step in their group, with its
   learning-rate schedule and weight-decay rule;
 * it is stateful: the stages done and the schedule go into checkpoints (and the live path of every layer is a
@@ -36,8 +36,8 @@ from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from ..errors import UserError
-from ..switchable import SwitchableLinear, find_switchable
+from lit_factor.compress.switchable import SwitchableLinear, find_switchable
+from lit_factor.errors import UserError
 
 _ORDERS = ("bottom_up", "top_down")
 _GRANULARITIES = ("block", "matrix")

@@ -1,7 +1,7 @@
 """Write ``predict`` outputs as GLUE submission files (``index<TAB>prediction``, labels by name).
 
 The CLI adds :class:`GLUEPredictionWriter` to every ``predict`` run; in Python, pass it to the Trainer with a
-:class:`~lit_factor.data.GLUEDataModule` (it reads the task and the file names from the datamodule).
+:class:`~lit_factor.train.data.GLUEDataModule` (it reads the task and the file names from the datamodule).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from ..data import write_submission
+from lit_factor.train.data import write_submission
 
 
 class GLUEPredictionWriter(BasePredictionWriter):

@@ -4,7 +4,7 @@
 at every validation, and at the end prints a plain-text block on global rank 0 and writes it as JSON:
 
 * ``fit``: ``<run dir>/summary.json`` -- status (the StabilityMonitor's verdict when one ran, see
-  :func:`~lit_factor.callbacks.stability.run_failed`), best and final dev metrics with their epoch and step, the
+  :func:`~lit_factor.train.callbacks.stability.run_failed`), best and final dev metrics with their epoch and step, the
   dev metrics *before training* (``at_start``: only when the sanity check covered the whole dev set,
   ``trainer.num_sanity_val_steps: -1``; after an all-at-once projection that is the metric right after it), the
   best checkpoint, dense -> factorized parameters and kept fractions, train time, the stability summary and, when a
@@ -12,7 +12,7 @@ at every validation, and at the end prints a plain-text block on global rank 0 a
 * ``validate`` / ``test``: ``<log dir>/metrics.json`` with the metrics of that evaluation (``test`` runs on the
   labelled dev split: GLUE's test labels are hidden).
 
-It reads the module only through the interface documented in :mod:`lit_factor.module` (``plan``, ``dense_params``,
+It reads the module only through the interface documented in :mod:`lit_factor.train.module` (``plan``, ``dense_params``,
 ``factorized_params``). Under DDP every rank tracks the same (synced) metrics; only rank 0 prints and writes.
 """
 
@@ -28,9 +28,8 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
 
-from ..errors import UserError
-from .latency import LatencyCallback
-from .stability import StabilityMonitor, run_failed
+from lit_factor.errors import UserError
+from lit_factor.train.callbacks.stability import StabilityMonitor, run_failed
 
 SUMMARY_FILE = "summary.json"
 METRICS_FILE = "metrics.json"
@@ -59,14 +58,25 @@ def params_summary(pl_module: pl.LightningModule) -> dict[str, float | int]:
             "model_kept_fraction": factorized / dense if dense else 1.0}
 
 
-def latency_summary(trainer: pl.Trainer) -> dict[str, float | int] | None:
-    """The first row a LatencyCallback measured at ``fit_end`` (rank 0 holds the rows), or None."""
+class SummarySection:
+    """A callback that adds one section to the run summary (``summary.json``): the typed way for callbacks of other
+    packages (the deploy package's LatencyCallback) to report here without this module importing them."""
+
+    #: the key of the section in ``summary.json``
+    summary_key: str = ""
+
+    def summary_section(self) -> dict | None:
+        """The section's content once the fit ended (None: nothing to report)."""
+        return None
+
+
+def sections(trainer: pl.Trainer) -> dict[str, dict | None]:
+    """The sections of every :class:`SummarySection` callback (first one per key)."""
+    found: dict[str, dict | None] = {}
     for callback in trainer.callbacks:
-        if isinstance(callback, LatencyCallback) and callback.rows and "fit_end" in callback.when:
-            row = callback.rows[0]
-            return {"batch_size": row.batch_size, "seq_len": row.seq_len, "dense_ms": row.dense_ms,
-                    "factorized_ms": row.factorized_ms, "speedup": row.speedup, "device": row.device}
-    return None
+        if isinstance(callback, SummarySection) and found.get(callback.summary_key) is None:
+            found[callback.summary_key] = callback.summary_section()
+    return found
 
 
 def format_duration(seconds: float) -> str:
@@ -163,7 +173,7 @@ class RunSummary(Callback):
                 "task": getattr(getattr(pl_module, "task", None), "name", None), "monitor": monitor,
                 "at_start": self.at_start, "best": self.best, "final": self.final, "best_checkpoint": best_path,
                 "train_time_s": round(self.train_time_s, 3), "params": params_summary(pl_module),
-                "stability": stability, "latency": latency_summary(trainer), "resumed_from": self.resumed_from}
+                "stability": stability, "latency": sections(trainer).get("latency"), "resumed_from": self.resumed_from}
 
     def _write_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero:

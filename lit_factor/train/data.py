@@ -33,7 +33,7 @@ import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import RandomSampler as StatefulRandomSampler
 
-from .errors import UserError
+from lit_factor.errors import UserError
 
 GLUE_DIR_ENV = "GLUE_DIR"
 CACHE_ENV = "LIT_FACTOR_CACHE"
@@ -286,7 +286,7 @@ class GLUEDataModule(L.LightningDataModule):
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            from .models import load_tokenizer
+            from lit_factor.models import load_tokenizer
 
             self._tokenizer = load_tokenizer(self.model_name_or_path)
         return self._tokenizer
@@ -399,7 +399,7 @@ class GLUEDataModule(L.LightningDataModule):
         # Resumable mid-epoch: Lightning saves a StatefulDataLoader's position and its sampler's generator in fit
         # checkpoints. Generators seeded once from the global seed keep the shuffle and the worker seeds off the
         # global RNG, which then drives only the model (dropout): a resumed run draws the same dropout masks as an
-        # uninterrupted one (lit_factor.callbacks.resume). The sampler gets a generator of its own: shared with the
+        # uninterrupted one (lit_factor.train.callbacks.resume). The sampler gets a generator of its own: shared with the
         # loader's worker-seed draw, the saved state would miss that draw and the epoch after a resume reshuffle.
         dataset, seed = self.datasets[split], int(torch.randint(2**62, (), dtype=torch.int64))
         sampler = ResumableRandomSampler(dataset, generator=torch.Generator().manual_seed(seed)) if train else None

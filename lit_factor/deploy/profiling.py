@@ -1,6 +1,6 @@
 """Where a forward's time goes, by operator: the breakdown that explains a latency ratio (docs/speed.md).
 
-Same preparation and runtimes as :func:`lit_factor.latency.compare_latency` (copies in eval mode, the same random
+Same preparation and runtimes as :func:`lit_factor.deploy.latency.compare_latency` (copies in eval mode, the same random
 inputs, warmed up). PyTorch runtimes are profiled with ``torch.profiler`` (``key_averages()`` by op, self CPU or
 device time); ONNX Runtime with its own per-node profiler, summed by op type.
 """
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-from .latency import (
+from lit_factor.deploy.latency import (
     LatencySettings,
     cpu_threads,
     make_inputs,
@@ -39,7 +39,7 @@ def _torch_table(run, calls: int, device: torch.device, rows: int) -> str:
 
 
 def _ort_table(model: nn.Module, inputs: dict, settings: LatencySettings, workdir: str, calls: int) -> str:
-    from . import ort
+    from lit_factor.deploy import ort
 
     target, kwargs = timed_target(model, inputs, settings.part)
     path = onnx_file(model, target, kwargs, settings, Path(workdir) / "profiled.onnx")

@@ -25,8 +25,9 @@ import dataclasses
 import lightning.pytorch as pl
 from torch import nn
 
-from ..latency import LatencyRow, LatencySettings, compare_latency, dense_equivalent, format_table
-from ..surgery import set_module
+from lit_factor.compress.surgery import set_module
+from lit_factor.deploy.latency import LatencyRow, LatencySettings, compare_latency, dense_equivalent, format_table
+from lit_factor.train.callbacks.summary import SummarySection
 
 WHEN = ("fit_end", "test_end")
 
@@ -41,7 +42,7 @@ def deployed_copy(model: nn.Module) -> nn.Module:
     return deployed
 
 
-class LatencyCallback(pl.Callback):
+class LatencyCallback(pl.Callback, SummarySection):
     """Time the trained model's forward against its dense equivalent; print a table, log to the loggers."""
 
     def __init__(self, batch_sizes: list[int] = (8,), seq_lens: list[int] = (128,), repeats: int = 10,
@@ -73,6 +74,16 @@ class LatencyCallback(pl.Callback):
         #: rows of the last measurement (rank 0 only)
         self.rows: list[LatencyRow] = []
 
+    summary_key = "latency"
+
+    def summary_section(self) -> dict | None:
+        """The first row measured at ``fit_end`` for ``summary.json`` (rank 0 holds the rows)."""
+        if not self.rows or "fit_end" not in self.when:
+            return None
+        row = self.rows[0]
+        return {"batch_size": row.batch_size, "seq_len": row.seq_len, "dense_ms": row.dense_ms,
+                "factorized_ms": row.factorized_ms, "speedup": row.speedup, "device": row.device}
+
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if "fit_end" in self.when:
             self.measure(trainer, pl_module, "fit_end")
@@ -83,7 +94,7 @@ class LatencyCallback(pl.Callback):
 
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> list[LatencyRow]:
         if trainer.global_rank == 0:
-            factorized = deployed_copy(pl_module.factorized_model)  # the module interface (lit_factor.module)
+            factorized = deployed_copy(pl_module.factorized_model)  # the module interface (lit_factor.train.module)
             dense = dense_equivalent(factorized)
             plan = pl_module.plan
             meta = {"budget": plan.budget, "kept_fraction": plan.kept_fraction} if plan is not None else {}

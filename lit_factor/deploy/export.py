@@ -36,9 +36,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoints import read_checkpoint
-from .errors import UserError, fail
-from .surgery import Plan
+from lit_factor.compress.surgery import Plan
+from lit_factor.errors import UserError, fail
+from lit_factor.train.checkpoints import read_checkpoint
 
 FORMATS = ("hf", "dense", "onnx")
 MANIFEST = "lit_factor_export.json"
@@ -84,9 +84,9 @@ def load_checkpoint_model(path: str) -> Loaded:
     if "factorization" not in checkpoint or not {"model_name_or_path", "task"} <= set(hp):
         raise UserError(f"ckpt_path {path!r} is not a lit-factor checkpoint (no factorization record or no "
                         "model_name_or_path/task hyperparameters); export reads checkpoints written by `cli.py fit`")
-    from .models import ModelSourceError
-    from .module import FactorizedClassifier
-    from .switchable import finalize
+    from lit_factor.compress.switchable import finalize
+    from lit_factor.models import ModelSourceError
+    from lit_factor.train.module import FactorizedClassifier
 
     try:
         module = FactorizedClassifier(hp["model_name_or_path"], hp["task"])
@@ -146,7 +146,7 @@ def check_close(name: str, got: torch.Tensor, want: torch.Tensor, tolerance: flo
 
 # --- the three formats: each writes into ``out`` and returns {file or check: result} ---------------------------
 def save_tokenizer(loaded: Loaded, out: Path) -> None:
-    from .models import load_tokenizer
+    from lit_factor.models import load_tokenizer
 
     try:
         load_tokenizer(loaded.source["model_name_or_path"]).save_pretrained(out)
@@ -155,7 +155,7 @@ def save_tokenizer(loaded: Loaded, out: Path) -> None:
 
 
 def export_hf(loaded: Loaded, out: Path, args) -> dict:
-    from .pretrained import load_pretrained, save_factorized
+    from lit_factor.deploy.pretrained import load_pretrained, save_factorized
 
     save_factorized(loaded.model, loaded.plan, out, source=loaded.source)
     inputs = model_inputs(loaded.model, 3, 11, seed=1)
@@ -166,7 +166,7 @@ def export_hf(loaded: Loaded, out: Path, args) -> dict:
 def export_dense(loaded: Loaded, out: Path, args) -> dict:
     from transformers import AutoModelForSequenceClassification
 
-    from .latency import dense_equivalent
+    from lit_factor.deploy.latency import dense_equivalent
 
     dense_equivalent(loaded.model).save_pretrained(out)  # safetensors; a plain config without the plan
     inputs = model_inputs(loaded.model, 3, 11, seed=1)
@@ -179,8 +179,8 @@ def export_dense(loaded: Loaded, out: Path, args) -> dict:
 
 
 def export_onnx_files(loaded: Loaded, out: Path, args) -> dict:
-    from . import ort
-    from .inference import optimize_for_inference
+    from lit_factor.deploy import ort
+    from lit_factor.deploy.inference import optimize_for_inference
 
     model = optimize_for_inference(copy.deepcopy(loaded.model)) if args.optimize else loaded.model
     loaded.model.config.save_pretrained(out)  # labels and sizes for the serving side

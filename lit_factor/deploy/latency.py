@@ -39,8 +39,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .factorize import FactorizedLinear
-from .surgery import count_params, set_module
+from lit_factor.compress.surgery import count_params, set_module
+from lit_factor.factorize import FactorizedLinear
 
 #: PyTorch execution modes, then the other runtimes; dense and factorized always run in the same one
 MODES = ("eager", "compile", "cudagraph", "compile-cudagraph")
@@ -183,7 +183,7 @@ def dense_equivalent(model: nn.Module) -> nn.Module:
 
 def linear_macs_per_token(model: nn.Module) -> int:
     """Multiply-adds of all linear layers for one token: factorized layers and the fused GEMMs of
-    :mod:`lit_factor.inference` by their own ``macs_per_token``, ``nn.Linear`` by its shape."""
+    :mod:`lit_factor.deploy.inference` by their own ``macs_per_token``, ``nn.Linear`` by its shape."""
     total = 0
     for module in model.modules():
         if isinstance(module, nn.Linear):
@@ -311,7 +311,7 @@ def _prepare(model: nn.Module, settings: LatencySettings) -> nn.Module:
 
 def onnx_file(model: nn.Module, target: nn.Module, kwargs: dict, settings: LatencySettings, path: Path) -> Path:
     """``target`` (the timed part of ``model``) exported to ``path``, with ORT's fusions if the settings ask."""
-    from . import ort
+    from lit_factor.deploy import ort
 
     exported = ort.export_onnx(target, kwargs, path,
                                output_name="logits" if settings.part == "model" else "last_hidden_state")
@@ -323,7 +323,7 @@ def onnx_file(model: nn.Module, target: nn.Module, kwargs: dict, settings: Laten
 def _ort_runner(model: nn.Module, inputs: dict, settings: LatencySettings, path: Path,
                 sessions: dict) -> Callable[[], object]:
     """One ONNX Runtime forward of ``model`` (exported once, with dynamic axes, on its first shape)."""
-    from . import ort
+    from lit_factor.deploy import ort
 
     target, kwargs = timed_target(model, inputs, settings.part)
     if path not in sessions:
@@ -440,7 +440,7 @@ def _human(n: int) -> str:
 
 def runtime_label(row: LatencyRow | dict) -> str:
     """``eager``, ``compile``, ``onnxruntime``, ``onnxruntime+fusions`` ... of a row (or of its JSON dict);
-    ``+rewrites`` where the models ran after lit_factor.inference's rewrites (benchmark ``--optimize``)."""
+    ``+rewrites`` where the models ran after lit_factor.deploy.inference's rewrites (benchmark ``--optimize``)."""
     data = row.to_dict() if isinstance(row, LatencyRow) else row
     return (data.get("runtime", data.get("mode", "eager")) + ("+fusions" if data.get("ort_fusions") else "")
             + ("+rewrites" if data.get("optimized") else ""))

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
-from .factorize.base import ProjectionStats
+from lit_factor.factorize.base import ProjectionStats
 
 #: seed of the calibration subset (the same examples on every rank and in every run)
 CALIBRATION_SEED = 0

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import UserError
+from lit_factor.errors import UserError
 
 SELF = "self"
 
@@ -138,7 +138,7 @@ class Teacher:
 
 def _read(path: str, setting: str) -> dict:
     """The checkpoint, or one line naming the setting and what is wrong with the file."""
-    from .checkpoints import CheckpointError, read_checkpoint
+    from lit_factor.train.checkpoints import CheckpointError, read_checkpoint
 
     try:
         return read_checkpoint(path)
@@ -148,7 +148,7 @@ def _read(path: str, setting: str) -> dict:
 
 def checkpoint_model(path: str) -> nn.Module:
     """The Hugging Face model inside a checkpoint of this project (its factorized plan rebuilt)."""
-    from .module import FactorizedClassifier  # the module imports this file: import at call time
+    from lit_factor.train.module import FactorizedClassifier  # the module imports this file: import at call time
 
     _read(path, "distillation.teacher")  # a missing or broken file is one line, before Lightning tries
     return FactorizedClassifier.load_from_checkpoint(path, map_location="cpu").factorized_model
@@ -163,7 +163,7 @@ def load_teacher(spec: str, *, num_labels: int, as_loaded: nn.Module | None = No
     if spec.endswith(".ckpt"):
         model = checkpoint_model(spec)
     else:
-        from .models import load_model
+        from lit_factor.models import load_model
 
         try:
             model = load_model(spec, num_labels=num_labels)
@@ -179,7 +179,7 @@ def load_teacher(spec: str, *, num_labels: int, as_loaded: nn.Module | None = No
 def dense_copy(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with every switchable layer replaced by its dense ``nn.Linear`` (a staged run's teacher:
     the dense model as fine-tuned so far, whatever has been switched since)."""
-    from .switchable import SwitchableLinear  # a higher layer: import at call time
+    from lit_factor.compress.switchable import SwitchableLinear  # a higher layer: import at call time
 
     clone = copy.deepcopy(model)
     for name, module in list(clone.named_modules()):

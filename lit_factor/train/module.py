@@ -1,6 +1,6 @@
 """The LightningModule: a Hugging Face sequence classifier fine-tuned on a GLUE task while factorized.
 
-The factorization ``plan`` (see :mod:`lit_factor.surgery`) is built from the dense model when the module is
+The factorization ``plan`` (see :mod:`lit_factor.compress.surgery`) is built from the dense model when the module is
 created, applied in ``configure_model`` (all at once, or as switchable layers once a StagingCallback called
 :meth:`FactorizedClassifier.enable_staging`), and stored once, in the hyperparameters. Loading a checkpoint
 rebuilds the factorized architecture from that plan before the weights load, so ``validate``/``test``/``predict``
@@ -9,7 +9,7 @@ with ``--ckpt_path`` and ``FactorizedClassifier.load_from_checkpoint(path)`` nee
 The interface callbacks rely on (and nothing else of the module):
 
 * ``module.factorized_model``: the Hugging Face model being trained (an ``nn.Module``);
-* ``module.plan``: the :class:`~lit_factor.surgery.Plan`, or ``None`` for dense fine-tuning;
+* ``module.plan``: the :class:`~lit_factor.compress.surgery.Plan`, or ``None`` for dense fine-tuning;
 * ``module.staged``: read-only, whether the planned layers are switchable (staged) rather than factorized at once;
 * ``module.enable_staging()``: ask for switchable layers; called by the StagingCallback before ``configure_model``;
 * ``module.dense_params`` / ``module.factorized_params``: whole-model parameter counts before and once every
@@ -34,15 +34,23 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import Accuracy, BinaryF1Score, BinaryMatthewsCorrCoef
 from torchmetrics.regression import PearsonCorrCoef, SpearmanCorrCoef
 
-from .compress import adopt_structures, allocated_plan, module_stats, needs_fisher
-from .data import GLUETask, get_task
-from .distill import SELF, Distillation, Teacher, dense_copy, distillation_loss, load_dense_weights, load_teacher
-from .errors import UserError
-from .factorize import METHODS
-from .factorize.allocation import ALLOCATIONS
-from .models import load_model
-from .surgery import Plan, apply_plan, build_plan, count_params, format_report
-from .switchable import make_switchable
+from lit_factor.compress.distillation import (
+    SELF,
+    Distillation,
+    Teacher,
+    dense_copy,
+    distillation_loss,
+    load_dense_weights,
+    load_teacher,
+)
+from lit_factor.compress.factorizer import adopt_structures, allocated_plan, module_stats, needs_fisher
+from lit_factor.compress.surgery import Plan, apply_plan, build_plan, count_params, format_report
+from lit_factor.compress.switchable import make_switchable
+from lit_factor.errors import UserError
+from lit_factor.factorize import METHODS
+from lit_factor.factorize.allocation import ALLOCATIONS
+from lit_factor.models import load_model
+from lit_factor.train.data import GLUETask, get_task
 
 #: metric-name prefix of each evaluation stage: ``test`` runs on the labelled dev split (GLUE's test labels are
 #: hidden), so its metrics are named for that split: ``dev/accuracy``, not ``test/accuracy``
@@ -179,7 +187,7 @@ class FactorizedClassifier(L.LightningModule):
             adam_epsilon: AdamW epsilon.
             plan: a saved factorization plan (``Plan.to_dict()``) to use instead of planning from
                 ``factorization``; filled in automatically in checkpoints, normally left empty.
-            distillation: train against a teacher's soft targets (see :class:`lit_factor.distill.Distillation`).
+            distillation: train against a teacher's soft targets (see :class:`lit_factor.compress.distillation.Distillation`).
             init_checkpoint: a *dense* checkpoint of this project (same ``model_name_or_path``) whose weights the
                 model starts from before it is factorized: compress after fine-tuning.
         """
@@ -264,7 +272,7 @@ class FactorizedClassifier(L.LightningModule):
 
     def freeze_teacher(self) -> None:
         """Called by the StagingCallback right before its first stage: with ``distillation.teacher: self`` the
-        teacher becomes a frozen copy of the dense model as fine-tuned so far (see lit_factor.distill)."""
+        teacher becomes a frozen copy of the dense model as fine-tuned so far (see lit_factor.compress.distillation)."""
         if self._teacher_at_first_stage and self._teacher is None:
             self._teacher = Teacher(dense_copy(self.model)).to(self.device)
 
@@ -396,7 +404,7 @@ class FactorizedClassifier(L.LightningModule):
         return loss
 
     def _distillation_loss(self, batch: dict) -> torch.Tensor:
-        """The student's loss against the teacher (see lit_factor.distill); its parts are logged."""
+        """The student's loss against the teacher (see lit_factor.compress.distillation); its parts are logged."""
         inputs = {k: v for k, v in batch.items() if k in self._forward_keys}
         if self.distillation.hidden_weight > 0:
             inputs["output_hidden_states"] = True

@@ -39,7 +39,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
-from ..errors import UserError
+from lit_factor.errors import UserError
 
 
 def majority_baseline(metric: str, counts: dict[int, int]) -> float:

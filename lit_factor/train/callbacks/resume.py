@@ -1,7 +1,7 @@
 """Exact resume: the random number generators travel in fit checkpoints, and a resumed run says where it resumed.
 
 Lightning checkpoints hold the weights, the optimizer and LR scheduler, the loops' progress, every callback's state
-and -- for a ``StatefulDataLoader`` (what :class:`lit_factor.data.GLUEDataModule` returns) -- the train loader's
+and -- for a ``StatefulDataLoader`` (what :class:`lit_factor.train.data.GLUEDataModule` returns) -- the train loader's
 position and its shuffle generator. What they lack is the global random state that dropout draws from.
 :class:`ExactResume` adds it: the torch (and CUDA), numpy and Python generators of *every* rank, captured when a
 checkpoint is written, and put back on each rank when training continues. With deterministic settings a run

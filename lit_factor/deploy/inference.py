@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .factorize import LowRankLinear, MonarchLinear
+from lit_factor.factorize import LowRankLinear, MonarchLinear
 
 #: activations that act on every value alone (a permutation of their input permutes their output alike)
 ELEMENTWISE = {"GELUActivation", "NewGELUActivation", "FastGELUActivation", "QuickGELUActivation",

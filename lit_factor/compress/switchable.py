@@ -19,7 +19,7 @@ live is a persistent buffer, so a checkpoint restores the exact mid-staging arch
     switches["encoder.layer.0.attention.self.query"].switch_()   # at that layer's stage
     finalize(model)                             # after the last stage: drop the dense copies for export
 
-This floor imports only torch, ``lit_factor.factorize`` and ``lit_factor.surgery`` (no Lightning).
+This floor imports only torch, ``lit_factor.factorize`` and ``lit_factor.compress.surgery`` (no Lightning).
 """
 
 from __future__ import annotations
@@ -27,8 +27,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .factorize import FactorizedLinear, ProjectionStats
-from .surgery import Plan, PlanEntry, PlanError, build_layer, check_linear, planned_module, relative_error, set_module
+from lit_factor.compress.surgery import (
+    Plan,
+    PlanEntry,
+    PlanError,
+    build_layer,
+    check_linear,
+    planned_module,
+    relative_error,
+    set_module,
+)
+from lit_factor.factorize import FactorizedLinear, ProjectionStats
 
 
 class SwitchableLinear(nn.Module):

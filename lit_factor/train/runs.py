@@ -2,7 +2,7 @@
 
 Before anything is written:
 
-* the ``--ckpt_path`` file is checked (:func:`lit_factor.checkpoints.read_checkpoint`: one line if it is missing,
+* the ``--ckpt_path`` file is checked (:func:`lit_factor.train.checkpoints.read_checkpoint`: one line if it is missing,
   truncated or corrupted) and the data files are read, checked and tokenized (``GLUEDataModule.check``), so a
   bad input stops with one line and no empty ``version_N`` behind;
 * ``--trainer.default_root_dir`` moves everything a run writes: a relative logger ``save_dir`` is taken inside it;
@@ -10,11 +10,11 @@ Before anything is written:
   interrupted run's events after the checkpoint's step purged;
 * ``validate``/``test``/``predict`` build the checkpoint's own architecture (no factorization settings or
   StagingCallback needed; one warning line when the command line asked for another one);
-* every fit saves its random state for exact resume (:class:`~lit_factor.callbacks.resume.ExactResume`, first in
+* every fit saves its random state for exact resume (:class:`~lit_factor.train.callbacks.resume.ExactResume`, first in
   the callback list) and logs its learning-rate curve (``LearningRateMonitor``).
 
 Exit status (README "Exit codes"): 0 success, 2 bad settings or data, 3 a fit that trained but failed
-(:func:`lit_factor.callbacks.stability.run_failed`), 1 a crash.
+(:func:`lit_factor.train.callbacks.stability.run_failed`), 1 a crash.
 """
 
 from __future__ import annotations
@@ -32,12 +32,12 @@ from lightning.pytorch.callbacks import Callback, LearningRateMonitor
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from .callbacks.resume import ExactResume
-from .callbacks.stability import run_failed
-from .callbacks.staging import StagingCallback
-from .checkpoints import RunDir, read_checkpoint, run_dir_of
-from .errors import EXIT_RUN_FAILED, UserError
-from .module import Factorization
+from lit_factor.errors import EXIT_RUN_FAILED, UserError
+from lit_factor.train.callbacks.resume import ExactResume
+from lit_factor.train.callbacks.stability import run_failed
+from lit_factor.train.callbacks.staging import StagingCallback
+from lit_factor.train.checkpoints import RunDir, read_checkpoint, run_dir_of
+from lit_factor.train.module import Factorization
 
 #: ``--ckpt_path`` values that Lightning resolves itself (not files)
 CKPT_KEYWORDS = ("best", "last", "hpc")

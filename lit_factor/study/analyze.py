@@ -71,8 +71,8 @@ def spectrum_rows(targets: dict[str, torch.nn.Linear], names: list[str], seed: i
 def equal_param_rows(targets: dict[str, torch.nn.Linear], budgets, methods, nblocks: int = 4) -> list[dict]:
     """For every matrix x budget x structure: the structure the budget gives, its kept fraction and the relative
     error of projecting the weight onto it (the structure's ``from_linear``, as a fit would)."""
+    from lit_factor.compress.surgery import relative_error
     from lit_factor.factorize import METHODS, BudgetError
-    from lit_factor.surgery import relative_error
 
     rows = []
     for path, linear in targets.items():
@@ -218,9 +218,9 @@ def parser() -> argparse.ArgumentParser:
 def run(args) -> dict[str, Path]:
     import os
 
+    from lit_factor.compress.surgery import PlanError, find_targets
     from lit_factor.models import ModelSourceError, load_model
     from lit_factor.study.publish import publish_section
-    from lit_factor.surgery import PlanError, find_targets
 
     torch.set_num_threads(max(1, args.threads))
     torch.manual_seed(args.seed)  # random: presets are drawn, so the same command gives the same numbers

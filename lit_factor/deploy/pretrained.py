@@ -17,8 +17,8 @@ from pathlib import Path
 
 from torch import nn
 
-from .errors import UserError
-from .surgery import Plan, apply_plan
+from lit_factor.compress.surgery import Plan, apply_plan
+from lit_factor.errors import UserError
 
 CONFIG_KEY = "lit_factor"
 WEIGHTS = "model.safetensors"

@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .errors import UserError
+from lit_factor.errors import UserError
 
 
 class CheckpointError(UserError):
