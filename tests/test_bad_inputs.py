@@ -86,7 +86,7 @@ STABILITY = "--trainer.callbacks+=lit_factor.callbacks.StabilityMonitor"
 CASES = [  # (id, command, extra arguments, file damage, what the line must say)
     ("unknown task", "fit", ["--data.task", "sst5"], None, r"task='sst5' is not a GLUE task; allowed: cola, sst2"),
     ("unknown method", "fit", ["--model.factorization.method", "svd"], None,
-     r"model\.factorization\.method: .*svd"),
+     r"factorization\.method='svd' is not one of none, lowrank, monarch, blockwise"),
     ("budget above 1", "fit", ["--model.factorization.method", "lowrank", "--model.factorization.budget", "1.5"],
      None, r"budget=1\.5 is outside \(0, 1\]"),
     ("budget 0", "fit", ["--model.factorization.method", "lowrank", "--model.factorization.budget", "0"], None,

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from lit_factor.compress.surgery import apply_plan, build_plan
-from lit_factor.deploy.latency import LatencyError, LatencySettings, compare_latency, dense_equivalent
+from lit_factor.compress.switchable import dense_equivalent
+from lit_factor.deploy.latency import LatencyError, LatencySettings, compare_latency
 from lit_factor.factorize import LowRankLinear
 from lit_factor.models import load_model
 

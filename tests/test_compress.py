@@ -75,15 +75,15 @@ def test_data_aware_projection_runs_in_fit(one_thread, init, allocation):
 
 
 def test_each_stage_calibrates_the_model_as_it_is(one_thread, monkeypatch):
-    import lit_factor.train.module as module_py
+    from lit_factor.compress.factorizer import Factorizer
 
     seen = []
-    real = module_py.module_stats
+    real = Factorizer.statistics
 
-    def spy(module, paths, **kw):
-        seen.append((list(paths), module.factorized_model.bert.embeddings.word_embeddings.weight.sum().item()))
-        return real(module, paths, **kw)
-    monkeypatch.setattr(module_py, "module_stats", spy)
+    def spy(self, paths, *args, **kw):
+        seen.append((list(paths), self.model.bert.embeddings.word_embeddings.weight.sum().item()))
+        return real(self, paths, *args, **kw)
+    monkeypatch.setattr(Factorizer, "statistics", spy)
     module = _module(init="whitened")
     _fit(module, steps=4, callbacks=[StagingCallback(granularity="block", every_n_steps=1, offset=1)])
     assert [len(p) for p, _ in seen] == [6, 6]  # one calibration per stage, of that stage's layers

@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from lit_factor.compress.distillation import Distillation, DistillationError, Teacher, distillation_loss, load_teacher
+from lit_factor.compress.distillation import Distillation, DistillationError, Teacher, distillation_loss
+from lit_factor.train.teachers import load_teacher
 
 
 def _out(logits, hidden=None, loss=None):
@@ -142,7 +143,7 @@ class _StageProbe(L.Callback):
         self.at, self.had_teacher, self.before_stage, self.loaded = at, {}, None, None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        from lit_factor.compress.distillation import dense_copy
+        from lit_factor.compress.switchable import dense_copy
 
         self.had_teacher[trainer.global_step] = pl_module._teacher is not None
         if trainer.global_step == 0:

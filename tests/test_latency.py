@@ -16,11 +16,11 @@ import torch
 
 from lit_factor.callbacks import LatencyCallback
 from lit_factor.compress.surgery import apply_plan, build_plan
+from lit_factor.compress.switchable import dense_equivalent
 from lit_factor.deploy.latency import (
     LatencyError,
     LatencySettings,
     compare_latency,
-    dense_equivalent,
     format_table,
     linear_macs_per_token,
     make_inputs,

@@ -1,6 +1,7 @@
 """StagingCallback on a tiny random BERT (CPU, a few seconds per fit); StabilityMonitor: tests/test_stability.py."""
 
 import types
+from functools import partial
 
 import lightning as L
 import pytest
@@ -9,6 +10,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch.nn.parallel import DistributedDataParallel
 
 from lit_factor.compress.surgery import apply_plan
 from lit_factor.compress.switchable import SwitchableLinear, finalize, find_switchable
@@ -134,12 +136,20 @@ def test_plan_stages_and_settings_are_validated():
         StagingCallback(order=[])
     with pytest.raises(StagingError, match="not a valid regular expression"):
         StagingCallback(order=["layer.(0"])  # refused when the callback is built, not at the first fit
-    # plain DDP would crash in the reducer on the unused parameters: refuse it up front, in one line
+    # plain DDP would crash in the reducer on the unused parameters: refuse it before the first step, in one line,
+    # reading the public attributes of torch's DDP wrapper (no Lightning private)
     module = _module()
-    with pytest.raises(MisconfigurationException, match="ddp_find_unused_parameters_true"):
-        StagingCallback().setup(types.SimpleNamespace(strategy=DDPStrategy()), module, "fit")
+    StagingCallback().setup(types.SimpleNamespace(strategy=DDPStrategy()), module, "fit")
     assert module.staged is True  # asked through the module interface, before configure_model
-    StagingCallback().setup(types.SimpleNamespace(strategy=DDPStrategy(find_unused_parameters=True)), module, "fit")
+    for unused, static, refused in ((False, False, True), (True, True, True), (True, False, False)):
+        wrapper = DistributedDataParallel.__new__(DistributedDataParallel)  # no process group needed to read flags
+        wrapper.find_unused_parameters, wrapper.static_graph = unused, static
+        check = partial(StagingCallback._check_ddp, types.SimpleNamespace(strategy=types.SimpleNamespace(model=wrapper)))
+        if refused:
+            with pytest.raises(MisconfigurationException, match="ddp_find_unused_parameters_true"):
+                check()
+        else:
+            check()
     with pytest.raises(AttributeError):
         module.staged = False  # read-only: only enable_staging() changes it
 

@@ -20,14 +20,14 @@ Teachers (``model.distillation.teacher``):
 * a ``.ckpt`` file of this project (dense or factorized: its plan is rebuilt);
 * any other string: a Hugging Face hub name or local directory, or ``minilm`` (must have the task's labels).
 
-The teacher is held outside the module's submodules: it is not in ``parameters()`` (so not in the optimizer, nor
+Loading a teacher (from ``self``, a checkpoint or a model name) is a training concern:
+:mod:`lit_factor.train.teachers`. The teacher is held outside the module's submodules: it is not in ``parameters()`` (so not in the optimizer, nor
 wrapped by DDP), not in the checkpoint's state_dict, runs in eval mode without gradients, and is moved to the
 module's device at the start of fit.
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
@@ -134,72 +134,3 @@ class Teacher:
 
     def parameters(self):
         return self.model.parameters()
-
-
-def _read(path: str, setting: str) -> dict:
-    """The checkpoint, or one line naming the setting and what is wrong with the file."""
-    from lit_factor.train.checkpoints import CheckpointError, read_checkpoint
-
-    try:
-        return read_checkpoint(path)
-    except CheckpointError as err:
-        raise DistillationError(f"{setting}: {err}") from None
-
-
-def checkpoint_model(path: str) -> nn.Module:
-    """The Hugging Face model inside a checkpoint of this project (its factorized plan rebuilt)."""
-    from lit_factor.train.module import FactorizedClassifier  # the module imports this file: import at call time
-
-    _read(path, "distillation.teacher")  # a missing or broken file is one line, before Lightning tries
-    return FactorizedClassifier.load_from_checkpoint(path, map_location="cpu").factorized_model
-
-
-def load_teacher(spec: str, *, num_labels: int, as_loaded: nn.Module | None = None) -> Teacher:
-    """The teacher named by ``spec`` (see the module docstring); ``as_loaded`` is the dense model for ``self``."""
-    if spec == SELF:
-        if as_loaded is None:
-            raise DistillationError("distillation.teacher=self needs the dense model as loaded")
-        return Teacher(copy.deepcopy(as_loaded))
-    if spec.endswith(".ckpt"):
-        model = checkpoint_model(spec)
-    else:
-        from lit_factor.models import load_model
-
-        try:
-            model = load_model(spec, num_labels=num_labels)
-        except (OSError, ValueError) as err:  # missing local dir / unknown hub name (HFValidationError)
-            raise DistillationError(f"distillation.teacher={spec!r} is not self, a .ckpt file, nor a loadable model "
-                                    f"({str(err).splitlines()[0]})") from None
-    got = model.config.num_labels
-    if got != num_labels:
-        raise DistillationError(f"distillation.teacher={spec!r} has {got} outputs; the task needs {num_labels}")
-    return Teacher(model)
-
-
-def dense_copy(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` with every switchable layer replaced by its dense ``nn.Linear`` (a staged run's teacher:
-    the dense model as fine-tuned so far, whatever has been switched since)."""
-    from lit_factor.compress.switchable import SwitchableLinear  # a higher layer: import at call time
-
-    clone = copy.deepcopy(model)
-    for name, module in list(clone.named_modules()):
-        if isinstance(module, SwitchableLinear):
-            parent, _, child = name.rpartition(".")
-            setattr(clone.get_submodule(parent) if parent else clone, child, module.dense)
-    return clone
-
-
-def load_dense_weights(model: nn.Module, path: str) -> None:
-    """Load a *dense* checkpoint of this project into ``model`` (``model.init_checkpoint``): the starting point of
-    compress-after-fine-tuning. A factorized checkpoint is refused: its weights have other shapes."""
-    ckpt = _read(path, "model.init_checkpoint")
-    info = ckpt.get("factorization") or {}
-    plan = info.get("plan") if isinstance(info, dict) else None
-    if plan or (ckpt.get("hyper_parameters") or {}).get("plan"):
-        raise DistillationError(f"model.init_checkpoint={path!r} is factorized; give a dense (method none) checkpoint")
-    state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        raise DistillationError(f"model.init_checkpoint={path!r} does not fit model_name_or_path's architecture "
-                                f"({str(err).splitlines()[0]})") from None

@@ -13,15 +13,17 @@ only (:func:`layer_class`); nothing here knows a particular structure.
 
 from __future__ import annotations
 
+import copy
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
 from lit_factor.factorize import METHODS, BudgetError, FactorizedLinear, ProjectionStats, check_saves
+from lit_factor.factorize.inits import get_init
 
 # Module-name regular expressions (``re.search`` on the dotted path) of the linears factorized by default:
 # attention Q/K/V/O and the FFN in/out of every transformer block. Never embeddings, pooler or classifier.
@@ -187,14 +189,14 @@ def build_plan(model: nn.Module, method: str, budget: float | None = 0.5, *,
         nblocks: blocks b for the block structures (Monarch, block-wise low rank).
         rank: fixed rank (low rank) or per-block rank (Monarch, block-wise) instead of a budget.
         rank_multiple: round ranks down to this multiple (8 or 64 on GPUs).
-        init: one of the structure's ``INITS``: ``svd`` projects the current dense weights; ``random``
-            re-initialises the factors.
+        init: a registered init the structure takes (:mod:`lit_factor.factorize.inits`): ``svd`` projects the
+            current dense weights; ``random`` re-initialises the factors.
         structures: per-layer structures by path (e.g. ranks from a global allocation,
             :mod:`lit_factor.factorize.allocation`) replacing the budget's for those layers; each must save weights.
     """
     layer_cls = layer_class(method)
-    if init not in layer_cls.INITS:
-        raise PlanError(f"init={init!r} is not one of {', '.join(map(repr, layer_cls.INITS))}")
+    if init not in layer_cls.inits():
+        raise PlanError(f"init={init!r} is not one of {', '.join(map(repr, layer_cls.inits()))} for {method}")
     if budget is not None and rank is not None:
         raise PlanError(f"give a budget or a rank, not both (budget={budget}, rank={rank})")
     entries = []
@@ -217,6 +219,28 @@ def build_plan(model: nn.Module, method: str, budget: float | None = 0.5, *,
 def set_module(model: nn.Module, path: str, module: nn.Module) -> None:
     parent, _, name = path.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, name, module)
+
+
+@torch.no_grad()
+def swapped_copy(model: nn.Module, swap: Callable[[nn.Module], nn.Module | None]) -> nn.Module:
+    """A deep copy of ``model`` in which every submodule for which ``swap(module)`` returns a module is replaced by
+    that module (outermost first; a replaced module's children are not visited). ``model`` is left as it is.
+
+    The one copy-and-swap walker: a staged run's dense teacher, the deployed (live) copy, the dense equivalent of a
+    factorized model are all ``swapped_copy`` with their own ``swap`` (:mod:`lit_factor.compress.switchable`).
+    """
+    clone = copy.deepcopy(model)
+
+    def visit(parent: nn.Module) -> None:
+        for name, child in list(parent.named_children()):
+            replacement = swap(child)
+            if replacement is None:
+                visit(child)
+            else:
+                setattr(parent, name, replacement)
+
+    visit(clone)
+    return clone
 
 
 def planned_module(model: nn.Module, entry: PlanEntry) -> nn.Module:
@@ -270,7 +294,7 @@ def apply_plan(model: nn.Module, plan: Plan, project: bool = True,
     for entry in plan.entries:
         linear = check_linear(entry, planned_module(model, entry))
         layer = build_layer(entry, linear, project, stats.get(entry.path))
-        if project and entry.init != "random":
+        if project and get_init(entry.init).projects:
             errors[entry.path] = relative_error(linear.weight, layer)
         set_module(model, entry.path, layer)
     return errors

@@ -36,8 +36,10 @@ from lit_factor.compress.surgery import (
     planned_module,
     relative_error,
     set_module,
+    swapped_copy,
 )
 from lit_factor.factorize import FactorizedLinear, ProjectionStats
+from lit_factor.factorize.inits import get_init
 
 
 class SwitchableLinear(nn.Module):
@@ -115,7 +117,7 @@ class SwitchableLinear(nn.Module):
         if self.is_switched:
             raise RuntimeError(f"{self.path}: already switched to its factorized layer")
         error = None
-        if self.init != "random":  # the bias is shared with the dense path: nothing to copy
+        if get_init(self.init).projects:  # the bias is shared with the dense path: nothing to copy
             self.factorized.project_(self.dense.weight, init=self.init, stats=stats)
             error = relative_error(self.dense.weight, self.factorized)
         # The dense weight is frozen from here on: drop any gradient it still holds (e.g. mid accumulation).
@@ -171,3 +173,28 @@ def finalize(model: nn.Module, strict: bool = True) -> dict[str, str]:
         set_module(model, path, switch.live_module)
         result[path] = "factorized" if switch.is_switched else "dense"
     return result
+
+
+# --- copies of a model (all through surgery.swapped_copy) -------------------------------------------------------
+def dense_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every switchable layer replaced by its dense ``nn.Linear`` (a staged run's teacher:
+    the dense model as fine-tuned so far, whatever has been switched since)."""
+    return swapped_copy(model, lambda m: m.dense if isinstance(m, SwitchableLinear) else None)
+
+
+def live_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` as it would be exported now: every switchable layer replaced by its live path."""
+    return swapped_copy(model, lambda m: m.live_module if isinstance(m, SwitchableLinear) else None)
+
+
+def dense_equivalent(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every factorized (or switchable) layer replaced by the dense ``nn.Linear`` it
+    represents: same weights up to the factorization's rounding, same device and dtype -- the fair baseline of a
+    latency comparison and the ``dense`` export."""
+    def dense_of(module: nn.Module) -> nn.Module | None:
+        live = module.live_module if isinstance(module, SwitchableLinear) else module
+        if isinstance(live, FactorizedLinear):
+            return live.to_linear()
+        return live if live is not module else None
+
+    return swapped_copy(model, dense_of)

@@ -19,27 +19,15 @@ at a barrier, so the numbers are not disturbed by sibling processes competing fo
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 
 import lightning.pytorch as pl
-from torch import nn
 
-from lit_factor.compress.surgery import set_module
-from lit_factor.deploy.latency import LatencyRow, LatencySettings, compare_latency, dense_equivalent, format_table
+from lit_factor.compress.switchable import dense_equivalent, live_copy
+from lit_factor.deploy.latency import LatencyRow, LatencySettings, compare_latency, format_table
 from lit_factor.train.callbacks.summary import SummarySection
 
 WHEN = ("fit_end", "test_end")
-
-
-def deployed_copy(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` as it would be exported now: every switchable layer replaced by its live path."""
-    deployed = copy.deepcopy(model)
-    for name, module in list(deployed.named_modules()):
-        live = getattr(module, "live_module", None)
-        if name and isinstance(live, nn.Module):
-            set_module(deployed, name, live)
-    return deployed
 
 
 class LatencyCallback(pl.Callback, SummarySection):
@@ -94,7 +82,7 @@ class LatencyCallback(pl.Callback, SummarySection):
 
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> list[LatencyRow]:
         if trainer.global_rank == 0:
-            factorized = deployed_copy(pl_module.factorized_model)  # the module interface (lit_factor.train.module)
+            factorized = live_copy(pl_module.factorized_model)  # the module interface (lit_factor.train.module)
             dense = dense_equivalent(factorized)
             plan = pl_module.plan
             meta = {"budget": plan.budget, "kept_fraction": plan.kept_fraction} if plan is not None else {}

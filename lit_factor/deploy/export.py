@@ -166,7 +166,7 @@ def export_hf(loaded: Loaded, out: Path, args) -> dict:
 def export_dense(loaded: Loaded, out: Path, args) -> dict:
     from transformers import AutoModelForSequenceClassification
 
-    from lit_factor.deploy.latency import dense_equivalent
+    from lit_factor.compress.switchable import dense_equivalent
 
     dense_equivalent(loaded.model).save_pretrained(out)  # safetensors; a plain config without the plan
     inputs = model_inputs(loaded.model, 3, 11, seed=1)

@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lit_factor.compress.surgery import count_params, set_module
+from lit_factor.compress.surgery import count_params
 from lit_factor.factorize import FactorizedLinear
 
 #: PyTorch execution modes, then the other runtimes; dense and factorized always run in the same one
@@ -161,26 +161,6 @@ class LatencyRow:
 
 
 # --- models ------------------------------------------------------------------------------------------------
-def _densifiable(module: nn.Module) -> bool:
-    """Anything that can turn itself back into an nn.Linear (FactorizedLinear, switchable layers...)."""
-    return callable(getattr(module, "to_linear", None)) and type(module) is not nn.Linear
-
-
-def dense_equivalent(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` with every factorized layer replaced by the dense ``nn.Linear`` it represents.
-
-    Same weights (up to the factorization's rounding), same device and dtype: the fair baseline.
-    """
-    dense = copy.deepcopy(model)
-    done: list[str] = []
-    for name, module in list(dense.named_modules()):
-        if name and _densifiable(module) and not any(name.startswith(p + ".") for p in done):
-            with torch.no_grad():
-                set_module(dense, name, module.to_linear())
-            done.append(name)
-    return dense
-
-
 def linear_macs_per_token(model: nn.Module) -> int:
     """Multiply-adds of all linear layers for one token: factorized layers and the fused GEMMs of
     :mod:`lit_factor.deploy.inference` by their own ``macs_per_token``, ``nn.Linear`` by its shape."""

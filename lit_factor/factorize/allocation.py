@@ -30,7 +30,30 @@ from torch import Tensor
 
 from lit_factor.factorize.budget import BudgetError
 
-ALLOCATIONS = ("uniform", "energy", "fisher")
+
+@dataclass(frozen=True)
+class Allocation:
+    """One way to share a budget among layers.
+
+    Attributes:
+        name: the value of ``factorization.allocation``.
+        global_: False for ``uniform`` (every layer keeps the budget; no statistics, no allocation pass).
+        normalize: compare layers by their normalized spectral energy (``energy``) instead of absolute error.
+        statistics: the calibration statistics the allocation weighs spectra by (``fisher``: the row weights).
+    """
+
+    name: str
+    global_: bool = True
+    normalize: bool = False
+    statistics: tuple[str, ...] = ()
+
+
+#: name -> Allocation: the one place an allocation is defined
+ALLOCATIONS: dict[str, Allocation] = {a.name: a for a in (
+    Allocation("uniform", global_=False),
+    Allocation("energy", normalize=True),
+    Allocation("fisher", statistics=("row_weights",)),
+)}
 
 
 @dataclass

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from lit_factor.factorize.budget import BudgetError, check_budget, check_saves
+from lit_factor.factorize.inits import INITS, get_init
 
 
 @dataclass
@@ -45,9 +46,9 @@ class FactorizedLinear(nn.Module, ABC):
 
     #: short name used in plans and configs ("lowrank", "monarch", "blockwise"); the key in ``METHODS``
     method: str = ""
-    #: the values of ``init`` that :meth:`from_linear` accepts: ``"random"`` keeps the random init, every other
-    #: value names a projection that :meth:`project_` implements.
-    INITS: tuple[str, ...] = ("svd", "random")
+    #: whether :meth:`project_` minimizes the weighted objectives of data-aware inits (see
+    #: :mod:`lit_factor.factorize.inits`); without it the structure takes only the data-free inits.
+    WEIGHTED_PROJECTION: bool = False
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None) -> None:
         super().__init__()
@@ -62,9 +63,15 @@ class FactorizedLinear(nn.Module, ABC):
 
     # --- the template: the same for every structure -----------------------------------------------------
     @classmethod
+    def inits(cls) -> tuple[str, ...]:
+        """The registered inits this structure takes: every data-free one, the data-aware ones only with
+        :attr:`WEIGHTED_PROJECTION` (read at call time: an init registered later is included)."""
+        return tuple(name for name, init in INITS.items() if cls.WEIGHTED_PROJECTION or not init.data_aware)
+
+    @classmethod
     def check_init(cls, init: str, projection: bool = False) -> None:
-        """Refuse an ``init`` this structure does not implement (``projection=True``: ``"random"`` too)."""
-        allowed = [i for i in cls.INITS if not (projection and i == "random")]
+        """Refuse an ``init`` this structure does not implement (``projection=True``: a non-projecting one too)."""
+        allowed = [i for i in cls.inits() if not (projection and not INITS[i].projects)]
         if init not in allowed:
             raise ValueError(f"init={init!r} is not one of {', '.join(map(repr, allowed))} for {cls.method}")
 
@@ -78,7 +85,7 @@ class FactorizedLinear(nn.Module, ABC):
         w = linear.weight
         layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
                     device=w.device, dtype=w.dtype, **structure)
-        if init != "random":
+        if get_init(init).projects:
             layer.project_(w, init=init, stats=stats)
             if layer.bias is not None:
                 with torch.no_grad():
@@ -89,7 +96,7 @@ class FactorizedLinear(nn.Module, ABC):
     @abstractmethod
     def project_(self, weight: Tensor, init: str = "svd", stats: ProjectionStats | None = None) -> None:
         """Set the factors in place (same ``Parameter`` objects) to the best approximation of ``weight`` this
-        structure allows under projection ``init`` (one of :attr:`INITS` but ``"random"``). Leaves the bias."""
+        structure allows under projection ``init`` (a projecting one of :meth:`inits`). Leaves the bias."""
 
     @abstractmethod
     def to_dense(self) -> Tensor:

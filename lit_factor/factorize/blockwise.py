@@ -21,14 +21,15 @@ from torch import Tensor, nn
 from lit_factor.factorize.allocation import block_step_spectrum
 from lit_factor.factorize.base import FactorizedLinear, ProjectionStats, truncated_factors
 from lit_factor.factorize.budget import BudgetError, fit_rank
-from lit_factor.factorize.datawise import DATA_INITS, data_terms, weighted_factors, weighted_spectrum
+from lit_factor.factorize.datawise import weighted_factors, weighted_spectrum
+from lit_factor.factorize.inits import get_init
 
 
 class BlockLowRankLinear(FactorizedLinear):
     """b x b grid of contiguous blocks, each a rank-R product. Projection: rank-R SVD of every block."""
 
     method = "blockwise"
-    INITS = ("svd", *DATA_INITS, "random")
+    WEIGHTED_PROJECTION = True
 
     def __init__(self, in_features: int, out_features: int, nblocks: int, rank: int | None = None,
                  bias: bool = True, device=None, dtype=None) -> None:
@@ -83,10 +84,11 @@ class BlockLowRankLinear(FactorizedLinear):
         self.check_init(init, projection=True)
         b, p, q, r = self.nblocks, self.in_block, self.out_block, self.rank
         blocks = self._weight_blocks(weight)
-        if init == "svd":
+        terms = get_init(init).terms(stats)
+        if not terms:
             up, down = truncated_factors(blocks, r)  # (i, j, q, R), (i, j, R, p)
         else:
-            up, down = weighted_factors(blocks, r, **self._block_terms(data_terms(init, stats)))
+            up, down = weighted_factors(blocks, r, **self._block_terms(terms))
         self.blocks_in.copy_(down.permute(1, 0, 2, 3).reshape(b, b * r, p))
         self.blocks_out.copy_(up.permute(0, 2, 1, 3).reshape(b, q, b * r))
 

@@ -31,6 +31,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lit_factor.factorize.inits import Init, get_init
+
 
 def damped_second_moment(second_moment: Tensor, damping: float) -> Tensor:
     """Symmetrized float64 ``C + damping * mean(diag C) * I`` (an all-zero C becomes the identity)."""
@@ -124,27 +126,10 @@ def weighted_spectrum(weight: Tensor, second_moment: Tensor | None = None, row_w
     return torch.linalg.eigvalsh(gram).flip(-1).clamp_min(0)
 
 
-#: the ``init`` values served by this module: what each minimizes is in the module docstring
-DATA_INITS = ("whitened", "fisher")
-
-
-def data_terms(init: str, stats) -> dict:
-    """The keyword arguments of :func:`weighted_factors` for ``init`` from a ``ProjectionStats``: ``whitened``
-    uses the input second moment, ``fisher`` the row weights; a missing statistic is named."""
-    needed = {"whitened": "input_cov", "fisher": "row_weights"}
-    if init not in needed:
-        raise ValueError(f"init={init!r} is not a data-aware projection ({', '.join(DATA_INITS)})")
-    value = getattr(stats, needed[init], None) if stats is not None else None
-    if value is None:
-        raise ValueError(f"init={init!r} needs calibration statistics ({needed[init]}); gather them with "
-                         "lit_factor.compress.calibration (factorization.calibration_samples)")
-    return {"second_moment": value} if init == "whitened" else {"row_weights": value}
-
-
-def allocation_terms(init: str, allocation: str, stats) -> dict:
+def allocation_terms(init: str, allocation_statistics: tuple[str, ...], stats) -> dict:
     """What global rank allocation weighs a layer's spectrum by: the terms of its projection ``init``, plus the
-    Fisher row weights for ``allocation="fisher"`` (see ``allocation.py``)."""
-    terms = data_terms(init, stats) if init in DATA_INITS else {}
-    if allocation == "fisher":
-        terms["row_weights"] = data_terms("fisher", stats)["row_weights"]
+    statistics the allocation itself declares (``fisher``: the Fisher row weights; see ``allocation.py``)."""
+    terms = get_init(init).terms(stats)
+    if allocation_statistics:
+        terms.update(Init("allocation", tuple(allocation_statistics)).terms(stats))
     return terms

@@ -10,14 +10,15 @@ from torch import Tensor, nn
 
 from lit_factor.factorize.base import FactorizedLinear, ProjectionStats, truncated_factors
 from lit_factor.factorize.budget import fit_rank
-from lit_factor.factorize.datawise import DATA_INITS, data_terms, weighted_factors, weighted_spectrum
+from lit_factor.factorize.datawise import weighted_factors, weighted_spectrum
+from lit_factor.factorize.inits import get_init
 
 
 class LowRankLinear(FactorizedLinear):
     """``y = A (B x) + b``. Projection from dense is the truncated SVD (Eckart-Young optimal)."""
 
     method = "lowrank"
-    INITS = ("svd", *DATA_INITS, "random")
+    WEIGHTED_PROJECTION = True
 
     #: Inference fast path. On these devices, with autograd off, a rank that is not a multiple of
     #: ``pad_rank_to`` runs on zero-padded copies of the factors (cached; rebuilt when the factors change).
@@ -55,10 +56,11 @@ class LowRankLinear(FactorizedLinear):
         activation error ``||(W - W') X^T||`` over the calibration inputs (``stats.input_cov``); ``fisher`` in
         Fisher-weighted error ``||diag(sqrt f) (W - W')||`` (``stats.row_weights``). See ``datawise.py``."""
         self.check_init(init, projection=True)
-        if init == "svd":
+        terms = get_init(init).terms(stats)
+        if not terms:
             a, b = truncated_factors(weight, self.rank)
         else:
-            a, b = weighted_factors(weight, self.rank, **data_terms(init, stats))
+            a, b = weighted_factors(weight, self.rank, **terms)
         self.up.copy_(a)
         self.down.copy_(b)
 

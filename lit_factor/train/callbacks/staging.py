@@ -3,12 +3,14 @@
 Projecting all layers of a pretrained transformer at once often makes fine-tuning unstable; projecting them one
 by one, each from its already fine-tuned weights, fixes that. :class:`StagingCallback` drives it:
 
-* before the model is built it asks the module for *switchable* layers (``pl_module.enable_staging()``; the
-  module then calls :func:`lit_factor.compress.switchable.make_switchable` instead of ``apply_plan``), so every factor exists
-  before the optimizer is built and the optimizer is never rebuilt, nor DDP re-wrapped;
-* at each stage it projects the stage's layers from their current dense weights and makes the factors live
-  (:meth:`~lit_factor.compress.switchable.SwitchableLinear.switch_`): replaced dense weights get no gradient from then on,
-  so AdamW neither updates nor decays them; the factors train from their first step in their group, with its
+* before the model is built it asks the module for *switchable* layers (``pl_module.enable_staging()``; its
+  Factorizer then builds :class:`~lit_factor.compress.switchable.SwitchableLinear` layers instead of applying the
+  plan), so every factor exists before the optimizer is built and the optimizer is never rebuilt, nor DDP
+  re-wrapped;
+* at each stage it has the module project the stage's layers from their current dense weights and make the
+  factors live (``pl_module.factorize_stage(paths)``, the one typed call of
+  :class:`~lit_factor.train.interface.Factorizable`): replaced dense weights get no gradient from then on, so AdamW
+  neither updates nor decays them; the factors train from their first step in their group, with its
   learning-rate schedule and weight-decay rule;
 * it is stateful: the stages done and the schedule go into checkpoints (and the live path of every layer is a
   buffer of the model), so ``fit --ckpt_path`` resumes into the same architecture and state.
@@ -35,9 +37,11 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch.nn.parallel import DistributedDataParallel
 
 from lit_factor.compress.switchable import SwitchableLinear, find_switchable
 from lit_factor.errors import UserError
+from lit_factor.train.interface import require_factorizable
 
 _ORDERS = ("bottom_up", "top_down")
 _GRANULARITIES = ("block", "matrix")
@@ -176,22 +180,25 @@ class StagingCallback(Callback):
     # --- setup ---------------------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Runs before the module's configure_model: ask it for switchable layers instead of apply_plan.
-        pl_module.enable_staging()
-        if stage != "fit":
-            return
-        strategy = trainer.strategy
-        if isinstance(strategy, DDPStrategy):
-            kwargs = getattr(strategy, "_ddp_kwargs", {})
-            if not kwargs.get("find_unused_parameters", False) or kwargs.get("static_graph", False):
-                raise MisconfigurationException(
-                    "StagingCallback under DDP needs strategy='ddp_find_unused_parameters_true' (the not-yet-live "
-                    "factors and the replaced dense weights get no gradient), and no static_graph")
-        elif not isinstance(strategy, SingleDeviceStrategy):
+        require_factorizable(pl_module, "StagingCallback").enable_staging()
+        if stage == "fit" and not isinstance(trainer.strategy, (DDPStrategy, SingleDeviceStrategy)):
             raise MisconfigurationException(
-                f"StagingCallback supports single-device and DDP strategies, not {type(strategy).__name__}")
+                f"StagingCallback supports single-device and DDP strategies, not {type(trainer.strategy).__name__}")
+
+    @staticmethod
+    def _check_ddp(trainer: pl.Trainer) -> None:
+        """Under DDP, the wrapper (public torch attributes, read once it exists) must tolerate unused parameters:
+        the not-yet-live factors and the replaced dense weights get no gradient."""
+        wrapped = trainer.strategy.model
+        if isinstance(wrapped, DistributedDataParallel) and (not wrapped.find_unused_parameters
+                                                             or wrapped.static_graph):
+            raise MisconfigurationException(
+                "StagingCallback under DDP needs strategy='ddp_find_unused_parameters_true' (the not-yet-live "
+                "factors and the replaced dense weights get no gradient), and no static_graph")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After configure_model, a checkpoint's module/callback state and configure_optimizers.
+        self._check_ddp(trainer)
         self._switches = find_switchable(pl_module.factorized_model)
         if self._restored:
             # The checkpoint's stages rule (they define what "done" means); they must cover this model's layers.
@@ -277,16 +284,11 @@ class StagingCallback(Callback):
             self._run_stage(trainer, pl_module, self.done)
 
     def _run_stage(self, trainer: pl.Trainer, pl_module: pl.LightningModule, i: int) -> None:
-        errors = {}
-        freeze_teacher = getattr(pl_module, "freeze_teacher", None)
-        if i == 0 and freeze_teacher is not None:  # distillation.teacher=self: the dense model as fine-tuned so far
-            freeze_teacher()
-        # Data-aware projections (init whitened/fisher) calibrate on the model as it is at this stage.
-        stage_stats = getattr(pl_module, "stage_stats", None)
-        stats = stage_stats(self.stages[i]) if stage_stats is not None else {}
+        # The module projects the stage's layers (its Factorizer: data-aware inits calibrate on the model as it is
+        # now; at the first stage a `self` teacher is frozen); what is left here is the trainer's share.
+        errors = pl_module.factorize_stage(self.stages[i])
         for path in self.stages[i]:
             switch = self._switches[path]
-            errors[path] = switch.switch_(stats.get(path))
             self._sync_from_rank0(switch)
             for opt in trainer.optimizers:
                 # The replaced weight is frozen for good: its Adam moments are dead memory.
