@@ -158,3 +158,51 @@ def test_toy_budget_rule_refuses_what_does_not_save(tiny_bert):
         DiagLowRankLinear.planned_structure(m, n, 0.05)
     with pytest.raises(BudgetError, match="would not save anything"):
         build_plan(tiny_bert, "diaglowrank", None, rank=32)
+
+
+@pytest.mark.slow
+def test_a_registered_structure_works_from_the_command_line(registered, glue_writer, tmp_path, monkeypatch):
+    """No list of structures at the door: the YAML/command-line key takes what METHODS holds when it is parsed."""
+    from lit_factor import cli
+
+    monkeypatch.chdir(tmp_path)
+    root = glue_writer("SST-2")
+    run = cli.main(["fit", "--model.model_name_or_path", "random:tiny-bert", "--data.data_dir", str(root),
+                    "--data.max_seq_length", "16", "--data.batch_size", "4", "--trainer.max_steps", "2",
+                    "--trainer.enable_progress_bar", "false", "--model.factorization.method", "diaglowrank",
+                    "--model.factorization.budget", "0.5", "--trainer.logger.init_args.save_dir", "logs"])
+    layers = [m for m in run.model.modules() if isinstance(m, DiagLowRankLinear)]
+    assert len(layers) == len(run.model.plan.entries) == 12 and run.model.plan.method == "diaglowrank"
+
+
+def test_a_new_init_is_one_registry_entry(registered, monkeypatch, one_thread):
+    """A toy init that weighs both the inputs and the output rows (whitened and Fisher at once): registered in
+    one line, accepted by the config, calibrated (activations and gradients) and projected by low rank; refused
+    for the toy structure above, whose projection takes no weighted objective."""
+    from test_compress import _fit, _module
+
+    from lit_factor.compress.factorizer import ConfigError, Factorization, Factorizer
+    from lit_factor.factorize import LowRankLinear, MonarchLinear
+    from lit_factor.factorize.inits import INITS, Init
+
+    monkeypatch.setitem(INITS, "both", Init("both", ("input_cov", "row_weights"), summary="toy"))
+    assert "both" in LowRankLinear.inits() and "both" in MonarchLinear.inits()
+    assert "both" not in DiagLowRankLinear.inits() and "svd" in DiagLowRankLinear.inits()
+    with pytest.raises(ConfigError, match="init='both' is not one of svd, random for diaglowrank"):
+        Factorization(method="diaglowrank", init="both")
+    gathered = []
+    real = Factorizer.statistics
+
+    def spy(self, paths, batches, forward, statistics):
+        stats = real(self, paths, batches, forward, statistics)
+        gathered.append(stats[paths[0]])
+        return stats
+    monkeypatch.setattr(Factorizer, "statistics", spy)
+    module = _module(init="both")
+    _fit(module, steps=1)
+    assert gathered[0].input_cov is not None and gathered[0].row_weights is not None
+    assert len(module.rel_errors) == 12 and all(0 < e < 1 for e in module.rel_errors.values())
+    plain = _module(init="svd")
+    _fit(plain, steps=1)
+    # the weighted objective moved the factors away from the plain SVD (a larger weight error)
+    assert sum(module.rel_errors.values()) > sum(plain.rel_errors.values())
