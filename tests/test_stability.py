@@ -92,8 +92,10 @@ def test_a_healthy_run_succeeds(tmp_path):
 def test_the_untrained_loss_is_ln_labels_only_for_a_plain_classifier():
     def module(num_labels, problem_type=None, distilling=False):
         config = types.SimpleNamespace(num_labels=num_labels, problem_type=problem_type)
-        return types.SimpleNamespace(factorized_model=types.SimpleNamespace(config=config),
-                                     distillation=types.SimpleNamespace(enabled=distilling))
+        # lit-factor's callback interface (lit_factor.train.interface.Factorizable), nothing more
+        return types.SimpleNamespace(factorized_model=types.SimpleNamespace(config=config), distilling=distilling,
+                                     plan=None, staged=False, rel_errors={}, dense_params=1, factorized_params=1,
+                                     enable_staging=lambda: None, factorize_stage=lambda paths: {})
 
     for pl_module, expected in ((module(3), math.log(3)), (module(1, "regression"), None),
                                 (module(2, distilling=True), None)):

@@ -44,6 +44,10 @@ class Factorizable(Protocol):
     def factorized_params(self) -> int:
         """Whole-model parameters once every planned layer is factorized."""
 
+    @property
+    def distilling(self) -> bool:
+        """Whether the training loss is a distillation loss (another scale than the task loss)."""
+
     def enable_staging(self) -> None:
         """Ask for switchable layers (before the model is built)."""
 

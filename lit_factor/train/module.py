@@ -8,7 +8,7 @@ checkpoint rebuilds the checkpoint's architecture from that plan before the weig
 nothing else.
 
 The interface callbacks rely on is :class:`~lit_factor.train.interface.Factorizable` (and nothing else of the
-module): ``factorized_model``, ``plan``, ``staged``, ``rel_errors``, ``dense_params``, ``factorized_params``,
+module): ``factorized_model``, ``plan``, ``staged``, ``rel_errors``, ``dense_params``, ``factorized_params``, ``distilling``,
 ``enable_staging()`` and ``factorize_stage(paths)``.
 """
 
@@ -158,6 +158,11 @@ class FactorizedClassifier(L.LightningModule):
     def factorized_params(self) -> int:
         """Whole-model parameters once every planned layer is factorized."""
         return self.factorizer.factorized_params
+
+    @property
+    def distilling(self) -> bool:
+        """Whether the training loss is the distillation loss (``distillation.teacher`` set)."""
+        return self.distillation.enabled
 
     def enable_staging(self) -> None:
         """Build switchable layers in ``configure_model`` (the StagingCallback calls this before it runs)."""

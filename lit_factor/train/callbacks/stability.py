@@ -40,6 +40,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from lit_factor.errors import UserError
+from lit_factor.train.interface import Factorizable
 
 
 def majority_baseline(metric: str, counts: dict[int, int]) -> float:
@@ -113,12 +114,12 @@ class StabilityMonitor(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # A distilling module's loss has another scale (soft targets x T^2, hidden-state terms): its first step sets
         # the reference instead.
-        distilling = getattr(getattr(pl_module, "distillation", None), "enabled", False)
-        if self.initial_loss is None and not distilling:
+        # Any LightningModule can be monitored; only lit-factor's interface says what the untrained loss is.
+        if self.initial_loss is None and isinstance(pl_module, Factorizable) and not pl_module.distilling:
             # An untrained classifier with k labels predicts ~uniformly: its cross-entropy is about ln(k).
-            model = getattr(pl_module, "factorized_model", None) or getattr(pl_module, "model", None)
-            labels = getattr(getattr(model, "config", None), "num_labels", None)
-            if isinstance(labels, int) and labels >= 2 and getattr(model.config, "problem_type", None) in (
+            config = getattr(pl_module.factorized_model, "config", None)  # a Hugging Face model's, when it has one
+            labels = getattr(config, "num_labels", None)
+            if isinstance(labels, int) and labels >= 2 and getattr(config, "problem_type", None) in (
                     None, "single_label_classification"):
                 self.initial_loss = math.log(labels)
 
