@@ -1,5 +1,5 @@
 """benchmarks/latency.py in every runtime (tiny models), its profile and Markdown output; the recorded results
-are listed with their commands and the README's Deploy table is the one generated from its result file."""
+are listed with their commands and the guide's (docs/guide.md) Deploy table is the one generated from its result file."""
 
 from __future__ import annotations
 
@@ -89,23 +89,23 @@ def test_every_recorded_result_is_listed_with_its_command():
 
 
 def test_readme_deploy_table_is_the_generated_one(capsys):
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "guide.md").read_text()
     match = re.search(r"<!-- deploy-table: (.+?) -->\n(.*?)\n<!-- /deploy-table -->", readme, re.S)
-    assert match, "README.md has no generated Deploy table"
+    assert match, "docs/guide.md has no generated Deploy table"
     files = [str(ROOT / f) for f in match.group(1).split()]
     assert bench().main(["--from-json", *files]) == 0
     assert match.group(2).strip() == capsys.readouterr().out.strip()
 
 
 def test_readme_projection_table_is_the_generated_one(capsys):
-    """The README's 'right after projection' table is printed from its CSV, not copied by hand."""
+    """The guide's "right after projection" table is printed from its CSV, not copied by hand."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("projection_quality", ROOT / "benchmarks" / "projection_quality.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    match = re.search(r"<!-- projection-table: (\S+) -->\n(.*?)\n<!-- /projection-table -->", (ROOT / "README.md")
-                      .read_text(), re.S)
-    assert match, "README.md has no generated projection table"
+    guide = (ROOT / "docs" / "guide.md").read_text()
+    match = re.search(r"<!-- projection-table: (\S+) -->\n(.*?)\n<!-- /projection-table -->", guide, re.S)
+    assert match, "docs/guide.md has no generated projection table"
     module.main(["--table", str(ROOT / match.group(1))])
     assert match.group(2).strip() == capsys.readouterr().out.strip()
