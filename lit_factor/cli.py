@@ -27,11 +27,13 @@ from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMPr
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
+from lit_factor import cli_help
 from lit_factor.compress.surgery import PlanError
 from lit_factor.errors import EXIT_TERMINATED, UserError, fail
 from lit_factor.factorize import BudgetError
 from lit_factor.models import ModelSourceError
 from lit_factor.train import runs
+from lit_factor.train.callbacks.board import BoardCallback
 from lit_factor.train.callbacks.prediction import GLUEPredictionWriter
 from lit_factor.train.callbacks.progress import LineProgress
 from lit_factor.train.callbacks.summary import SUMMARY_FILE, RunSummary
@@ -46,7 +48,7 @@ USER_ERRORS = (UserError, PlanError, BudgetError, ModelSourceError, Misconfigura
 COMMANDS = {
     "study": ("lit_factor.study.cli", "run a sweep of fits (budgets x methods x seeds) and tabulate the results"),
     "analyze": ("lit_factor.study.analyze", "analyze a model's or a run's factorization (spectra, projection errors)"),
-    "export": ("lit_factor.deploy.export", "export a checkpoint's factorized model (ONNX) and check it"),
+    "export": ("lit_factor.deploy.export", "export a run's model (hf, dense or ONNX), checked against its logits"),
 }
 EPILOG = "other commands (each with --help):\n" + "\n".join(
     f"  {name:<9} {summary}" for name, (_, summary) in COMMANDS.items())
@@ -192,7 +194,10 @@ def place_evaluation(config, subcommand: str) -> None:
 
 
 def add_output_callbacks(trainer, subcommand: str | None) -> None:
-    """What every command prints at its end (RunSummary), progress lines when stdout is a file, GLUE files."""
+    """What every command prints at its end (RunSummary) and shows in TensorBoard (BoardCallback), progress lines
+    when stdout is a file, GLUE files."""
+    if subcommand in ("fit", "validate", "test") and not any(isinstance(c, BoardCallback) for c in trainer.callbacks):
+        trainer.callbacks.append(BoardCallback())  # TensorBoard: the story first, facts as tables, HParams
     if subcommand in ("fit", "validate", "test") and not any(isinstance(c, RunSummary) for c in trainer.callbacks):
         trainer.callbacks.append(RunSummary())  # last: it reads what the other callbacks concluded
     if subcommand == "predict" and not any(isinstance(c, GLUEPredictionWriter) for c in trainer.callbacks):
@@ -300,7 +305,8 @@ def main(args: list[str] | None = None, run: bool = True) -> LitFactorCLI:
             subclass_mode_model=False,
             subclass_mode_data=False,
             parser_class=OneLineErrorParser,
-            parser_kwargs={"epilog": EPILOG, "formatter_class": HelpFormatter},
+            parser_kwargs=cli_help.parser_kwargs(EPILOG, HelpFormatter, others=COMMANDS),
+            trainer_class=cli_help.Trainer,  # Lightning's, with lit-factor's help texts (lit_factor/cli_help.py)
             seed_everything_default=42,
             trainer_defaults={
                 "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
