@@ -31,7 +31,7 @@ from lit_factor import cli_help
 from lit_factor.compress.surgery import PlanError
 from lit_factor.errors import EXIT_TERMINATED, UserError, fail
 from lit_factor.factorize import BudgetError
-from lit_factor.models import ModelSourceError
+from lit_factor.models import ModelSourceError, weights_from_checkpoint
 from lit_factor.train import runs
 from lit_factor.train.callbacks.board import BoardCallback
 from lit_factor.train.callbacks.prediction import GLUEPredictionWriter
@@ -219,6 +219,13 @@ def quiet_expected_noise() -> None:
     warnings.filterwarnings("ignore", message="'set_vital' is deprecated", module=r"torchdata\.")
 
 
+def quiet_checkpoint_evaluation() -> None:
+    """Evaluating a fit's checkpoint needs none of the fit's stateful callbacks (ExactResume, RunSummary, the
+    staging schedule): Lightning's warning that they are missing would only alarm. A resumed fit still warns."""
+    warnings.filterwarnings("ignore", message=r"Be aware that when using `ckpt_path`, callbacks used to create the "
+                                              r"checkpoint need to be provided")
+
+
 class HelpFormatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """jsonargparse's help, keeping the line breaks of the epilog (the table of the other commands)."""
 
@@ -241,6 +248,13 @@ class LitFactorCLI(LightningCLI):
         parser.link_arguments("data.task", "model.task")
         parser.link_arguments("data.task", "checkpoint.monitor", compute_fn=_monitor)
         parser.link_arguments("model.model_name_or_path", "data.model_name_or_path")
+
+    def instantiate_classes(self) -> None:
+        if self.subcommand in EVALUATIONS and self.loaded_checkpoint is not None:
+            quiet_checkpoint_evaluation()
+            with weights_from_checkpoint():  # no "newly initialized classifier" line: the checkpoint's head loads
+                return super().instantiate_classes()
+        return super().instantiate_classes()
 
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
