@@ -219,11 +219,15 @@ def quiet_expected_noise() -> None:
     warnings.filterwarnings("ignore", message="'set_vital' is deprecated", module=r"torchdata\.")
 
 
-def quiet_checkpoint_evaluation() -> None:
+def quiet_checkpoint_evaluation() -> warnings.catch_warnings:
     """Evaluating a fit's checkpoint needs none of the fit's stateful callbacks (ExactResume, RunSummary, the
-    staging schedule): Lightning's warning that they are missing would only alarm. A resumed fit still warns."""
+    staging schedule): Lightning's warning that they are missing would only alarm. A resumed fit still warns.
+    Returns the entered ``catch_warnings`` that holds the filter (exit it to drop the filter)."""
+    quiet = warnings.catch_warnings()
+    quiet.__enter__()
     warnings.filterwarnings("ignore", message=r"Be aware that when using `ckpt_path`, callbacks used to create the "
                                               r"checkpoint need to be provided")
+    return quiet
 
 
 class HelpFormatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -251,10 +255,18 @@ class LitFactorCLI(LightningCLI):
 
     def instantiate_classes(self) -> None:
         if self.subcommand in EVALUATIONS and self.loaded_checkpoint is not None:
-            quiet_checkpoint_evaluation()
+            self._quiet = quiet_checkpoint_evaluation()
             with weights_from_checkpoint():  # no "newly initialized classifier" line: the checkpoint's head loads
                 return super().instantiate_classes()
         return super().instantiate_classes()
+
+    def _after_evaluation(self) -> None:
+        quiet = getattr(self, "_quiet", None)
+        if quiet is not None:  # the warning filter ends with the command (a Python caller's next fit warns again)
+            quiet.__exit__(None, None, None)
+            self._quiet = None
+
+    after_validate = after_test = after_predict = _after_evaluation
 
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)

@@ -136,7 +136,7 @@ class BoardCallback(Callback):
     def __init__(self) -> None:
         self.best: float | None = None
         self._monitor, self._mode = "val/loss", "min"
-        self._facts_written = False
+        self._lr: float | None = None
 
     # --- where to write ------------------------------------------------------------------------------------------
     @staticmethod
@@ -221,18 +221,25 @@ class BoardCallback(Callback):
                 errors, f"relative projection error ||W - W'|| / ||W|| per layer (mean {mean:.3f})",
                 "relative error"), step)
 
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        # The rate this step trains with (the scheduler moves it after the step), as LearningRateMonitor logs it.
+        self._lr = float(trainer.optimizers[0].param_groups[0]["lr"]) if trainer.optimizers else None
+
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        step = trainer.global_step
-        if not trainer.is_global_zero or step % max(trainer.log_every_n_steps, 1):
+        # Lightning logs the step's loss at step (optimizer steps - 1) whenever optimizer steps % log_every_n_steps
+        # == 0: the same points, so the overview and the train/ curves line up.
+        steps = trainer.global_step
+        if not trainer.is_global_zero or steps % max(trainer.log_every_n_steps, 1):
             return
         metrics = {}
         loss = trainer.callback_metrics.get(STEP_LOSS)
         if loss is not None:
             metrics[LOSS_TAG] = float(loss)
-        if trainer.optimizers:
-            metrics[LR_TAG] = float(trainer.optimizers[0].param_groups[0]["lr"])
-        self._log(trainer, metrics, step)
+        if self._lr is not None:
+            metrics[LR_TAG] = self._lr
+        self._log(trainer, metrics, steps - 1)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.state.fn != "fit":
