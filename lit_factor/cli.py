@@ -178,6 +178,26 @@ def expand_run_option(argv: list[str]) -> list[str]:
     return [argv[0], "--config", str(run_dir / "config.yaml"), *argv[1:], "--ckpt_path", ckpt]
 
 
+#: appended to a dense fit's run name: ``logs/quickstart_minilm_sst2-dense/version_0`` beside the factorized runs
+DENSE_SUFFIX = "-dense"
+
+
+def name_dense_run(config) -> None:
+    """A dense fit (``model.factorization.method none``) logs under ``<name>-dense``, so that a baseline is told apart
+    from the recipe's factorized runs in ``logs/`` and in TensorBoard's run list. A run whose version is given (a
+    resumed fit, a study trial) keeps its place."""
+    logger = config.trainer.get("logger")
+    factorization = config.model.get("factorization")
+    method = factorization.get("method") if hasattr(factorization, "get") else getattr(factorization, "method", None)
+    if method != "none" or not (hasattr(logger, "get") and str(logger.get("class_path", "")).endswith(
+            "TensorBoardLogger")):
+        return
+    args = logger.init_args
+    name = str(args.get("name") or "")
+    if args.get("version") is None and name and not name.endswith(DENSE_SUFFIX):
+        args.name = name + DENSE_SUFFIX
+
+
 def place_evaluation(config, subcommand: str) -> None:
     """``validate``/``test``/``predict`` of a run's checkpoint write into that run: ``<run>/<subcommand>/`` (events,
     config.yaml, metrics.json or the GLUE submission files), no new ``version_N``."""
@@ -291,6 +311,8 @@ class LitFactorCLI(LightningCLI):
             config = self.config[self.subcommand]
             runs.place_run_dir(config, self.loaded_checkpoint, resuming=self.subcommand == "fit")
             place_evaluation(config, self.subcommand)
+            if self.subcommand == "fit":
+                name_dense_run(config)
 
     def _before_run(self) -> None:
         self.datamodule.check(self.subcommand)  # bad data stops here, before a run directory exists

@@ -220,7 +220,7 @@ def _metric_line(summary: dict[str, Any]) -> str:
 
     def at(r):
         value = "n/a" if r["value"] is None else f"{r['value']:.4f}"
-        return f"{value} (epoch {r['epoch']}, step {r['step']})"
+        return f"{value} (epoch {r['epoch'] + 1}, step {r['step']})"  # counted from 1, like the progress lines
 
     start = summary.get("at_start")
     before = f", before training {start['value']:.4f}" if start and start["value"] is not None else ""
