@@ -176,7 +176,7 @@ def test_export_takes_the_runs_best_checkpoint(exported):
     root, run = exported
     best = json.loads((root / run / "summary.json").read_text())["best_checkpoint"]
     manifest = json.loads((root / "out" / "hf" / "lit_factor_export.json").read_text())
-    assert Path(manifest["checkpoint"]).resolve() == (root / best).resolve()
+    assert (root / manifest["checkpoint"]).resolve() == (root / best).resolve()  # both relative to the run's cwd
 
 
 @pytest.mark.slow
@@ -255,3 +255,20 @@ def test_a_dense_run_says_it_is_dense(tmp_path, capsys):
     assert re.search(r"^  inference: [\d.]+ ms per batch of 2 x 8 tokens \(dense model, cpu\)$", out, re.MULTILINE)
     assert "factorized" not in out.split("run SUCCEEDED")[1].replace("no factorization", "")
     assert "speedup" not in out and "x the dense speed" not in out
+
+
+def test_a_line_says_which_split_is_being_tokenized(tmp_path, caplog):
+    from lit_factor.train.data import GLUEDataModule
+
+    glue = write_glue_task(tmp_path / "glue", "SST-2", n_train=12, n_dev=4)
+    data = GLUEDataModule(task="sst2", data_dir=str(glue), model_name_or_path="random:tiny-bert", max_seq_length=16,
+                          cache_dir=str(tmp_path / "cache"))
+    with caplog.at_level(logging.INFO):
+        data.check("fit")
+    assert "tokenizing SST-2 train: 12 examples, max length 16" in caplog.text
+    assert "tokenizing SST-2 dev: 4 examples" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO):  # the next run reads the cache: nothing to say
+        GLUEDataModule(task="sst2", data_dir=str(glue), model_name_or_path="random:tiny-bert", max_seq_length=16,
+                       cache_dir=str(tmp_path / "cache")).check("fit")
+    assert "tokenizing" not in caplog.text

@@ -83,23 +83,27 @@ def _by_kind(values: dict[str, float]) -> dict[str, list[tuple[int, float]]]:
 
 
 def per_layer_figure(values: dict[str, float], title: str, ylabel: str, ylim: tuple[float, float] | None = None):
-    """One bar chart per layer kind (x: block index), side by side, sharing the y axis."""
+    """One bar chart per layer kind (x: block index), three to a row, sharing the y axis."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
     kinds = _by_kind(values)
-    fig, axes = plt.subplots(1, len(kinds), figsize=(min(2.2 * len(kinds) + 1, 16), 2.8), sharey=True,
-                             squeeze=False)
-    for ax, (kind, points) in zip(axes[0], kinds.items(), strict=True):
+    cols = min(3, len(kinds))
+    rows = math.ceil(len(kinds) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows + 0.6), sharey=True, squeeze=False)
+    for ax in axes.flat[len(kinds):]:
+        ax.set_visible(False)
+    for ax, (kind, points) in zip(axes.flat, kinds.items()):  # noqa: B905 (hidden axes left over)
         ax.bar([b for b, _ in points], [v for _, v in points], color="tab:blue")
         ax.set_title(kind, fontsize=8)
         ax.set_xlabel("block", fontsize=8)
         ax.tick_params(labelsize=7)
         if ylim:
             ax.set_ylim(*ylim)
-    axes[0][0].set_ylabel(ylabel, fontsize=8)
+    for row in axes:
+        row[0].set_ylabel(ylabel, fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
