@@ -27,11 +27,13 @@ from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMPr
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
+from lit_factor import cli_help
 from lit_factor.compress.surgery import PlanError
 from lit_factor.errors import EXIT_TERMINATED, UserError, fail
 from lit_factor.factorize import BudgetError
-from lit_factor.models import ModelSourceError
+from lit_factor.models import ModelSourceError, weights_from_checkpoint
 from lit_factor.train import runs
+from lit_factor.train.callbacks.board import BoardCallback
 from lit_factor.train.callbacks.prediction import GLUEPredictionWriter
 from lit_factor.train.callbacks.progress import LineProgress
 from lit_factor.train.callbacks.summary import SUMMARY_FILE, RunSummary
@@ -46,7 +48,7 @@ USER_ERRORS = (UserError, PlanError, BudgetError, ModelSourceError, Misconfigura
 COMMANDS = {
     "study": ("lit_factor.study.cli", "run a sweep of fits (budgets x methods x seeds) and tabulate the results"),
     "analyze": ("lit_factor.study.analyze", "analyze a model's or a run's factorization (spectra, projection errors)"),
-    "export": ("lit_factor.deploy.export", "export a checkpoint's factorized model (ONNX) and check it"),
+    "export": ("lit_factor.deploy.export", "export a run's model (hf, dense or ONNX), checked against its logits"),
 }
 EPILOG = "other commands (each with --help):\n" + "\n".join(
     f"  {name:<9} {summary}" for name, (_, summary) in COMMANDS.items())
@@ -176,6 +178,26 @@ def expand_run_option(argv: list[str]) -> list[str]:
     return [argv[0], "--config", str(run_dir / "config.yaml"), *argv[1:], "--ckpt_path", ckpt]
 
 
+#: appended to a dense fit's run name: ``logs/quickstart_minilm_sst2-dense/version_0`` beside the factorized runs
+DENSE_SUFFIX = "-dense"
+
+
+def name_dense_run(config) -> None:
+    """A dense fit (``model.factorization.method none``) logs under ``<name>-dense``, so that a baseline is told apart
+    from the recipe's factorized runs in ``logs/`` and in TensorBoard's run list. A run whose version is given (a
+    resumed fit, a study trial) keeps its place."""
+    logger = config.trainer.get("logger")
+    factorization = config.model.get("factorization")
+    method = factorization.get("method") if hasattr(factorization, "get") else getattr(factorization, "method", None)
+    if method != "none" or not (hasattr(logger, "get") and str(logger.get("class_path", "")).endswith(
+            "TensorBoardLogger")):
+        return
+    args = logger.init_args
+    name = str(args.get("name") or "")
+    if args.get("version") is None and name and not name.endswith(DENSE_SUFFIX):
+        args.name = name + DENSE_SUFFIX
+
+
 def place_evaluation(config, subcommand: str) -> None:
     """``validate``/``test``/``predict`` of a run's checkpoint write into that run: ``<run>/<subcommand>/`` (events,
     config.yaml, metrics.json or the GLUE submission files), no new ``version_N``."""
@@ -192,7 +214,10 @@ def place_evaluation(config, subcommand: str) -> None:
 
 
 def add_output_callbacks(trainer, subcommand: str | None) -> None:
-    """What every command prints at its end (RunSummary), progress lines when stdout is a file, GLUE files."""
+    """What every command prints at its end (RunSummary) and shows in TensorBoard (BoardCallback), progress lines
+    when stdout is a file, GLUE files."""
+    if subcommand in ("fit", "validate", "test") and not any(isinstance(c, BoardCallback) for c in trainer.callbacks):
+        trainer.callbacks.append(BoardCallback())  # TensorBoard: the story first, facts as tables, HParams
     if subcommand in ("fit", "validate", "test") and not any(isinstance(c, RunSummary) for c in trainer.callbacks):
         trainer.callbacks.append(RunSummary())  # last: it reads what the other callbacks concluded
     if subcommand == "predict" and not any(isinstance(c, GLUEPredictionWriter) for c in trainer.callbacks):
@@ -212,6 +237,17 @@ def quiet_expected_noise() -> None:
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_not_an_advertisement)
     warnings.filterwarnings("ignore", module=r"lightning\.pytorch\.utilities\._pytree")
     warnings.filterwarnings("ignore", message="'set_vital' is deprecated", module=r"torchdata\.")
+
+
+def quiet_checkpoint_evaluation() -> warnings.catch_warnings:
+    """Evaluating a fit's checkpoint needs none of the fit's stateful callbacks (ExactResume, RunSummary, the
+    staging schedule): Lightning's warning that they are missing would only alarm. A resumed fit still warns.
+    Returns the entered ``catch_warnings`` that holds the filter (exit it to drop the filter)."""
+    quiet = warnings.catch_warnings()
+    quiet.__enter__()
+    warnings.filterwarnings("ignore", message=r"Be aware that when using `ckpt_path`, callbacks used to create the "
+                                              r"checkpoint need to be provided")
+    return quiet
 
 
 class HelpFormatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -237,6 +273,21 @@ class LitFactorCLI(LightningCLI):
         parser.link_arguments("data.task", "checkpoint.monitor", compute_fn=_monitor)
         parser.link_arguments("model.model_name_or_path", "data.model_name_or_path")
 
+    def instantiate_classes(self) -> None:
+        if self.subcommand in EVALUATIONS and self.loaded_checkpoint is not None:
+            self._quiet = quiet_checkpoint_evaluation()
+            with weights_from_checkpoint():  # no "newly initialized classifier" line: the checkpoint's head loads
+                return super().instantiate_classes()
+        return super().instantiate_classes()
+
+    def _after_evaluation(self) -> None:
+        quiet = getattr(self, "_quiet", None)
+        if quiet is not None:  # the warning filter ends with the command (a Python caller's next fit warns again)
+            quiet.__exit__(None, None, None)
+            self._quiet = None
+
+    after_validate = after_test = after_predict = _after_evaluation
+
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
         add_output_callbacks(trainer, self.subcommand)
@@ -260,6 +311,8 @@ class LitFactorCLI(LightningCLI):
             config = self.config[self.subcommand]
             runs.place_run_dir(config, self.loaded_checkpoint, resuming=self.subcommand == "fit")
             place_evaluation(config, self.subcommand)
+            if self.subcommand == "fit":
+                name_dense_run(config)
 
     def _before_run(self) -> None:
         self.datamodule.check(self.subcommand)  # bad data stops here, before a run directory exists
@@ -300,7 +353,8 @@ def main(args: list[str] | None = None, run: bool = True) -> LitFactorCLI:
             subclass_mode_model=False,
             subclass_mode_data=False,
             parser_class=OneLineErrorParser,
-            parser_kwargs={"epilog": EPILOG, "formatter_class": HelpFormatter},
+            parser_kwargs=cli_help.parser_kwargs(EPILOG, HelpFormatter, others=COMMANDS),
+            trainer_class=cli_help.Trainer,  # Lightning's, with lit-factor's help texts (lit_factor/cli_help.py)
             seed_everything_default=42,
             trainer_defaults={
                 "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",

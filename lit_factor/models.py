@@ -125,7 +125,25 @@ def _names(keys) -> str:
     return ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
 
 
+_weights_follow = False  # set by weights_from_checkpoint()
+
+
+@contextmanager
+def weights_from_checkpoint() -> Iterator[None]:
+    """Models built inside load their pretrained weights without the one-line report: a trained checkpoint's
+    weights replace them next (evaluating or exporting a checkpoint), so "newly initialized: classifier.*" would
+    only alarm."""
+    global _weights_follow
+    before, _weights_follow = _weights_follow, True
+    try:
+        yield
+    finally:
+        _weights_follow = before
+
+
 def _report_loading(name: str, info: dict) -> None:
+    if _weights_follow:
+        return
     new, unused = info.get("missing_keys") or (), info.get("unexpected_keys") or ()
     mismatched = [k if isinstance(k, str) else k[0] for k in info.get("mismatched_keys") or ()]
     line = f"model {name!r}: pretrained weights loaded"

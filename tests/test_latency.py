@@ -140,7 +140,7 @@ def test_callback_in_fast_dev_run_prints_its_table(capsys, tmp_path):
     assert "inference latency at fit_end (single process)" in out and "speedup" in out
 
 
-def test_callback_logs_scalars_and_table_to_tensorboard(tmp_path):
+def test_callback_logs_its_table_to_tensorboard(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     callback = LatencyCallback(**FAST, when=["fit_end", "test_end"])
@@ -153,10 +153,9 @@ def test_callback_logs_scalars_and_table_to_tensorboard(tmp_path):
     for key, value in module.model.state_dict().items():  # measuring never changes the trained model
         assert torch.equal(value, before[key]), key
     events = EventAccumulator(trainer.logger.log_dir, size_guidance={"tensors": 0}).Reload()
-    scalars = set(events.Tags()["scalars"])
-    for stage in ("fit_end", "test_end"):
-        assert {f"latency/{stage}/b2_s8/speedup", f"latency/{stage}/b2_s8/dense_ms"} <= scalars
-    assert any("latency/fit_end" in tag for tag in events.Tags()["tensors"])  # the text table
+    assert not [tag for tag in events.Tags()["scalars"] if tag.startswith("latency/")]  # no one-point charts
+    for stage in ("fit_end", "test_end"):  # the text tables
+        assert any(f"latency/{stage}" in tag for tag in events.Tags()["tensors"]), stage
 
 
 def test_callback_rejects_bad_when():

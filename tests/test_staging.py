@@ -79,12 +79,12 @@ def test_staged_fit_trains_exactly_the_live_parameters(tmp_path, method):
     assert probe.checked_steps == 6 and probe.after_stage == 5
     assert all(h["rel_error"] > 0 for h in staging.history[1:])
     assert staging.history[-1]["params"] == module.factorized_params
-    # TensorBoard/CSV got the stage records
+    # the history holds each layer's error (the BoardCallback draws it); no scalar charts of a point per stage
+    assert [sorted(h["rel_errors"]) for h in staging.history[1:]] == [sorted(s) for s in staging.stages]
+    assert all(h["loss"] for h in staging.history[1:])
     import csv
     rows = list(csv.DictReader(open(logger.log_dir + "/metrics.csv")))
-    stage_rows = [r for r in rows if r.get("staging/stage")]
-    assert [float(r["staging/stage"]) for r in stage_rows] == [0, 1, 2]
-    assert all(r["staging/rel_error"] and r["staging/loss"] for r in stage_rows[1:])
+    assert rows and not any(key.startswith("staging/") for r in rows for key in r if r[key])
     # the final model is what the plan says
     finalize(module.model)
     shells = load_model("random:tiny-bert", num_labels=2)

@@ -61,6 +61,8 @@ class LatencyCallback(pl.Callback, SummarySection):
         self.when = list(when)
         #: rows of the last measurement (rank 0 only)
         self.rows: list[LatencyRow] = []
+        #: whether the last measurement was of a dense run (no factorization plan)
+        self.dense_run = False
 
     summary_key = "latency"
 
@@ -69,6 +71,9 @@ class LatencyCallback(pl.Callback, SummarySection):
         if not self.rows or "fit_end" not in self.when:
             return None
         row = self.rows[0]
+        if self.dense_run:  # the model is dense: its latency, no speedup against an identical copy
+            return {"batch_size": row.batch_size, "seq_len": row.seq_len, "dense_ms": row.factorized_ms,
+                    "factorized_ms": None, "speedup": None, "device": row.device}
         return {"batch_size": row.batch_size, "seq_len": row.seq_len, "dense_ms": row.dense_ms,
                 "factorized_ms": row.factorized_ms, "speedup": row.speedup, "device": row.device}
 
@@ -91,25 +96,29 @@ class LatencyCallback(pl.Callback, SummarySection):
                 # Lightning's teardown moves the module to the CPU *before* on_fit_end: measure where it trained.
                 settings = dataclasses.replace(settings, device=str(trainer.strategy.root_device))
             self.rows = compare_latency(dense, {"factorized": factorized}, settings, {"factorized": meta})
+            self.dense_run = plan is None
             ranks = f"rank 0 of {trainer.world_size}" if trainer.world_size > 1 else "single process"
-            print(format_table(self.rows, title=f"inference latency at {stage} ({ranks})"), flush=True)
+            print(self.table(title=f"inference latency at {stage} ({ranks})"), flush=True)
             self._log(trainer, stage)
         trainer.strategy.barrier("latency_callback")
         return self.rows
 
+    def table(self, title: str = "") -> str:
+        """The measurement as text: the dense-vs-factorized table, or for a dense run (no plan: the "factorized"
+        model is the dense one) its latency alone -- a speedup against an identical copy would be noise."""
+        if not self.dense_run:
+            return format_table(self.rows, title=title)
+        lines = [title] if title else []
+        lines += [f"dense model (no factorization): {r.factorized_ms:.2f} ms per batch of {r.batch_size} x "
+                  f"{r.seq_len} tokens (median of {r.repeats}, p90 {r.factorized_p90_ms:.2f} ms, {r.device})"
+                  for r in self.rows]
+        return "\n".join(lines)
+
     def _log(self, trainer: pl.Trainer, stage: str) -> None:
-        metrics = {}
-        for r in self.rows:
-            key = f"latency/{stage}/b{r.batch_size}_s{r.seq_len}"
-            metrics.update({f"{key}/dense_ms": r.dense_ms, f"{key}/factorized_ms": r.factorized_ms,
-                            f"{key}/speedup": r.speedup})
-        if self.rows:
-            metrics["latency/params_dense"] = self.rows[0].params_dense
-            metrics["latency/params_factorized"] = self.rows[0].params_factorized
-        table = format_table(self.rows)
+        # A text table, logged once; no one-point scalar charts (lit_factor.train.callbacks.board).
+        table = self.table()
         for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
             experiment = getattr(logger, "experiment", None)
             if hasattr(experiment, "add_text"):  # TensorBoard: the table itself, monospaced
                 experiment.add_text(f"latency/{stage}", "```\n" + table + "\n```", trainer.global_step)
-            logger.save()
+                logger.save()

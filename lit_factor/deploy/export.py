@@ -1,8 +1,11 @@
-"""``python cli.py export``: ship a trained checkpoint as a Hugging Face directory or an ONNX model.
+"""``python cli.py export``: ship a trained run as a Hugging Face directory or an ONNX model.
 
-    python cli.py export --ckpt_path logs/run/version_0/checkpoints/best.ckpt --to out/hf --format hf
-    python cli.py export --ckpt_path ... --to out/dense --format dense
-    python cli.py export --ckpt_path ... --to out/onnx --format onnx [--ort-fusions] [--optimize]
+    python cli.py export --run logs/quickstart_minilm_sst2/version_0 --to out/hf --format hf
+    python cli.py export --run logs/quickstart_minilm_sst2/version_0 --to out/dense --format dense
+    python cli.py export --run logs/quickstart_minilm_sst2/version_0 --to out/onnx --format onnx [--ort-fusions]
+    python cli.py export --ckpt_path logs/.../version_0/checkpoints/epoch=1-step=500.ckpt --to out/hf --format hf
+
+``--run`` takes the run's best checkpoint (the one its summary.json names; ``--ckpt_path last`` for the last).
 
 Formats (nothing pickled: JSON and safetensors / ONNX only; the tokenizer's files are saved beside the model):
 
@@ -17,8 +20,10 @@ Formats (nothing pickled: JSON and safetensors / ONNX only; the tokenizer's file
   ``lit_factor/inference.py``. Each file is run in ONNX Runtime and checked against PyTorch's logits.
 
 Every export is checked before it is written (reloaded and compared with the checkpoint's logits on inputs of a
-shape the export did not see) and listed in ``lit_factor_export.json``. A checkpoint saved between stages of a
-staged fit is exported as it is: switched layers factorized, the others dense, and the command says so.
+shape the export did not see) and listed in ``lit_factor_export.json``. Every format's ``config.json`` names the
+task's labels (``id2label``: negative/positive for SST-2) and the classifier class (``architectures``), and the
+tokenizer files carry the length the model was trained with (``model_max_length``). A checkpoint saved between
+stages of a staged fit is exported as it is: switched layers factorized, the others dense, and the command says so.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import argparse
 import copy
 import inspect
 import json
+import logging
 import shutil
 import sys
 import tempfile
@@ -38,7 +44,7 @@ from torch import nn
 
 from lit_factor.compress.surgery import Plan
 from lit_factor.errors import UserError, fail
-from lit_factor.train.checkpoints import read_checkpoint
+from lit_factor.train.checkpoints import read_checkpoint, run_checkpoint
 
 FORMATS = ("hf", "dense", "onnx")
 MANIFEST = "lit_factor_export.json"
@@ -56,7 +62,9 @@ class _Parser(argparse.ArgumentParser):
 
 def parser() -> argparse.ArgumentParser:
     p = _Parser(prog="cli.py export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt_path", required=True, help="a checkpoint written by `cli.py fit`")
+    p.add_argument("--run", metavar="RUN_DIR", help="a fit's run directory (<save_dir>/<name>/version_<N>): its best "
+                   "checkpoint, or --ckpt_path last")
+    p.add_argument("--ckpt_path", help="a checkpoint file written by `cli.py fit`; with --run: best or last")
     p.add_argument("--to", required=True, metavar="DIR", help="output directory (must be empty or new)")
     p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty DIR (same-named files replaced)")
@@ -74,6 +82,7 @@ class Loaded:
     plan: Plan | None  # entries of the layers that are factorized in ``model``
     source: dict
     notes: list[str] = field(default_factory=list)
+    max_length: int | None = None  # the training's max_seq_length (the tokenizer's model_max_length)
 
 
 # --- reading the checkpoint ------------------------------------------------------------------------------------
@@ -85,11 +94,12 @@ def load_checkpoint_model(path: str) -> Loaded:
         raise UserError(f"ckpt_path {path!r} is not a lit-factor checkpoint (no factorization record or no "
                         "model_name_or_path/task hyperparameters); export reads checkpoints written by `cli.py fit`")
     from lit_factor.compress.switchable import finalize
-    from lit_factor.models import ModelSourceError
+    from lit_factor.models import ModelSourceError, weights_from_checkpoint
     from lit_factor.train.module import FactorizedClassifier
 
     try:
-        module = FactorizedClassifier(hp["model_name_or_path"], hp["task"])
+        with weights_from_checkpoint():  # the checkpoint's weights replace the pretrained ones: no head report
+            module = FactorizedClassifier(hp["model_name_or_path"], hp["task"])
     except (ModelSourceError, OSError) as err:
         raise UserError(f"cannot build the checkpoint's model {hp['model_name_or_path']!r}: {err}") from None
     module.adopt_checkpoint_architecture(checkpoint)
@@ -101,7 +111,9 @@ def load_checkpoint_model(path: str) -> Loaded:
                         "corrupted, or written by another version") from None
     model, plan = module.factorized_model.eval(), module.plan
     source = {"checkpoint": str(path), "model_name_or_path": hp["model_name_or_path"], "task": hp["task"]}
+    describe_model(model, module.task)
     loaded = Loaded(model, plan, source)
+    loaded.max_length = (checkpoint.get("datamodule_hyper_parameters") or {}).get("max_seq_length")
     if module.staged:
         live = finalize(model, strict=False)
         kept = [e for e in plan.entries if live.get(e.path) == "factorized"]
@@ -112,6 +124,24 @@ def load_checkpoint_model(path: str) -> Loaded:
                                 "factorized; the others are exported dense, as they are in the checkpoint")
     source["factorized_layers"] = len(loaded.plan.entries) if loaded.plan else 0
     return loaded
+
+
+#: what each GLUE task's label ids mean, as the HF hub's ``glue`` dataset names them (the TSVs write 0/1 for the
+#: binary tasks); tasks whose TSV labels are names already (MNLI, QNLI, RTE) use those
+LABEL_NAMES = {"cola": ("unacceptable", "acceptable"), "sst2": ("negative", "positive"),
+               "mrpc": ("not_equivalent", "equivalent"), "qqp": ("not_duplicate", "duplicate"),
+               "wnli": ("not_entailment", "entailment")}
+
+
+def describe_model(model: nn.Module, task) -> None:
+    """The exported config names the task's labels (id2label/label2id) and the class it is (``architectures``: a
+    pretrained encoder's config says ``BertModel``, which is not what was trained)."""
+    config = model.config
+    config.architectures = [type(model).__name__]
+    if task.labels is not None:
+        names = LABEL_NAMES.get(task.name, task.labels)
+        config.id2label = dict(enumerate(names))
+        config.label2id = {name: i for i, name in enumerate(names)}
 
 
 # --- check inputs ----------------------------------------------------------------------------------------------
@@ -149,7 +179,12 @@ def save_tokenizer(loaded: Loaded, out: Path) -> None:
     from lit_factor.models import load_tokenizer
 
     try:
-        load_tokenizer(loaded.source["model_name_or_path"]).save_pretrained(out)
+        tokenizer = load_tokenizer(loaded.source["model_name_or_path"])
+        for key in ("local_files_only", "is_local"):  # how it was loaded here, not a property of the model
+            tokenizer.init_kwargs.pop(key, None)
+        if loaded.max_length:
+            tokenizer.model_max_length = tokenizer.init_kwargs["model_max_length"] = int(loaded.max_length)
+        tokenizer.save_pretrained(out)
     except Exception as err:  # no tokenizer (offline hub name, missing package): the model still ships
         loaded.notes.append(f"no tokenizer files saved ({type(err).__name__}: {' '.join(str(err).split())[:120]})")
 
@@ -211,11 +246,25 @@ def check_target(to: str, overwrite: bool) -> Path:
     return target
 
 
+def checkpoint_path(args) -> str:
+    """``--ckpt_path FILE``, or the ``best``/``last`` checkpoint of ``--run RUN_DIR``."""
+    if args.run is None:
+        if args.ckpt_path is None:
+            raise UserError("export needs --run RUN_DIR (its best checkpoint) or --ckpt_path FILE")
+        if args.ckpt_path in ("best", "last"):
+            raise UserError(f"--ckpt_path {args.ckpt_path} needs the run it belongs to: add --run "
+                            "<save_dir>/<name>/version_<N>")
+        return args.ckpt_path
+    if args.ckpt_path not in (None, "best", "last"):
+        return args.ckpt_path
+    return str(run_checkpoint(args.run, args.ckpt_path or "best"))
+
+
 def export(args) -> tuple[Loaded, dict, list[str]]:
     """Export into a scratch directory beside the target, check, then move the files in: a failed export leaves
     the target as it was."""
     target = check_target(args.to, args.overwrite)
-    loaded = load_checkpoint_model(args.ckpt_path)
+    loaded = load_checkpoint_model(checkpoint_path(args))
     target.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.export-", dir=target.parent))
     try:
@@ -236,11 +285,24 @@ def export(args) -> tuple[Loaded, dict, list[str]]:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def _not_about_torchvision(record: logging.LogRecord) -> bool:
+    return "torchvision is not installed" not in record.getMessage()
+
+
+def quiet_onnx_registry() -> None:
+    """torch.onnx's exporter warns once per torchvision operator it cannot register ("torchvision is not
+    installed. Skipping ...", four lines): text models use none of them. Idempotent."""
+    registry = logging.getLogger("torch.onnx._internal.exporter._registration")
+    if _not_about_torchvision not in registry.filters:
+        registry.addFilter(_not_about_torchvision)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # saving / reloading a small model: no progress bars on stderr
+    quiet_onnx_registry()
     try:
         loaded, result, files = export(args)
     except UserError as err:

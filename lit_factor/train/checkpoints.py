@@ -69,3 +69,34 @@ def run_dir_of(path: str | Path) -> RunDir | None:
     except ValueError:
         return None
     return RunDir(Path(*parts[:-4]), parts[-4], version)
+
+
+def run_checkpoint(run: str | Path, which: str = "best") -> Path:
+    """The ``best`` or ``last`` checkpoint of a fit's run directory (``<save_dir>/<name>/version_<N>``).
+
+    best: the one the fit's ``summary.json`` names, else the only checkpoint of the run. last: ``last.ckpt`` (with
+    ``checkpoint.save_last``), else the most recently written checkpoint. Used by ``export --run``; the same rule as
+    the evaluating commands' ``--run`` (lit_factor.cli.run_checkpoint, which can call this one).
+    """
+    import json
+
+    run = Path(run)
+    if not (run / "config.yaml").is_file() and not (run / "checkpoints").is_dir():
+        raise UserError(f"--run {str(run)!r} is not a run directory (no config.yaml or checkpoints/; expected "
+                        "<save_dir>/<name>/version_<N>)")
+    ckpts = sorted((run / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not ckpts:
+        raise UserError(f"run {str(run)!r} has no checkpoints ({run / 'checkpoints'}/*.ckpt)")
+    if which == "last":
+        last = run / "checkpoints" / "last.ckpt"
+        return last if last.is_file() else ckpts[-1]
+    summary = run / "summary.json"  # lit_factor.train.callbacks.summary.SUMMARY_FILE
+    if summary.is_file():
+        best = json.loads(summary.read_text()).get("best_checkpoint")
+        if best and (run / "checkpoints" / Path(best).name).is_file():
+            return run / "checkpoints" / Path(best).name
+    candidates = [p for p in ckpts if p.name != "last.ckpt"]
+    if len(candidates) == 1:
+        return candidates[0]
+    raise UserError(f"run {str(run)!r}: cannot tell the best of {len(candidates)} checkpoints without its "
+                    "summary.json; give --ckpt_path <file>")

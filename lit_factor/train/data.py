@@ -30,6 +30,7 @@ from typing import Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import RandomSampler as StatefulRandomSampler
 
@@ -369,6 +370,9 @@ class GLUEDataModule(L.LightningDataModule):
         if "label" in cols:
             cols["labels"] = cols.pop("label")
         texts = [cols.pop(k) for k in self.task.text_fields]
+        # A line before the silent part (tens of seconds for a large split); the next run reads the cache.
+        rank_zero_info(f"tokenizing {self.task.dir_name} {split}: {len(texts[0]):,} examples, max length "
+                       f"{self.max_seq_length} (cached in {path.parent})")
         encoded = self.tokenizer(*texts, truncation=True, max_length=self.max_seq_length)
         ds = datasets.Dataset.from_dict({**cols, **encoded})
         # Write to a private temporary directory and rename: several DDP ranks may build the same split at once.

@@ -236,18 +236,9 @@ class FactorizedClassifier(L.LightningModule):
             self._log_report(report)
 
     def _log_report(self, report: str) -> None:
-        metrics = {
-            "params/dense_model": self.dense_params,
-            "params/factorized_model": self.factorized_params,
-            "params/targeted_dense": self.plan.params_dense,
-            "params/targeted_factorized": self.plan.params_factorized,
-            "factorize/kept_fraction": self.plan.kept_fraction,
-        }
-        if self.rel_errors:
-            metrics["factorize/rel_error_mean"] = sum(self.rel_errors.values()) / len(self.rel_errors)
-            metrics.update({f"factorize/rel_error/{k}": v for k, v in self.rel_errors.items()})
+        # The report as one text table; the numbers in it (parameters, kept fractions, per-layer errors) are drawn
+        # as tables and figures by lit_factor.train.callbacks.board, not as one-point scalar charts.
         for logger in self.loggers:
-            logger.log_metrics(metrics, step=0)
             if hasattr(getattr(logger, "experiment", None), "add_text"):
                 logger.experiment.add_text("factorize/report", f"```\n{report}\n```", 0)
 

@@ -19,9 +19,9 @@ epoch/validation ends against an absolute threshold; a run that explodes mid-epo
 and a useful threshold is relative to the loss's own scale.
 
 On divergence the step that produced the bad loss is skipped (all gradients dropped before the optimizer step,
-so the weights keep their last finite values), the run stops, ``stability/diverged`` = 1 is logged, and a
-``RUN FAILED`` line is printed. At the end of training ``stability/succeeded`` (1 or 0) is logged, a
-``RUN SUCCEEDED``/``RUN FAILED`` line printed, and (with a logger) the summary written to ``<log_dir>/stability.json``
+so the weights keep their last finite values), the run stops, and a ``RUN FAILED`` line is printed. At the end of
+training a ``RUN SUCCEEDED``/``RUN FAILED`` line is printed and (with a logger) the summary written to
+``<log_dir>/stability.json`` (the verdict is a fact of the run, not a chart: no scalars are logged)
 (also :attr:`StabilityMonitor.summary`). Under DDP every rank takes the same decision (any rank diverging stops all).
 :func:`run_failed` turns the verdict into the reasons a command line reports (exit status 3, see the README).
 """
@@ -164,8 +164,6 @@ class StabilityMonitor(Callback):
             self.diverged = {"step": trainer.global_step, "loss": loss, "reason": reason}
             rank_zero_warn(f"RUN FAILED: training diverged at step {trainer.global_step}: loss {loss:.4g} "
                            f"({reason}); stopping")
-            for logger in trainer.loggers:
-                logger.log_metrics({"stability/diverged": 1.0}, step=trainer.global_step)
 
     # --- dev labels for the majority baseline ------------------------------------------------------------------
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -222,9 +220,6 @@ class StabilityMonitor(Callback):
         summary["succeeded"] = not reasons
         summary["reasons"] = reasons
         self.summary = summary
-        for logger in trainer.loggers:
-            logger.log_metrics({"stability/succeeded": float(summary["succeeded"]),
-                                "stability/diverged": float(summary["diverged"])}, step=trainer.global_step)
         # trainer.log_dir is a collective under DDP: every rank reads it. No logger: no file (log_dir would be cwd).
         self._report(trainer.log_dir if trainer.loggers else None, summary)
 

@@ -317,12 +317,11 @@ class StagingCallback(Callback):
         record = {"stage": stage, "step": trainer.global_step, "epoch": trainer.current_epoch,
                   "layers_factorized": switched, "params": self.live_params(pl_module),
                   "loss": float(self._last_loss) if self._last_loss is not None else None,
-                  "rel_error": sum(errs) / len(errs) if errs else None, "layers": list(errors)}
+                  "rel_error": sum(errs) / len(errs) if errs else None, "layers": list(errors),
+                  "rel_errors": {k: float(v) for k, v in errors.items() if v is not None}}
+        # No scalar charts of one point per stage: lit_factor.train.callbacks.board draws the history as the staging
+        # timeline and the per-layer errors once, at the end of the fit.
         self.history.append(record)
-        metrics = {f"staging/{k}": float(v) for k, v in record.items()
-                   if k in ("stage", "layers_factorized", "params", "loss", "rel_error") and v is not None}
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
         if stage:
             err = f", mean rel. error {record['rel_error']:.4f}" if errs else ""
             loss = f", loss {record['loss']:.4f}" if record["loss"] is not None else ""

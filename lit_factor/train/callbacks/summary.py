@@ -220,7 +220,7 @@ def _metric_line(summary: dict[str, Any]) -> str:
 
     def at(r):
         value = "n/a" if r["value"] is None else f"{r['value']:.4f}"
-        return f"{value} (epoch {r['epoch']}, step {r['step']})"
+        return f"{value} (epoch {r['epoch'] + 1}, step {r['step']})"  # counted from 1, like the progress lines
 
     start = summary.get("at_start")
     before = f", before training {start['value']:.4f}" if start and start["value"] is not None else ""
@@ -230,9 +230,11 @@ def _metric_line(summary: dict[str, Any]) -> str:
 def format_fit_summary(summary: dict[str, Any], run_dir: str | None, path: str | None) -> str:
     """The plain-text block printed at the end of a fit (one fact per line, no colours, fits a log file)."""
     p = summary["params"]
+    dense = not p["targeted_dense"]  # no plan: nothing was factorized
     lines = [f"run {summary['status'].upper()}" + (f": {run_dir}" if run_dir else ""),
              f"  {_metric_line(summary)}",
              f"  best checkpoint: {summary['best_checkpoint'] or 'none saved'}",
+             f"  parameters: {p['dense_model']:,} (dense fine-tuning, no factorization)" if dense else
              f"  parameters: {p['dense_model']:,} dense -> {p['factorized_model']:,} factorized "
              f"({p['model_kept_fraction']:.1%} of the model; {p['kept_fraction']:.1%} of the targeted weights kept)",
              f"  train time: {format_duration(summary['train_time_s'])}"
@@ -245,7 +247,11 @@ def format_fit_summary(summary: dict[str, Any], run_dir: str | None, path: str |
         beat = (f"{s['monitor']} {s['dev_metric']:.4f} > baseline {s['threshold']:.4f}"
                 if s.get("dev_metric") is not None and s.get("threshold") is not None else "no divergence")
         lines.append(f"  stability: succeeded ({beat})")
-    if summary["latency"]:
+    if summary["latency"] and summary["latency"].get("speedup") is None:  # a dense run: no twin to compare with
+        lat = summary["latency"]
+        lines.append(f"  inference: {lat['dense_ms']:.1f} ms per batch of {lat['batch_size']} x {lat['seq_len']} "
+                     f"tokens (dense model, {lat['device']})")
+    elif summary["latency"]:
         lat = summary["latency"]
         lines.append(f"  inference: {lat['speedup']:.2f}x the dense speed ({lat['dense_ms']:.1f} -> "
                      f"{lat['factorized_ms']:.1f} ms per batch of {lat['batch_size']} x {lat['seq_len']} tokens, "
