@@ -18,15 +18,19 @@ un-restored state: the CLI puts it first.
 
 from __future__ import annotations
 
+import os
 import random
+import sys
 from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.fabric.utilities.data import _set_sampler_epoch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from lit_factor.train.lightning_private import reload_train_loader_state
 
 
 def rng_states() -> dict[str, Any]:
@@ -79,7 +83,7 @@ class ExactResume(Callback):
         # After the loops' progress is restored (on_fit_start comes before it): the step and epoch are known.
         if self._pending is None:
             return
-        _reload_train_loader_state(trainer)
+        reload_train_loader_state(trainer)  # Lightning issue #20550: see lit_factor/train/lightning_private.py
         self.resumed_from = {"epoch": trainer.current_epoch, "step": trainer.global_step,
                              "checkpoint": str(trainer.ckpt_path) if trainer.ckpt_path else None}
         rank_zero_info(f"resumed at epoch {trainer.current_epoch}, step {trainer.global_step} "
@@ -110,27 +114,56 @@ class ExactResume(Callback):
         set_rng_states(states[trainer.global_rank % len(states)])
 
 
-def _reload_train_loader_state(trainer: pl.Trainer) -> None:
-    """Work around Lightning issue #20550 (open in 2.6): a train loader set up before the checkpoint's loop state
-    is restored (``configure_optimizers`` asking ``trainer.estimated_stepping_batches`` sets it up early) never
-    receives its saved position. Load the pending states and re-create the fetcher's iterator, as Lightning's own
-    resume path would; a no-op where Lightning already loaded them."""
-    loop = trainer.fit_loop
-    pending = list(getattr(loop, "_combined_loader_states_to_load", None) or [])
-    if not pending or loop._combined_loader is None:
-        return
-    # Not loop._load_combined_loader_states(): it skips a checkpoint written after validation at an epoch's end
-    # (Lightning does not count that as "restarting"), whose loader must still start the next epoch's shuffle.
-    loop._combined_loader._load_state_dicts(pending)
-    loop._combined_loader_states_to_load = []
-    for dl in loop._combined_loader.flattened:
-        # The epoch Lightning sets only at the next epoch start: a DistributedSampler draws its order from it now.
-        _set_sampler_epoch(dl, loop.epoch_progress.current.processed)
-    stateful = [dl for dl in loop._combined_loader.flattened if hasattr(dl, "load_state_dict")]
-    for loader, state in zip(stateful, pending, strict=False):
-        if state.get("_num_yielded", 0) >= trainer.num_training_batches:
-            # Saved after the epoch's last batch: Lightning counts that epoch as done, so the loader must start
-            # the next one (else Lightning runs an empty epoch and the run ends one epoch short).
-            for _ in loader:
-                pass
-    iter(loop._data_fetcher)
+class CheckpointOnSigterm(Callback):
+    """On SIGTERM (``kill``, a cluster's preemption, a study stopping its trials), save a checkpoint to resume from
+    at the end of the training batch that is running, then stop (the CLI exits 143).
+
+    Lightning's own SIGTERM handling (public: ``trainer.received_sigterm``) only stops the fit, at the end of the
+    batch, with no checkpoint: a fit preempted before its first periodic checkpoint had nothing to resume from. This
+    callback asks at every ``on_train_batch_end`` -- before Lightning's own check -- whether *any* rank received
+    SIGTERM (``strategy.reduce_boolean_decision``: one small all-reduce per step under DDP, nothing on one device),
+    so every rank agrees on the same step, saves there with ``trainer.save_checkpoint`` (the same hook and state
+    as a ``ModelCheckpoint(every_n_train_steps=1)``, hence bit-identical on resume with :class:`ExactResume`), says
+    where on stderr and raises Lightning's ``SIGTERMException`` on every rank. The file is
+    ``<checkpoint dir>/sigterm-epoch=E-step=S.ckpt``: the newest checkpoint of the run, so ``fit --run <run dir>``
+    (``--ckpt_path last``) resumes from it.
+
+    With ``accumulate_grad_batches > 1`` a batch end can fall inside an accumulation: the checkpoint is still saved
+    (the accumulated gradients are not part of any Lightning checkpoint: the resumed run starts that accumulation
+    again) and the message says so.
+
+    Attributes:
+        saved: the checkpoint written (None when no SIGTERM came).
+    """
+
+    def __init__(self) -> None:
+        self.saved: str | None = None
+        self._step_at_batch_start = -1
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._step_at_batch_start = trainer.global_step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if not trainer.strategy.reduce_boolean_decision(bool(trainer.received_sigterm), all=False):
+            return
+        path = os.path.join(self._dirpath(trainer), f"sigterm-epoch={trainer.current_epoch}-step={trainer.global_step}"
+                                                    ".ckpt")
+        trainer.save_checkpoint(path)
+        self.saved = path
+        if trainer.is_global_zero:
+            inside = trainer.global_step == self._step_at_batch_start  # no optimizer step in this batch
+            note = " (inside a gradient accumulation: the resumed run starts it again)" if inside else ""
+            print(f"SIGTERM: saved a checkpoint at epoch {trainer.current_epoch}, step {trainer.global_step}{note}: "
+                  f"{path} (resume: the same fit command with --ckpt_path {path})", file=sys.stderr, flush=True)
+        raise SIGTERMException  # every rank, at the same step: Lightning stops the fit as for its own check
+
+    @staticmethod
+    def _dirpath(trainer: pl.Trainer) -> str:
+        """The run's checkpoint folder: the ModelCheckpoints' (the CLI's ``checkpoint`` first), else
+        ``<log dir>/checkpoints``."""
+        for callback in trainer.checkpoint_callbacks:
+            if getattr(callback, "dirpath", None):
+                return str(callback.dirpath)
+        return os.path.join(trainer.log_dir or trainer.default_root_dir, "checkpoints")
