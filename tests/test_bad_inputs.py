@@ -133,6 +133,14 @@ CASES = [  # (id, command, extra arguments, file damage, what the line must say)
     ("predict from a corrupted checkpoint", "predict", [], "ckpt_corrupted",
      r"corrupted\.ckpt' is corrupted: member '.*' fails its checksum"),
     ("resume from a non-Lightning file", "fit", [], "ckpt_not_lightning", r"holds no Lightning checkpoint"),
+    # offline, a name that is no folder, preset or cached hub model: transformers' OSError was an 80-line traceback
+    ("model not loadable", "fit", ["--model.model_name_or_path", "nonexistent"], None,
+     r"model\.model_name_or_path='nonexistent' cannot be loaded .*allowed: a local model folder"),
+    # Lightning's keywords name a run's checkpoints: without --run, `best` was a traceback, `last` trained afresh
+    ("fit --ckpt_path best without --run", "fit", ["--ckpt_path", "best"], None,
+     r"--ckpt_path best needs the run it belongs to: add --run"),
+    ("fit --ckpt_path last without --run", "fit", ["--ckpt_path", "last"], None,
+     r"--ckpt_path last needs the run it belongs to: add --run"),
 ]
 
 
@@ -164,7 +172,10 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(command, extra, damage,
     # refused inside fit, after Lightning made the run directory: the directory goes again
     ([STAGING, "--trainer.strategy", "ddp", "--trainer.devices", "1", "--trainer.accelerator", "cpu"],
      r"StagingCallback under DDP needs strategy='ddp_find_unused_parameters_true'"),
-], ids=["staging spread 2", "staging under plain ddp"])
+    # two ranks refuse alike: the line comes once, from rank 0
+    ([STAGING, "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"],
+     r"StagingCallback under DDP needs strategy='ddp_find_unused_parameters_true'"),
+], ids=["staging spread 2", "staging under plain ddp", "staging under ddp, 2 ranks"])
 def test_from_a_shell_stderr_is_the_error_line_alone(extra, message, glue_writer, tmp_path):
     root = glue_writer("SST-2")
     before = _tree(tmp_path)
