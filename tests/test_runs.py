@@ -115,3 +115,25 @@ def test_run_stopped_by_sigterm_is_not_a_success(in_tmp, glue_writer, capsys):
                   "--trainer.callbacks.sig", "SIGTERM"])
     assert exit_.value.code == EXIT_TERMINATED
     assert "run terminated by SIGTERM (exit status 143)" in capsys.readouterr().err
+
+
+def test_readme_resume_recipe_keeps_the_monitored_checkpoint_first(in_tmp, glue_writer):
+    """The README's resume recipe adds a ModelCheckpoint every N steps: summary.json, ``--run``'s best (and so a
+    study's recorded result) and Lightning's own ``best`` still mean the task's monitored metric."""
+    import json
+    from pathlib import Path
+
+    root = glue_writer("SST-2", n_train=16, n_dev=8)
+    run = cli.main(["fit", *data_args(root, in_tmp), "--trainer.max_epochs", "2", "--checkpoint.save_top_k", "1",
+                    "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+                    "--trainer.callbacks.every_n_train_steps", "1", "--trainer.callbacks.save_top_k", "-1",
+                    "--trainer.callbacks.filename", "{step}"])
+    monitored = [c for c in run.trainer.checkpoint_callbacks if c.monitor == "val/accuracy"]
+    assert len(run.trainer.checkpoint_callbacks) == 2 and run.trainer.checkpoint_callback is monitored[0]
+    run_dir = Path(run.trainer.log_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["monitor"] == "val/accuracy" and summary["best"]["value"] == pytest.approx(
+        float(monitored[0].best_model_score))
+    assert Path(summary["best_checkpoint"]).name.startswith("epoch=")  # not the newest step checkpoint
+    assert cli.run_checkpoint(run_dir, "best") == run_dir / "checkpoints" / Path(summary["best_checkpoint"]).name
+    assert cli.run_checkpoint(run_dir, "last").name.endswith("step=8.ckpt")  # the newest: the final step
