@@ -135,3 +135,29 @@ def test_resume_from_any_checkpoint(reference, tmp_path, checkpoint, label):
     epoch, step = resumed_from(resumed)["epoch"], resumed_from(resumed)["step"]
     assert step == int(re.search(r"step=(\d+)", checkpoint).group(1)) and epoch == step // STEPS_PER_EPOCH
     assert resumed.trainer.log_dir == str(copy.parent.parent)
+
+
+@pytest.mark.slow  # a fit stopped by SIGTERM and its resume, in this process: ~20 s on a loaded 2-core machine
+def test_sigterm_saves_a_checkpoint_and_fit_run_resumes_bit_identical(reference, tmp_path, monkeypatch, capsys):
+    """A cluster's preemption in the first epoch of a fit with no periodic checkpoint yet: the fit saves one at the
+    end of the running step, says where, exits 143; ``fit --run`` resumes from it to the uninterrupted weights."""
+    root, expected, _ = reference
+    monkeypatch.chdir(tmp_path)
+    term_at = 2  # SIGTERM arrives while step 3 runs (stage 1 done at step 2, stage 2 due at step 4)
+    no_step_checkpoints = fit_args(root, ".", "term")[:-7]  # the CLI's epoch-end checkpoint only
+    assert "ModelCheckpoint" not in " ".join(no_step_checkpoints)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([*no_step_checkpoints, "--trainer.callbacks+=tests._killer.KillAt", "--trainer.callbacks.step",
+                  str(term_at), "--trainer.callbacks.sig", "SIGTERM"])
+    assert exit_.value.code == 143
+    run_dir = tmp_path / "logs" / "term" / "version_0"
+    saved = run_dir / "checkpoints" / f"sigterm-epoch=0-step={term_at + 1}.ckpt"
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [saved.name]  # nothing else to resume from
+    err = capsys.readouterr().err
+    assert f"SIGTERM: saved a checkpoint at epoch 0, step {term_at + 1}: {saved.relative_to(tmp_path)}" in err
+    assert "run terminated by SIGTERM (exit status 143)" in err
+
+    resumed = cli.main(["fit", "--run", str(run_dir.relative_to(tmp_path))])  # its config, its newest checkpoint
+    assert resumed_from(resumed)["step"] == term_at + 1
+    assert_identical(weights(resumed), expected, f"SIGTERM at step {term_at}, resumed")
+    assert os.path.samefile(resumed.trainer.log_dir, run_dir)

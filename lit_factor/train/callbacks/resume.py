@@ -155,8 +155,10 @@ class CheckpointOnSigterm(Callback):
         if trainer.is_global_zero:
             inside = trainer.global_step == self._step_at_batch_start  # no optimizer step in this batch
             note = " (inside a gradient accumulation: the resumed run starts it again)" if inside else ""
+            shown = os.path.normpath(path)
             print(f"SIGTERM: saved a checkpoint at epoch {trainer.current_epoch}, step {trainer.global_step}{note}: "
-                  f"{path} (resume: the same fit command with --ckpt_path {path})", file=sys.stderr, flush=True)
+                  f"{shown} (resume: the same fit command with --ckpt_path {shown}, or fit --run <its run dir>)",
+                  file=sys.stderr, flush=True)
         raise SIGTERMException  # every rank, at the same step: Lightning stops the fit as for its own check
 
     @staticmethod
