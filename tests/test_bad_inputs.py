@@ -185,3 +185,23 @@ def test_from_a_shell_stderr_is_the_error_line_alone(extra, message, glue_writer
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and re.search(message, lines[0]) and lines[0].startswith("error: "), proc.stderr
     assert _tree(tmp_path) == before
+
+
+def test_fit_parser_checks_a_study_grid_without_instantiating(glue_writer, tmp_path, monkeypatch):
+    """``study run`` hands every grid cell to ``check-fit-args`` (lit_factor.cli.check_fit_args): fit's own parser,
+    nothing built, nothing written; one line per refused cell."""
+    monkeypatch.chdir(tmp_path)
+    root = glue_writer("SST-2")
+    base = base_args(root, tmp_path)
+    results = cli.check_fit_args([
+        [*base, "--model.factorization.method", "lowrank"],
+        [*base, "--model.factorization.method", "svdx"],
+        [*base, "--model.factorization.bogus_key", "1"],
+        [*base, "--trainer.callbacks+={\"class_path\": \"lit_factor.callbacks.NoSuchCallback\"}"],
+    ])
+    assert results[0] is None
+    assert "model.factorization.method" in results[1] and "svdx" in results[1]
+    assert "bogus_key" in results[2]
+    assert "NoSuchCallback" in results[3]
+    assert all("\n" not in r for r in results[1:])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["glue"]  # no logs/, no cache
