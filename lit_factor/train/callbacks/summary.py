@@ -107,9 +107,10 @@ class RunSummary(Callback):
     """Print and write the result of a run when it ends (see the module docstring).
 
     Args:
-        monitor: the dev metric that picks the best epoch; ``None``: the ModelCheckpoint's monitor (the task's
-            main metric in the CLI), else ``val/loss``.
-        mode: ``max`` or ``min`` for ``monitor``; ``None``: the ModelCheckpoint's mode, else ``min``.
+        monitor: the dev metric that picks the best epoch; ``None``: the module's GLUE task's main metric, else the
+            first ModelCheckpoint's monitor, else ``val/loss``. The best checkpoint reported is that of the
+            ModelCheckpoint monitoring it (:func:`monitored_checkpoint`), whatever other ModelCheckpoints run.
+        mode: ``max`` or ``min`` for ``monitor``; ``None``: that ModelCheckpoint's mode, else ``min`` for a loss.
     """
 
     def __init__(self, monitor: str | None = None, mode: str | None = None) -> None:
