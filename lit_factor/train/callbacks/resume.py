@@ -128,6 +128,10 @@ class CheckpointOnSigterm(Callback):
     ``<checkpoint dir>/sigterm-epoch=E-step=S.ckpt``: the newest checkpoint of the run, so ``fit --run <run dir>``
     (``--ckpt_path last``) resumes from it.
 
+    A SIGTERM that arrives during a validation stops it before its next batch (Lightning's own check, per rank):
+    on one process the checkpoint is then saved with the last step's state, and resuming from it continues the run
+    to its end but not bit-identically (the message says so); under DDP no checkpoint is saved there.
+
     With ``accumulate_grad_batches > 1`` a batch end can fall inside an accumulation: the checkpoint is still saved
     (the accumulated gradients are not part of any Lightning checkpoint: the resumed run starts that accumulation
     again) and the message says so.
@@ -148,18 +152,32 @@ class CheckpointOnSigterm(Callback):
                            batch_idx: int) -> None:
         if not trainer.strategy.reduce_boolean_decision(bool(trainer.received_sigterm), all=False):
             return
+        inside = trainer.global_step == self._step_at_batch_start  # no optimizer step in this batch
+        self._save(trainer, " (inside a gradient accumulation: the resumed run starts it again)" if inside else "")
+        raise SIGTERMException  # every rank, at the same step: Lightning stops the fit as for its own check
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # SIGTERM during a validation: Lightning's evaluation loop stops before its next batch, before any train
+        # batch end. The weights and optimizer are those of the last step; the checkpoint says the validation was
+        # under way, and the resumed fit validates again and trains on to the end -- but not bit-identically
+        # (Lightning 2.6's restart from inside a validation: tests/test_resume.py measures it), hence the message.
+        # One process only: under DDP each rank's evaluation loop looks at its own flag, so the ranks need not be
+        # here together for a collective save.
+        if (not isinstance(exception, SIGTERMException) or self.saved is not None or trainer.world_size > 1
+                or trainer.state.fn != "fit" or trainer.sanity_checking or trainer.global_step == 0):
+            return
+        self._save(trainer, " (during validation: resuming from it continues the run, not bit-identically)")
+
+    def _save(self, trainer: pl.Trainer, note: str) -> None:
         path = os.path.join(self._dirpath(trainer), f"sigterm-epoch={trainer.current_epoch}-step={trainer.global_step}"
                                                     ".ckpt")
         trainer.save_checkpoint(path)
         self.saved = path
         if trainer.is_global_zero:
-            inside = trainer.global_step == self._step_at_batch_start  # no optimizer step in this batch
-            note = " (inside a gradient accumulation: the resumed run starts it again)" if inside else ""
             shown = os.path.normpath(path)
             print(f"SIGTERM: saved a checkpoint at epoch {trainer.current_epoch}, step {trainer.global_step}{note}: "
                   f"{shown} (resume: the same fit command with --ckpt_path {shown}, or fit --run <its run dir>)",
                   file=sys.stderr, flush=True)
-        raise SIGTERMException  # every rank, at the same step: Lightning stops the fit as for its own check
 
     @staticmethod
     def _dirpath(trainer: pl.Trainer) -> str:
