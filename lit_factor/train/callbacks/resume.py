@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import sys
+import threading
 from typing import Any
 
 import lightning.pytorch as pl
@@ -116,25 +118,26 @@ class ExactResume(Callback):
 
 class CheckpointOnSigterm(Callback):
     """On SIGTERM (``kill``, a cluster's preemption, a study stopping its trials), save a checkpoint to resume from
-    at the end of the training batch that is running, then stop (the CLI exits 143).
+    at the next optimizer-step boundary, then stop (the CLI exits 143).
 
-    Lightning's own SIGTERM handling (public: ``trainer.received_sigterm``) only stops the fit, at the end of the
-    batch, with no checkpoint: a fit preempted before its first periodic checkpoint had nothing to resume from. This
-    callback asks at every ``on_train_batch_end`` -- before Lightning's own check -- whether *any* rank received
-    SIGTERM (``strategy.reduce_boolean_decision``: one small all-reduce per step under DDP, nothing on one device),
-    so every rank agrees on the same step, saves there with ``trainer.save_checkpoint`` (the same hook and state
-    as a ``ModelCheckpoint(every_n_train_steps=1)``, hence bit-identical on resume with :class:`ExactResume`), says
-    where on stderr and raises Lightning's ``SIGTERMException`` on every rank. The file is
-    ``<checkpoint dir>/sigterm-epoch=E-step=S.ckpt``: the newest checkpoint of the run, so ``fit --run <run dir>``
-    (``--ckpt_path last``) resumes from it.
+    Lightning's own SIGTERM handling only stops the fit -- at the end of the running batch or inside a validation --
+    with no checkpoint, so a fit preempted before its first periodic checkpoint had nothing to resume from. Under
+    DDP it is also unsafe in Lightning 2.6: its signal handler broadcasts from inside the handler, at whatever point
+    the rank was, and gloo aborts on the mismatched collective. So from ``on_train_start`` (when training begins;
+    before that there is nothing to save) this callback puts its own handler in place of Lightning's, which only
+    notes the signal. At every ``on_train_batch_end`` the ranks agree whether *any* of them got it
+    (``strategy.reduce_boolean_decision``: one small all-reduce per step under DDP, nothing on one device); if so,
+    every rank saves at that same step with ``trainer.save_checkpoint`` -- the hook and state of a
+    ``ModelCheckpoint(every_n_train_steps=1)``, hence bit-identical on resume with :class:`ExactResume` -- rank 0
+    says where on stderr, and every rank raises Lightning's ``SIGTERMException`` (the CLI turns it into exit status
+    143). A validation under way when the signal comes runs to its end first (its checkpoint and metrics are
+    written as usual): the checkpoint is saved at the end of the next training batch. A SIGTERM during the last
+    validation of a fit lets the fit finish. Lightning restores the handlers it found when the fit ends.
 
-    A SIGTERM that arrives during a validation stops it before its next batch (Lightning's own check, per rank):
-    on one process the checkpoint is then saved with the last step's state, and resuming from it continues the run
-    to its end but not bit-identically (the message says so); under DDP no checkpoint is saved there.
-
-    With ``accumulate_grad_batches > 1`` a batch end can fall inside an accumulation: the checkpoint is still saved
-    (the accumulated gradients are not part of any Lightning checkpoint: the resumed run starts that accumulation
-    again) and the message says so.
+    The file is ``<checkpoint dir>/sigterm-epoch=E-step=S.ckpt``: the newest checkpoint of the run, so
+    ``fit --run <run dir>`` (``--ckpt_path last``) resumes from it. With ``accumulate_grad_batches > 1`` the batch
+    end can fall inside an accumulation: the checkpoint is still saved (accumulated gradients are in no Lightning
+    checkpoint: the resumed run starts that accumulation again) and the message says so.
 
     Attributes:
         saved: the checkpoint written (None when no SIGTERM came).
@@ -142,7 +145,17 @@ class CheckpointOnSigterm(Callback):
 
     def __init__(self) -> None:
         self.saved: str | None = None
+        self.received = False
         self._step_at_batch_start = -1
+
+    def _note(self, signum: int, frame: Any) -> None:
+        self.received = True
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.received = False
+        if threading.current_thread() is threading.main_thread():  # Python sets handlers in the main thread only
+            self.received = bool(trainer.received_sigterm)  # came before training started
+            signal.signal(signal.SIGTERM, self._note)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
@@ -150,34 +163,21 @@ class CheckpointOnSigterm(Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if not trainer.strategy.reduce_boolean_decision(bool(trainer.received_sigterm), all=False):
+        received = self.received or bool(trainer.received_sigterm)
+        if not trainer.strategy.reduce_boolean_decision(received, all=False):
             return
         inside = trainer.global_step == self._step_at_batch_start  # no optimizer step in this batch
-        self._save(trainer, " (inside a gradient accumulation: the resumed run starts it again)" if inside else "")
-        raise SIGTERMException  # every rank, at the same step: Lightning stops the fit as for its own check
-
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        # SIGTERM during a validation: Lightning's evaluation loop stops before its next batch, before any train
-        # batch end. The weights and optimizer are those of the last step; the checkpoint says the validation was
-        # under way, and the resumed fit validates again and trains on to the end -- but not bit-identically
-        # (Lightning 2.6's restart from inside a validation: tests/test_resume.py measures it), hence the message.
-        # One process only: under DDP each rank's evaluation loop looks at its own flag, so the ranks need not be
-        # here together for a collective save.
-        if (not isinstance(exception, SIGTERMException) or self.saved is not None or trainer.world_size > 1
-                or trainer.state.fn != "fit" or trainer.sanity_checking or trainer.global_step == 0):
-            return
-        self._save(trainer, " (during validation: resuming from it continues the run, not bit-identically)")
-
-    def _save(self, trainer: pl.Trainer, note: str) -> None:
         path = os.path.join(self._dirpath(trainer), f"sigterm-epoch={trainer.current_epoch}-step={trainer.global_step}"
                                                     ".ckpt")
         trainer.save_checkpoint(path)
         self.saved = path
         if trainer.is_global_zero:
+            note = " (inside a gradient accumulation: the resumed run starts it again)" if inside else ""
             shown = os.path.normpath(path)
             print(f"SIGTERM: saved a checkpoint at epoch {trainer.current_epoch}, step {trainer.global_step}{note}: "
                   f"{shown} (resume: the same fit command with --ckpt_path {shown}, or fit --run <its run dir>)",
                   file=sys.stderr, flush=True)
+        raise SIGTERMException  # every rank, at the same step
 
     @staticmethod
     def _dirpath(trainer: pl.Trainer) -> str:
