@@ -51,7 +51,7 @@ def real_trials(study) -> list:
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run([sys.executable, "-m", "lit_factor.study.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=900)  # a cap: a loaded machine is slow
 
 
 # --- study files ---------------------------------------------------------------------------------------------------
