@@ -26,18 +26,19 @@ from jsonargparse import ActionConfigFile, DefaultHelpFormatter
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from lit_factor import cli_help
 from lit_factor.compress.surgery import PlanError
-from lit_factor.errors import EXIT_TERMINATED, UserError, fail
+from lit_factor.errors import EXIT_TERMINATED, EXIT_USAGE, UserError, fail
 from lit_factor.factorize import BudgetError
 from lit_factor.models import ModelSourceError, weights_from_checkpoint
 from lit_factor.train import runs
 from lit_factor.train.callbacks.board import BoardCallback
 from lit_factor.train.callbacks.prediction import GLUEPredictionWriter
 from lit_factor.train.callbacks.progress import LineProgress
-from lit_factor.train.callbacks.summary import SUMMARY_FILE, RunSummary
-from lit_factor.train.checkpoints import run_dir_of
+from lit_factor.train.callbacks.summary import RunSummary
+from lit_factor.train.checkpoints import run_checkpoint, run_dir_of
 from lit_factor.train.data import GLUEDataError, GLUEDataModule, get_task
 from lit_factor.train.module import FactorizedClassifier
 
@@ -135,46 +136,29 @@ def _pop_option(argv: list[str], name: str) -> str | None:
     return None
 
 
-def run_checkpoint(run: Path, which: str) -> Path:
-    """The ``best`` or ``last`` checkpoint of a run directory (``<save_dir>/<name>/version_<N>``).
-
-    best: the fit's ``summary.json`` names it; else the only checkpoint of the run. last: ``last.ckpt`` (with
-    ``checkpoint.save_last``), else the most recently written checkpoint.
-    """
-    ckpts = sorted((run / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
-    if not ckpts:
-        raise UserError(f"run {str(run)!r} has no checkpoints ({run / 'checkpoints'}/*.ckpt)")
-    if which == "last":
-        last = run / "checkpoints" / "last.ckpt"
-        return last if last.is_file() else ckpts[-1]
-    summary = run / SUMMARY_FILE
-    if summary.is_file():
-        best = json.loads(summary.read_text()).get("best_checkpoint")
-        if best and (run / "checkpoints" / Path(best).name).is_file():
-            return run / "checkpoints" / Path(best).name
-    candidates = [p for p in ckpts if p.name != "last.ckpt"]
-    if len(candidates) == 1:
-        return candidates[0]
-    raise UserError(f"run {str(run)!r}: cannot tell the best of {len(candidates)} checkpoints without its "
-                    f"{SUMMARY_FILE}; give --ckpt_path <file>")
+#: subcommands that take ``--run DIR``: the evaluations (default checkpoint ``best``) and fit (resume: ``last``)
+RUN_DEFAULT_CHECKPOINT = {"validate": "best", "test": "best", "predict": "best", "fit": "last"}
 
 
 def expand_run_option(argv: list[str]) -> list[str]:
-    """``validate|test|predict --run DIR [--ckpt_path best|last|FILE]`` -> the run's ``config.yaml`` and checkpoint
-    file (``best`` when not given); ``--ckpt_path best|last`` without ``--run`` is refused."""
-    if not argv or argv[0] not in EVALUATIONS:
+    """``validate|test|predict|fit --run DIR [--ckpt_path best|last|FILE]`` -> the run's ``config.yaml`` and
+    checkpoint file (``best`` when not given; for ``fit``, which resumes the run, ``last``); ``--ckpt_path
+    best|last`` without ``--run`` is refused (Lightning would look for them in a run nobody named: ``fit --ckpt_path
+    last`` silently trained from scratch)."""
+    if not argv or argv[0] not in RUN_DEFAULT_CHECKPOINT:
         return argv
     argv = list(argv)
     run, ckpt = _pop_option(argv, "--run"), _pop_option(argv, "--ckpt_path")
     if run is None:
         if ckpt in ("best", "last"):
-            fail(f"--ckpt_path {ckpt} needs the run it belongs to: add --run <save_dir>/<name>/version_<N>")
+            fail(f"--ckpt_path {ckpt} needs the run it belongs to: add --run <save_dir>/<name>/version_<N>, or give "
+                 "the checkpoint file")
         return argv + (["--ckpt_path", ckpt] if ckpt is not None else [])
     run_dir = Path(run)
     if not (run_dir / "config.yaml").is_file():
         fail(f"--run {run!r} is not a run directory (no config.yaml; expected <save_dir>/<name>/version_<N>)")
     if ckpt is None or ckpt in ("best", "last"):
-        ckpt = str(run_checkpoint(run_dir, ckpt or "best"))
+        ckpt = str(run_checkpoint(run_dir, ckpt or RUN_DEFAULT_CHECKPOINT[argv[0]]))
     return [argv[0], "--config", str(run_dir / "config.yaml"), *argv[1:], "--ckpt_path", ckpt]
 
 
@@ -250,6 +234,24 @@ def quiet_checkpoint_evaluation() -> warnings.catch_warnings:
     return quiet
 
 
+def model_source_error(name, err: OSError) -> str:
+    """One line for a model that cannot be loaded (transformers raises OSError with a paragraph of advice)."""
+    reason = " ".join(str(err).split()).split(". ")[0].rstrip(".")
+    return (f"model.model_name_or_path={name!r} cannot be loaded ({reason}); allowed: a local model folder, minilm, "
+            f"random:<preset>, or a Hugging Face hub name (downloaded once, needs the network)")
+
+
+def monitored_first(trainer, checkpoint) -> None:
+    """Put the CLI's ``checkpoint`` (the task's monitored metric, best weights) before any other ModelCheckpoint a
+    user adds (e.g. a step checkpoint for resume): ``trainer.checkpoint_callback`` -- the first one -- is then the
+    monitored one for everything that reads it (Lightning's own ``ckpt_path="best"``, loggers, RunSummary)."""
+    if not isinstance(checkpoint, ModelCheckpoint) or checkpoint not in trainer.callbacks:
+        return
+    others = [c for c in trainer.callbacks if c is not checkpoint]
+    first = next((i for i, c in enumerate(others) if isinstance(c, ModelCheckpoint)), len(others))
+    trainer.callbacks = [*others[:first], checkpoint, *others[first:]]
+
+
 class HelpFormatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """jsonargparse's help, keeping the line breaks of the epilog (the table of the other commands)."""
 
@@ -274,11 +276,15 @@ class LitFactorCLI(LightningCLI):
         parser.link_arguments("model.model_name_or_path", "data.model_name_or_path")
 
     def instantiate_classes(self) -> None:
-        if self.subcommand in EVALUATIONS and self.loaded_checkpoint is not None:
-            self._quiet = quiet_checkpoint_evaluation()
-            with weights_from_checkpoint():  # no "newly initialized classifier" line: the checkpoint's head loads
-                return super().instantiate_classes()
-        return super().instantiate_classes()
+        try:
+            if self.subcommand in EVALUATIONS and self.loaded_checkpoint is not None:
+                self._quiet = quiet_checkpoint_evaluation()
+                with weights_from_checkpoint():  # no "newly initialized classifier" line: the checkpoint's head loads
+                    return super().instantiate_classes()
+            return super().instantiate_classes()
+        except OSError as err:  # transformers: no such local folder, no such hub model, or the hub unreachable
+            config = self.config[self.subcommand] if self.subcommand else self.config
+            raise UserError(model_source_error(config.model.get("model_name_or_path"), err)) from None
 
     def _after_evaluation(self) -> None:
         quiet = getattr(self, "_quiet", None)
@@ -290,23 +296,27 @@ class LitFactorCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
+        config_init = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        monitored_first(trainer, config_init.get("checkpoint"))
         add_output_callbacks(trainer, self.subcommand)
         if self.subcommand in ("validate", "test"):
             self.config_init[self.subcommand]["verbose"] = False  # RunSummary prints the same metrics, plainly
         return trainer
 
     # --- checked before anything is written; resume into the same run; exit status (lit_factor/runs.py) ---------
-    def _parse_ckpt_path(self) -> None:
-        # Lightning merges the checkpoint's hyperparameters into the model's settings here: check the file first.
+    def parse_arguments(self, parser, args) -> None:
+        # Right after this (public) hook LightningCLI reads the --ckpt_path file to merge its hyperparameters into
+        # the model's settings: check the file first (one error line for a missing, truncated or corrupted one) and
+        # keep the factorization the command line asked for, compared with the checkpoint's once merged.
+        super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         config = self.config[subcommand] if subcommand else None
         self.loaded_checkpoint = runs.checkpoint_to_load(config.get("ckpt_path")) if config else None
-        asked = config.model.get("factorization") if config else None
-        super()._parse_ckpt_path()
-        if self.loaded_checkpoint is not None:
-            runs.warn_other_factorization(asked, self.loaded_checkpoint)
+        self._asked_factorization = config.model.get("factorization") if config else None
 
     def before_instantiate_classes(self) -> None:
+        if self.loaded_checkpoint is not None:
+            runs.warn_other_factorization(self._asked_factorization, self.loaded_checkpoint)
         if self.subcommand:
             config = self.config[self.subcommand]
             runs.place_run_dir(config, self.loaded_checkpoint, resuming=self.subcommand == "fit")
@@ -330,6 +340,81 @@ class LitFactorCLI(LightningCLI):
             raise SystemExit(status)
 
 
+def build_cli(args: list[str] | None, run: bool = True, cli_class: type[LitFactorCLI] = LitFactorCLI) -> LitFactorCLI:
+    """The LightningCLI of ``fit``/``validate``/``test``/``predict`` with lit-factor's defaults."""
+    return cli_class(
+        FactorizedClassifier,
+        GLUEDataModule,
+        subclass_mode_model=False,
+        subclass_mode_data=False,
+        parser_class=OneLineErrorParser,
+        parser_kwargs=cli_help.parser_kwargs(EPILOG, HelpFormatter, others=COMMANDS),
+        trainer_class=cli_help.Trainer,  # Lightning's, with lit-factor's help texts (lit_factor/cli_help.py)
+        seed_everything_default=42,
+        trainer_defaults={
+            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                       "init_args": {"save_dir": "logs", "default_hp_metric": False}},
+            "log_every_n_steps": 10,
+            "enable_model_summary": False,  # the factorization report and RunSummary give the parameters
+        },
+        save_config_kwargs={"overwrite": True},
+        args=args,  # None from a shell: LightningCLI reads sys.argv itself (and warns when given both)
+        run=run,
+    )
+
+
+# --- the grid check of a study: every cell parsed as its fit would parse it, nothing instantiated ----------------
+#: internal command (not in --help): ``python -m lit_factor check-fit-args FILE`` with FILE a JSON list of ``fit``
+#: argument lists; prints one JSON line, the list of errors (None where the arguments parse). Used by ``study run``
+#: (lit_factor/study/trial.py: check_fit_args) before any trial starts or anything is stored.
+CHECK_FIT_ARGS = "check-fit-args"
+
+
+class _Parsed(Exception):
+    """Raised once the arguments parsed and were checked, before any class is instantiated."""
+
+
+class _ParseOnlyCLI(LitFactorCLI):
+    def before_instantiate_classes(self) -> None:
+        raise _Parsed
+
+
+def check_fit_args(arg_lists: list[list[str]]) -> list[str | None]:
+    """For each ``fit`` argument list, None when the fit's own parser accepts it, else the one-line error."""
+    import contextlib
+    import io
+
+    quiet_expected_noise()
+    results: list[str | None] = []
+    argv0 = sys.argv[:1]
+    for args in arg_lists:
+        err, saved_argv = io.StringIO(), sys.argv
+        sys.argv = argv0  # else LightningCLI warns that it was given both args and a command line
+        try:
+            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                build_cli(["fit", *args], run=True, cli_class=_ParseOnlyCLI)
+            results.append("the arguments parsed, but the check did not stop before instantiation")
+        except _Parsed:
+            results.append(None)
+        except SystemExit:
+            lines = [ln for ln in err.getvalue().splitlines() if ln.startswith("error: ")]
+            results.append(lines[-1].removeprefix("error: ") if lines else " ".join(err.getvalue().split())[-300:])
+        except USER_ERRORS as refusal:
+            results.append(" ".join(str(refusal).split()))
+        finally:
+            sys.argv = saved_argv
+    return results
+
+
+def _check_fit_args_command(argv: list[str]) -> int:
+    if len(argv) != 1:
+        fail(f"usage: {CHECK_FIT_ARGS} FILE (a JSON list of fit argument lists)")
+    arg_lists = json.loads(Path(argv[0]).read_text())
+    print(json.dumps(check_fit_args(arg_lists)), flush=True)
+    return 0
+
+
 def main(args: list[str] | None = None, run: bool = True) -> LitFactorCLI:
     """Run the CLI (``args`` default to ``sys.argv[1:]``); settings errors exit 2 with one ``error:`` line.
 
@@ -339,6 +424,8 @@ def main(args: list[str] | None = None, run: bool = True) -> LitFactorCLI:
     argv = sys.argv[1:] if args is None else list(args)
     if argv and argv[0] in COMMANDS:
         raise SystemExit(run_command(argv[0], argv[1:]))
+    if argv and argv[0] == CHECK_FIT_ARGS:
+        raise SystemExit(_check_fit_args_command(argv[1:]))
     quiet_expected_noise()
     runs.info_to_stdout()
     argv = expand_run_option(argv)
@@ -347,31 +434,17 @@ def main(args: list[str] | None = None, run: bool = True) -> LitFactorCLI:
     else:
         args = argv
     try:
-        return LitFactorCLI(
-            FactorizedClassifier,
-            GLUEDataModule,
-            subclass_mode_model=False,
-            subclass_mode_data=False,
-            parser_class=OneLineErrorParser,
-            parser_kwargs=cli_help.parser_kwargs(EPILOG, HelpFormatter, others=COMMANDS),
-            trainer_class=cli_help.Trainer,  # Lightning's, with lit-factor's help texts (lit_factor/cli_help.py)
-            seed_everything_default=42,
-            trainer_defaults={
-                "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                           "init_args": {"save_dir": "logs", "default_hp_metric": False}},
-                "log_every_n_steps": 10,
-                "enable_model_summary": False,  # the factorization report and RunSummary give the parameters
-            },
-            save_config_kwargs={"overwrite": True},
-            args=args,  # None from a shell: LightningCLI reads sys.argv itself (and warns when given both)
-            run=run,
-        )
+        return build_cli(args, run=run)
     except USER_ERRORS as err:
+        if rank_zero_only.rank:  # under DDP every rank refuses alike: one line, from rank 0
+            raise SystemExit(EXIT_USAGE) from None
         fail(err)
     except SIGTERMException:
         # Lightning stops gracefully on SIGTERM (a cluster's preemption, `kill`, a study stopping its trials) by
         # raising a bare SystemExit, i.e. status 0: a run that did not finish must never read as a success.
-        print(f"run terminated by SIGTERM (exit status {EXIT_TERMINATED})", file=sys.stderr, flush=True)
+        # CheckpointOnSigterm (every CLI fit) has said where it saved the checkpoint to resume from.
+        if not rank_zero_only.rank:
+            print(f"run terminated by SIGTERM (exit status {EXIT_TERMINATED})", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_TERMINATED) from None
     except (TypeError, ValueError) as err:
         # jsonargparse wraps what a class's own constructor refused (e.g. StagingCallback(spread=2)) in its own
@@ -379,6 +452,8 @@ def main(args: list[str] | None = None, run: bool = True) -> LitFactorCLI:
         refusal = next((e for e in _exception_chain(err) if isinstance(e, USER_ERRORS)), None)
         if refusal is None:
             raise
+        if rank_zero_only.rank:
+            raise SystemExit(EXIT_USAGE) from None
         fail(refusal)
 
 

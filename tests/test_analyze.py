@@ -83,3 +83,19 @@ def test_bad_model_or_matrix_is_one_line_exit_2(tmp_path, capsys):
         assert exc.value.code == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and "\n" not in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--budgets", "1.5"], r"--budgets 1\.5: .*allowed: 0 < budget <= 1"),  # was: exit 0 with empty figures
+    (["--budgets", "0.5", "0", "-1"], r"--budgets 0 -1: "),
+    (["--nblocks", "0"], r"--nblocks 0: must be at least 1"),
+    (["--model", "nonexistent"], r"--model 'nonexistent' cannot be loaded .*allowed: a local model folder"),
+])
+def test_bad_arguments_are_one_line_naming_the_value(args, message, tmp_path, capsys):
+    import re
+
+    with pytest.raises(SystemExit) as exc:
+        analyze.main(["--out", str(tmp_path / "out"), *args])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and "\n" not in err and re.search(message, err), err
+    assert not (tmp_path / "out").exists()

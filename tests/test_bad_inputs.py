@@ -133,6 +133,14 @@ CASES = [  # (id, command, extra arguments, file damage, what the line must say)
     ("predict from a corrupted checkpoint", "predict", [], "ckpt_corrupted",
      r"corrupted\.ckpt' is corrupted: member '.*' fails its checksum"),
     ("resume from a non-Lightning file", "fit", [], "ckpt_not_lightning", r"holds no Lightning checkpoint"),
+    # offline, a name that is no folder, preset or cached hub model: transformers' OSError was an 80-line traceback
+    ("model not loadable", "fit", ["--model.model_name_or_path", "nonexistent"], None,
+     r"model\.model_name_or_path='nonexistent' cannot be loaded .*allowed: a local model folder"),
+    # Lightning's keywords name a run's checkpoints: without --run, `best` was a traceback, `last` trained afresh
+    ("fit --ckpt_path best without --run", "fit", ["--ckpt_path", "best"], None,
+     r"--ckpt_path best needs the run it belongs to: add --run"),
+    ("fit --ckpt_path last without --run", "fit", ["--ckpt_path", "last"], None,
+     r"--ckpt_path last needs the run it belongs to: add --run"),
 ]
 
 
@@ -164,7 +172,10 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(command, extra, damage,
     # refused inside fit, after Lightning made the run directory: the directory goes again
     ([STAGING, "--trainer.strategy", "ddp", "--trainer.devices", "1", "--trainer.accelerator", "cpu"],
      r"StagingCallback under DDP needs strategy='ddp_find_unused_parameters_true'"),
-], ids=["staging spread 2", "staging under plain ddp"])
+    # two ranks refuse alike: the line comes once, from rank 0
+    ([STAGING, "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"],
+     r"StagingCallback under DDP needs strategy='ddp_find_unused_parameters_true'"),
+], ids=["staging spread 2", "staging under plain ddp", "staging under ddp, 2 ranks"])
 def test_from_a_shell_stderr_is_the_error_line_alone(extra, message, glue_writer, tmp_path):
     root = glue_writer("SST-2")
     before = _tree(tmp_path)
@@ -174,3 +185,23 @@ def test_from_a_shell_stderr_is_the_error_line_alone(extra, message, glue_writer
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and re.search(message, lines[0]) and lines[0].startswith("error: "), proc.stderr
     assert _tree(tmp_path) == before
+
+
+def test_fit_parser_checks_a_study_grid_without_instantiating(glue_writer, tmp_path, monkeypatch):
+    """``study run`` hands every grid cell to ``check-fit-args`` (lit_factor.cli.check_fit_args): fit's own parser,
+    nothing built, nothing written; one line per refused cell."""
+    monkeypatch.chdir(tmp_path)
+    root = glue_writer("SST-2")
+    base = base_args(root, tmp_path)
+    results = cli.check_fit_args([
+        [*base, "--model.factorization.method", "lowrank"],
+        [*base, "--model.factorization.method", "svdx"],
+        [*base, "--model.factorization.bogus_key", "1"],
+        [*base, "--trainer.callbacks+={\"class_path\": \"lit_factor.callbacks.NoSuchCallback\"}"],
+    ])
+    assert results[0] is None
+    assert "model.factorization.method" in results[1] and "svdx" in results[1]
+    assert "bogus_key" in results[2]
+    assert "NoSuchCallback" in results[3]
+    assert all("\n" not in r for r in results[1:])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["glue"]  # no logs/, no cache

@@ -121,9 +121,14 @@ def test_best_and_last_checkpoints_of_a_run(tmp_path, capsys):
     os.utime(ckpts / "epoch=0-step=5.ckpt", (1, 1))  # the other one is the newest
     assert cli.run_checkpoint(tmp_path, "last") == ckpts / "epoch=1-step=10.ckpt"
     (ckpts / "last.ckpt").write_bytes(b"x")
-    os.utime(ckpts / "last.ckpt", (1, 1))
+    os.utime(ckpts / "last.ckpt", (1, 1))  # older than another (a SIGTERM's, a step one's): the newest is last
+    assert cli.run_checkpoint(tmp_path, "last") == ckpts / "epoch=1-step=10.ckpt"
+    os.utime(ckpts / "last.ckpt", (2**31, 2**31))
     assert cli.run_checkpoint(tmp_path, "last") == ckpts / "last.ckpt"
     (tmp_path / "config.yaml").write_text("{}")
+    # fit --run resumes the run: its config and, by default, its newest checkpoint
+    assert cli.expand_run_option(["fit", "--run", str(tmp_path)]) == [
+        "fit", "--config", str(tmp_path / "config.yaml"), "--ckpt_path", str(ckpts / "last.ckpt")]
     assert cli.expand_run_option(["test", "--run", str(tmp_path), "--data.batch_size", "8"]) == [
         "test", "--config", str(tmp_path / "config.yaml"), "--data.batch_size", "8", "--ckpt_path",
         str(ckpts / "epoch=0-step=5.ckpt")]

@@ -135,3 +135,38 @@ def test_resume_from_any_checkpoint(reference, tmp_path, checkpoint, label):
     epoch, step = resumed_from(resumed)["epoch"], resumed_from(resumed)["step"]
     assert step == int(re.search(r"step=(\d+)", checkpoint).group(1)) and epoch == step // STEPS_PER_EPOCH
     assert resumed.trainer.log_dir == str(copy.parent.parent)
+
+
+@pytest.mark.slow  # a fit stopped by SIGTERM and its resume, in this process: ~30 s each on a loaded 2-core machine
+@pytest.mark.parametrize("during,term_at,saved,also", [
+    # arrives while step 3 runs (stage 1 done at step 2, stage 2 due at step 4): saved at that step's end
+    ("train", 2, "sigterm-epoch=0-step=3.ckpt", []),
+    # arrives during epoch 0's validation (3 batches of 2): the validation ends (its checkpoint written), and the
+    # next step's end is where the fit stops -- Lightning alone would stop inside the validation, saving nothing
+    ("validation", 4, "sigterm-epoch=1-step=5.ckpt", ["epoch=0-step=4.ckpt"]),
+], ids=["mid-epoch", "during validation"])
+def test_sigterm_saves_a_checkpoint_and_fit_run_resumes_bit_identical(reference, tmp_path, monkeypatch, capsys,
+                                                                      during, term_at, saved, also):
+    """A cluster's preemption in a fit with no periodic step checkpoints: the fit saves one at the next step's end,
+    says where, exits 143; ``fit --run`` resumes from it to the uninterrupted run's weights."""
+    root, expected, _ = reference
+    monkeypatch.chdir(tmp_path)
+    no_step_checkpoints = fit_args(root, ".", "term")[:-7]  # the CLI's epoch-end checkpoint only
+    assert "ModelCheckpoint" not in " ".join(no_step_checkpoints)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([*no_step_checkpoints, "--trainer.callbacks+=tests._killer.KillAt", "--trainer.callbacks.step",
+                  str(term_at), "--trainer.callbacks.sig", "SIGTERM", "--trainer.callbacks.during", during,
+                  "--data.eval_batch_size", "2"])  # evaluation draws no random numbers: the weights are unchanged
+    assert exit_.value.code == 143
+    run_dir = tmp_path / "logs" / "term" / "version_0"
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == sorted([saved, *also])
+    epoch, step = re.fullmatch(r"sigterm-epoch=(\d+)-step=(\d+)\.ckpt", saved).groups()
+    err = capsys.readouterr().err
+    shown = (run_dir / "checkpoints" / saved).relative_to(tmp_path)
+    assert f"SIGTERM: saved a checkpoint at epoch {epoch}, step {step}: {shown}" in err
+    assert "run terminated by SIGTERM (exit status 143)" in err
+
+    resumed = cli.main(["fit", "--run", str(run_dir.relative_to(tmp_path))])  # its config, its newest checkpoint
+    assert resumed_from(resumed)["step"] == int(step) and resumed.trainer.global_step == STEPS_PER_EPOCH * EPOCHS
+    assert os.path.samefile(resumed.trainer.log_dir, run_dir)
+    assert_identical(weights(resumed), expected, f"SIGTERM during {during} after step {term_at}, resumed")

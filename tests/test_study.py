@@ -51,7 +51,7 @@ def real_trials(study) -> list:
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run([sys.executable, "-m", "lit_factor.study.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=900)  # a cap: a loaded machine is slow
 
 
 # --- study files ---------------------------------------------------------------------------------------------------
@@ -530,3 +530,202 @@ def test_rerun_with_changed_settings_is_refused(tmp_path, base_yaml):
     write_study(path, base=str(base_yaml), command=FAKE, args={"a.b": 1}, axes={"x.y": [1, 2]}, seeds=[1])
     with pytest.raises(UserError, match="has another grid"):
         st.create(load_spec(path), store)
+
+
+# --- bad options: one line, exit 2, nothing left behind (issue 23) ---------------------------------------------------
+@pytest.mark.parametrize("args, message", [
+    (["run", "S", "--threads", "-1"], "--threads -1: must be at least 1"),
+    (["run", "S", "--threads", "0"], "--threads 0: must be at least 1"),  # was: silently the default
+    (["run", "S", "--heartbeat", "0"], "--heartbeat 0: must be at least 1 (seconds)"),  # was: "--storage ..."
+    (["run", "S", "--grace", "0"], "--grace 0: must be at least 1 (seconds)"),
+    (["run", "S", "--workers", "0"], "--workers 0: must be at least 1"),
+    (["status", "unknown"], "no study database logs/studies/unknown.db"),
+    (["report", "unknown", "--out", "out"], "no study database logs/studies/unknown.db"),
+])
+def test_bad_study_options_leave_nothing_behind(args, message, tmp_path, base_yaml, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    path = fake_study(tmp_path, base_yaml, "opts")
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    with pytest.raises(SystemExit) as exc:
+        study_cli.main([str(path) if a == "S" else a for a in args])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and err.startswith("error: ") and "\n" not in err, err
+    assert message in err, err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # no logs/studies/, no database
+
+
+# --- the grid is checked before anything is stored (issue 23) --------------------------------------------------------
+def _refuse(bad_values: set[str]):
+    """A stand-in for fit's parser: refuses any argument list holding one of ``bad_values``; records its calls."""
+    calls = []
+
+    def checker(arg_lists):
+        calls.append(arg_lists)
+        return [next((f"refused {v}" for v in args if v in bad_values), None) for args in arg_lists]
+
+    return checker, calls
+
+
+def test_check_grid_parses_each_cell_once_and_names_the_first_bad_one(tmp_path, base_yaml):
+    from lit_factor.study import trial as tr
+
+    spec = load_spec(write_study(tmp_path / "g.yaml", base=str(base_yaml), stability={},
+                                 axes={"model.factorization.method": ["lowrank", "svdx", "blockwise"],
+                                       "model.factorization.budget": [0.5, 0.25]}, seeds=[1, 2, 3]))
+    checker, calls = _refuse({"svdx"})
+    with pytest.raises(UserError, match=r"grid cell model\.factorization\.method=svdx "
+                                        r"model\.factorization\.budget=0\.5 is refused by fit: refused svdx "
+                                        r"\(and 1 more of the 6 cells\); nothing"):
+        tr.check_grid(spec, "/glue", checker=checker)
+    assert len(calls) == 1 and len(calls[0]) == 6  # one parse per cell (seeds parse alike), one subprocess
+    assert all(args[-2:] == ["--data.data_dir", "/glue"] and "--seed_everything" in args for args in calls[0])
+    checker, calls = _refuse(set())
+    tr.check_grid(spec, None, checker=checker)  # a good grid passes
+    custom = load_spec(write_study(tmp_path / "c.yaml", base=str(base_yaml), command=FAKE, axes={"fake.x": [1]},
+                                   seeds=[1]))
+    tr.check_grid(custom, None, checker=lambda arg_lists: pytest.fail("a custom command's parser is unknown"))
+
+
+def test_bad_grid_stores_nothing_and_the_corrected_file_then_runs(tmp_path, base_yaml, monkeypatch):
+    from lit_factor.study import trial as tr
+    from lit_factor.study.runner import RunOptions, run
+
+    checker, calls = _refuse({"svdx"})
+    monkeypatch.setattr(tr, "check_fit_args", checker)
+    path = write_study(tmp_path / "fix.yaml", base=str(base_yaml), axes={"model.factorization.method":
+                                                                        ["lowrank", "svdx"]}, seeds=[1])
+    with pytest.raises(UserError, match="svdx"):
+        run(load_spec(path), str(path), None, RunOptions(root=tmp_path / "logs"))
+    assert not (tmp_path / "logs").exists()  # no database: the corrected file is not "another grid"
+    write_study(path, base=str(base_yaml), command=FAKE, axes={"model.factorization.method": ["lowrank", "monarch"]},
+                seeds=[1])
+    spec = load_spec(path)
+    study = st.create(spec, st.storage(st.default_storage(spec.name, tmp_path / "logs")))
+    assert study.user_attrs["search_space"]["model.factorization.method"] == ["lowrank", "monarch"]
+
+
+@pytest.mark.slow  # fit's real parser in a fresh interpreter (~15 s on a loaded 2-core machine)
+def test_study_run_refuses_a_grid_fit_would_refuse_before_anything_is_stored(tmp_path, base_yaml):
+    path = write_study(tmp_path / "bad.yaml", base=str(base_yaml),
+                       axes={"model.factorization.method": ["lowrank", "svdx"],
+                             "model.factorization.bogus_key": [1]}, seeds=[1, 2])
+    proc = run_cli("run", str(path), "--root", "logs", cwd=tmp_path)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "grid cell model.factorization.method=lowrank model.factorization.bogus_key=1 is refused by fit" in lines[0]
+    assert "bogus_key" in lines[0].split("refused by fit:")[1] and "(and 1 more of the 2 cells)" in lines[0]
+    assert not (tmp_path / "logs").exists() and "[worker" not in proc.stdout
+
+
+# --- heartbeats and re-queues, driven by explicit events instead of a clock (issue 23) -------------------------------
+def _worker(tmp_path, base_yaml, name: str, **kw):
+    from lit_factor.study.worker import Worker
+
+    path = write_study(tmp_path / f"{name}.yaml", base=str(base_yaml), command=FAKE,
+                       axes={"model.factorization.method": ["lowrank", "monarch"]}, seeds=[1])
+    spec = load_spec(path)
+    # a heartbeat of an hour: nothing goes stale by the clock while the test runs; the test says when
+    store = st.storage(st.default_storage(name, tmp_path / "logs"), heartbeat=3600)
+    study = st.create(spec, store)
+    return Worker(spec, study, store, tmp_path / "logs", **kw), study, store
+
+
+def _declare_dead(study, store, number: int) -> None:
+    """What fail_stale_trials does to a trial whose heartbeat is stale: FAIL it, then the stale-trial callback
+    (RetryHeartbeatStaleTrialCallback: a WAITING copy with the same grid point)."""
+    from optuna.trial import TrialState
+
+    trial_id = store.get_trial_id_from_study_id_trial_number(store.get_study_id_from_name(study.study_name), number)
+    store.set_trial_state_values(trial_id, state=TrialState.FAIL)
+    store.get_heartbeat_stale_trial_callback()(study, store.get_trial(trial_id))
+
+
+def _points(study) -> list[tuple]:
+    return sorted((t.params["model.factorization.method"], t.params["seed"]) for t in real_trials(study)
+                  if t.state.name == "COMPLETE")
+
+
+def test_dead_workers_trial_is_requeued_and_run_once_when_its_heartbeat_is_stale(tmp_path, base_yaml):
+    events = {"waited": 0, "stale": False}
+
+    def wait(seconds):  # the only running trial is the dead one: the worker waits a heartbeat ...
+        events["waited"] += 1
+        events["stale"] = True  # ... after which its heartbeat is stale (the event a clock would bring)
+
+    def reap(study):
+        if events["stale"] and dead.number not in [t.number for t in study.get_trials() if t.state.name == "FAIL"]:
+            _declare_dead(study, store, dead.number)
+
+    worker, study, store = _worker(tmp_path, base_yaml, "dead", sleep=wait)
+    worker.reap = reap
+    dead = study.ask()  # a worker that took a grid point and died: RUNNING for ever, no heartbeat
+    for axis, values in study.user_attrs["search_space"].items():
+        dead.suggest_categorical(axis, values)
+    assert worker.loop() == 2  # the free point, then the dead one's, re-queued
+    assert events["waited"] == 1
+    assert _points(study) == [("lowrank", 1), ("monarch", 1)]  # every grid point exactly once
+    retried = next(t for t in real_trials(study) if t.system_attrs.get("failed_trial") == dead.number)
+    assert retried.state.name == "COMPLETE" and retried.params == dead.params
+
+
+def test_trial_declared_dead_while_running_is_left_to_its_requeued_copy(tmp_path, base_yaml, monkeypatch, capsys):
+    from lit_factor.study import trial as tr
+
+    worker, study, store = _worker(tmp_path, base_yaml, "slow", sleep=lambda s: pytest.fail("nothing to wait for"))
+    real_execute, calls = tr.execute, []
+
+    def execute(cmd, env, log_file, on_start=None):
+        calls.append(cmd)
+        if len(calls) == 1:  # another machine declares this run dead while it runs (its heartbeats were late)
+            running = next(t for t in study.get_trials() if t.state.name == "RUNNING")
+            _declare_dead(study, store, running.number)
+        return real_execute(cmd, env, log_file, on_start)
+
+    monkeypatch.setattr(tr, "execute", execute)
+    worker.loop()
+    assert "was re-queued by another worker (no heartbeat); left to it" in capsys.readouterr().err
+    assert _points(study) == [("lowrank", 1), ("monarch", 1)] and len(calls) == 3
+
+
+# --- storage: creation by many processes at once, Optuna conventions relied upon (issue 23) ---------------------------
+def test_storage_open_retries_when_another_process_creates_the_tables(monkeypatch, tmp_path):
+    import sqlalchemy.exc
+
+    real, attempts = st.RDBStorage, []
+
+    def racing(*args, **kwargs):  # what PostgreSQL answers the loser of two concurrent CREATE TYPE/TABLE
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise sqlalchemy.exc.IntegrityError("CREATE TYPE studydirection", {}, Exception("duplicate key value"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(st, "RDBStorage", racing)
+    assert isinstance(st.storage(st.default_storage("r", tmp_path)), real) and len(attempts) == 2
+
+
+def test_create_loads_a_study_another_process_created_at_the_same_instant(monkeypatch, tmp_path, base_yaml):
+    import optuna
+    from optuna.exceptions import DuplicatedStudyError
+
+    spec = load_spec(fake_study(tmp_path, base_yaml, "twin"))
+    store = st.storage(st.default_storage("twin", tmp_path))
+    st.create(spec, store)  # the other process won
+
+    def lost(**kwargs):
+        raise DuplicatedStudyError("twin")
+
+    monkeypatch.setattr(optuna, "create_study", lost)
+    assert st.create(spec, store).study_name == "twin"
+
+
+def test_optuna_grid_sampler_keeps_the_grid_id_where_the_queue_reads_it():
+    """storage.grid_state / holder_of and status read GridSampler's ``grid_id`` system attribute (no public
+    accessor): an Optuna upgrade that renames it must fail here, not silently run grid points twice."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    study = optuna.create_study(sampler=optuna.samplers.GridSampler({"x": [1, 2]}))
+    trial = study.ask()
+    trial.suggest_categorical("x", [1, 2])
+    frozen = study.get_trials()[0]
+    assert frozen.system_attrs.get("grid_id") in (0, 1) and frozen.system_attrs.get("search_space") == {"x": [1, 2]}

@@ -82,3 +82,21 @@ def test_at_start_is_the_projected_models_dev_metric_only_after_a_full_sanity_ch
         assert start["value"] == pytest.approx(expected) and start["step"] == 0
     else:  # 2 of 4 dev batches would mislead: nothing recorded
         assert start is None
+
+
+def test_summary_follows_the_tasks_metric_whatever_checkpoint_comes_first(tmp_path):
+    """A user's extra ModelCheckpoint (the README's resume recipe: one every step, no monitor) listed first is
+    ``trainer.checkpoint_callback``; the summary still reports the task's metric and its best checkpoint."""
+    module = FactorizedClassifier("random:tiny-bert", task="sst2", learning_rate=1e-3, warmup_ratio=0.0,
+                                  factorization=Factorization("lowrank", budget=0.5))
+    steps = ModelCheckpoint(dirpath=tmp_path / "steps", every_n_train_steps=1, save_top_k=-1, filename="{step}")
+    best = ModelCheckpoint(dirpath=tmp_path / "best", monitor="val/accuracy", mode="max", save_top_k=1)
+    summary = RunSummary()
+    trainer = quiet_trainer(max_epochs=2, callbacks=[steps, best, summary], num_sanity_val_steps=0,
+                            logger=TensorBoardLogger(tmp_path, name="run", version=0), enable_checkpointing=True)
+    trainer.fit(module, synthetic_loader(16), synthetic_loader(8, seed=1))
+    assert trainer.checkpoint_callback is steps  # the first one: what the summary used to read
+    written = summary.summary
+    assert written["monitor"] == "val/accuracy"  # not val/loss (mode min)
+    assert written["best_checkpoint"] == best.best_model_path and "/best/" in written["best_checkpoint"]
+    assert written["best"]["value"] == pytest.approx(float(best.best_model_score))

@@ -215,6 +215,17 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_arguments(args) -> None:
+    """The numbers, before a model is loaded or anything written (a budget outside (0, 1] drew empty figures)."""
+    bad = [b for b in args.budgets if not 0 < b <= 1]
+    if bad:
+        raise UserError(f"--budgets {' '.join(f'{b:g}' for b in bad)}: a budget is the kept fraction of each matrix's "
+                        "parameters; allowed: 0 < budget <= 1")
+    for option, value in (("--nblocks", args.nblocks), ("--threads", args.threads)):
+        if value < 1:
+            raise UserError(f"{option} {value}: must be at least 1")
+
+
 def run(args) -> dict[str, Path]:
     import os
 
@@ -227,8 +238,12 @@ def run(args) -> dict[str, Path]:
     try:
         model = load_model(args.model)
         targets = find_targets(model, args.targets)
-    except (ModelSourceError, PlanError, OSError) as err:
+    except (ModelSourceError, PlanError) as err:
         raise UserError(str(err)) from None
+    except OSError as err:  # transformers: no such folder or hub model, or the hub unreachable (a paragraph)
+        reason = " ".join(str(err).split()).split(". ")[0].rstrip(".")
+        raise UserError(f"--model {args.model!r} cannot be loaded ({reason}); allowed: a local model folder, minilm, "
+                        "random:<preset>, or a Hugging Face hub name (downloaded once, needs the network)") from None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     spectrum = spectrum_rows(targets, chosen_matrices(targets, args.matrices), args.seed)
@@ -253,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     args.argv = argv
     try:
+        check_arguments(args)
         with torch.no_grad():
             written = run(args)
     except UserError as err:

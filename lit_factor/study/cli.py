@@ -60,11 +60,20 @@ def _open(args):
 
 
 def _load(name: str, args):
-    """The study ``name`` from --storage, else from its own database under --root."""
-    url = args.storage or st.default_storage(name, Path(args.root))
-    if not args.storage and not (Path(args.root) / f"{name}.db").is_file():
-        raise UserError(f"no study database {Path(args.root) / (name + '.db')} (run it first, or give --storage)")
-    return st.load(name, st.storage(url))
+    """The study ``name`` from --storage, else from its own database under --root (nothing is created)."""
+    if not args.storage and not st.default_path(name, Path(args.root)).is_file():
+        raise UserError(f"no study database {st.default_path(name, Path(args.root))} (run it first, or give "
+                        "--storage)")
+    return st.load(name, st.storage(args.storage or st.default_storage(name, Path(args.root))))
+
+
+def check_run_options(args) -> None:
+    """``study run``'s numbers, before anything is opened or written."""
+    for option, value in (("--workers", args.workers), ("--threads", args.threads), ("--heartbeat", args.heartbeat),
+                          ("--grace", args.grace)):
+        if value is not None and value < 1:
+            unit = " (seconds)" if option in ("--heartbeat", "--grace") else ""
+            raise UserError(f"{option} {value}: must be at least 1{unit}")
 
 
 def _command(argv: list[str] | None) -> str:
@@ -84,8 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             from lit_factor.study.runner import RunOptions, run
 
-            if args.workers < 1:
-                raise UserError(f"--workers {args.workers}: must be at least 1")
+            check_run_options(args)
             opts = RunOptions(workers=args.workers, storage=args.storage, root=Path(args.root),
                               data_dir=args.data_dir, gpus=args.gpus.split(",") if args.gpus else None,
                               threads=args.threads, heartbeat=args.heartbeat, grace=args.grace,

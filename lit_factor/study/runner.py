@@ -73,6 +73,8 @@ def worker_commands(spec_path: str, variant: str | None, url: str, opts: RunOpti
 
 def run(spec: StudySpec, spec_path: str, variant: str | None, opts: RunOptions, command: str | None = None) -> int:
     """Run the study to the end; 0 when every grid point has a result, 1 when some errored or a worker died."""
+    if not stored(spec.name, opts):  # a new study: its whole grid is checked before anything is stored
+        tr.check_grid(spec, opts.data_dir)
     url = opts.storage or st.default_storage(spec.name, opts.root)
     study = st.create(spec, st.storage(url, opts.heartbeat, opts.grace, spec.retries))  # before workers race to it
     if command and command not in study.user_attrs.get("commands", []):
@@ -88,8 +90,8 @@ def run(spec: StudySpec, spec_path: str, variant: str | None, opts: RunOptions, 
         print(f"re-queued {len(errored)} errored grid point(s)", flush=True)
     before = stat.counts(study)
     print(f"study {spec.name}: {spec.size()} trials ({len(spec.cells())} cells x {len(spec.seeds)} seeds), "
-          f"{before['succeeded'] + before['failed']} already finished; storage {url}; {opts.workers} worker(s) "
-          f"on {machine}",
+          f"{before['succeeded'] + before['failed']} already finished; storage {st.masked(url)}; "
+          f"{opts.workers} worker(s) on {machine}",
           flush=True)
     # workers die with this process (as their fits die with them): a killed run leaves nothing training
     cmds = worker_commands(spec_path, variant, url, opts)
@@ -118,6 +120,15 @@ def run(spec: StudySpec, spec_path: str, variant: str | None, opts: RunOptions, 
     if bad:
         print(f"warning: {len(bad)} worker(s) ended with exit status {bad}", file=sys.stderr, flush=True)
     return 1 if bad or final["errored"] or final["queued"] or final["running"] else 0
+
+
+def stored(name: str, opts: RunOptions) -> bool:
+    """Whether study ``name`` is already in the storage (nothing is created to find out, but a --storage
+    database gets Optuna's tables)."""
+    if opts.storage is None:
+        path = st.default_path(name, opts.root)
+        return path.is_file() and st.exists(name, st.storage(st.default_storage(name, opts.root)))
+    return st.exists(name, st.storage(opts.storage, opts.heartbeat, opts.grace))
 
 
 def _finished(c) -> int:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
+import sqlalchemy
+from optuna.exceptions import DuplicatedStudyError
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
@@ -28,19 +30,57 @@ warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to b
 ROOT = Path("logs") / "studies"
 
 
+def default_path(name: str, root: Path = ROOT) -> Path:
+    """The SQLite file of study ``name`` when no ``--storage`` is given."""
+    return root / f"{name}.db"
+
+
 def default_storage(name: str, root: Path = ROOT) -> str:
+    """The default storage URL of study ``name`` (its folder is created: only call it to store something)."""
     root.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{(root / f'{name}.db').resolve()}"
+    return f"sqlite:///{default_path(name, root).resolve()}"
+
+
+#: attempts at opening a storage whose tables another process is creating at the same instant
+OPEN_ATTEMPTS = 5
 
 
 def storage(url: str, heartbeat: int = 30, grace: int | None = None, retries: int = 1) -> RDBStorage:
-    """An RDB storage with heartbeats: a RUNNING trial silent for ``grace`` s is failed and re-queued."""
+    """An RDB storage with heartbeats: a RUNNING trial silent for ``grace`` s is failed and re-queued.
+
+    Opening a fresh database creates Optuna's tables. Two workers doing that at the same instant against one
+    PostgreSQL server collide (one gets an IntegrityError or "relation already exists": PostgreSQL's DDL takes no
+    table lock before it checks); the loser opens it again, and then finds the tables there."""
+    if heartbeat < 1 or (grace is not None and grace < 1):
+        raise UserError(f"--heartbeat {heartbeat} / --grace {grace}: both must be at least 1 (seconds)")
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    for attempt in range(OPEN_ATTEMPTS):
+        try:
+            return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat,
+                              grace_period=grace or 4 * heartbeat,
+                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=retries))
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as err:
+            if attempt == OPEN_ATTEMPTS - 1:  # not a race after all
+                raise UserError(f"--storage {masked(url)!r}: cannot open ({_short(err)})") from None
+        except Exception as err:  # SQLAlchemy: bad URL, missing driver, unreachable server
+            raise UserError(f"--storage {masked(url)!r}: cannot open ({_short(err)})") from None
+    raise AssertionError("unreachable")
+
+
+def _short(err: BaseException) -> str:
+    return " ".join(str(err).split())[:200]
+
+
+def masked(url: str) -> str:
+    """A storage URL without its password (it goes into error lines and logs)."""
     try:
-        return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat, grace_period=grace or 4 * heartbeat,
-                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=retries))
-    except Exception as err:  # SQLAlchemy: bad URL, missing driver, unreachable server
-        raise UserError(f"--storage {url!r}: cannot open ({' '.join(str(err).split())[:200]})") from None
+        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL at all: nothing to hide
+        return url
+
+
+def exists(name: str, store: RDBStorage) -> bool:
+    return name in optuna.get_all_study_names(store)
 
 
 class _GridSampler(optuna.samplers.GridSampler):
@@ -55,8 +95,11 @@ def create(spec: StudySpec, store: RDBStorage) -> optuna.Study:
     """Create (or open) the study of ``spec``; the grid is recorded so that ``status``/``report`` need no file."""
     optuna.logging.set_verbosity(logging.ERROR)
     sampler = _GridSampler(spec.search_space())
-    study = optuna.create_study(study_name=spec.name, storage=store, sampler=sampler, direction="maximize",
-                                load_if_exists=True)
+    try:
+        study = optuna.create_study(study_name=spec.name, storage=store, sampler=sampler, direction="maximize",
+                                    load_if_exists=True)
+    except (DuplicatedStudyError, sqlalchemy.exc.IntegrityError):  # another worker created it at this instant
+        study = optuna.load_study(study_name=spec.name, storage=store, sampler=sampler)
     saved = study.user_attrs.get("search_space")
     if saved is not None and saved != _jsonable(spec.search_space()):
         raise UserError(f"study {spec.name!r} in this storage has another grid ({saved}); give the study another "
@@ -71,6 +114,12 @@ def create(spec: StudySpec, store: RDBStorage) -> optuna.Study:
         study.set_user_attr("search_space", _jsonable(spec.search_space()))
         study.set_user_attr("axes", list(spec.axes))
         study.set_user_attr("source", spec.source)
+        # Two processes that created the study at once both found it empty and wrote; the last write stands.
+        # Whoever's grid or settings are not the stored ones (another file of the same name) stops here.
+        stored = optuna.load_study(study_name=spec.name, storage=store, sampler=sampler).user_attrs
+        if stored.get("search_space") != _jsonable(spec.search_space()) or stored.get("settings") != settings:
+            raise UserError(f"study {spec.name!r} was created at the same moment from another file with other "
+                            "settings; give the study another name, or use another --storage")
     return study
 
 

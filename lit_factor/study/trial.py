@@ -9,14 +9,17 @@ anything else a crash (an error, retried once). Until every fit exits 3 on failu
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from lit_factor.errors import EXIT_RUN_FAILED, EXIT_USAGE
+from lit_factor.errors import EXIT_RUN_FAILED, EXIT_USAGE, UserError
+from lit_factor.study.spec import SEED, StudySpec, cell_label
 
 SUCCEEDED, FAILED, INVALID, ERROR, INTERRUPTED = "succeeded", "failed", "invalid", "error", "interrupted"
 #: verdicts that are results of the experiment (the trial is COMPLETE and never rerun)
@@ -27,6 +30,50 @@ def fit_command() -> list[str]:
     """``lit-factor fit`` of the installed package, run by this interpreter (``python -m lit_factor fit``): no
     checkout needed, so a non-editable install runs studies too."""
     return [sys.executable, "-m", "lit_factor", "fit"]
+
+
+def check_fit_args(arg_lists: list[list[str]]) -> list[str | None]:
+    """Parse every argument list with ``fit``'s own parser, in one ``python -m lit_factor check-fit-args``
+    subprocess (the parser lives above the study: lit_factor.cli), nothing instantiated; one error line or None each.
+    """
+    with tempfile.TemporaryDirectory(prefix="lit-factor-grid-") as tmp:
+        path = Path(tmp) / "cells.json"
+        path.write_text(json.dumps(arg_lists))
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+        proc = subprocess.run([sys.executable, "-m", "lit_factor", "check-fit-args", str(path)], env=env,
+                              capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    try:
+        results = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        results = None
+    if proc.returncode != 0 or not isinstance(results, list) or len(results) != len(arg_lists):
+        reason = " ".join((proc.stderr or proc.stdout).split())[-300:]
+        raise UserError(f"cannot check the grid with fit's parser (exit status {proc.returncode}: {reason})")
+    return results
+
+
+def check_grid(spec: StudySpec, data_dir: str | None = None,
+               checker: Callable[[list[list[str]]], list[str | None]] | None = None) -> None:
+    """Refuse a grid any of whose cells ``fit`` would refuse (an unknown key, a value of the wrong type or not in
+    its choices, a callback class that does not exist), before any trial starts or anything is stored.
+
+    Each cell's arguments are those of its first seed (seeds only change ``--seed_everything``). A study with its
+    own ``command`` (not lit-factor's ``fit``) is not checked: its parser is unknown here.
+    """
+    if spec.command is not None:
+        return
+    cells = spec.cells()
+    arg_lists = []
+    for cell in cells:
+        params = {**cell, SEED: spec.seeds[0]}
+        task = spec.task_of(params) if spec.stability is not None else None
+        arg_lists.append(spec.fit_args(params, task) + (["--data.data_dir", data_dir] if data_dir else []))
+    bad = [(cell, error) for cell, error in zip(cells, (checker or check_fit_args)(arg_lists), strict=True) if error]
+    if bad:
+        cell, error = bad[0]
+        more = f" (and {len(bad) - 1} more of the {len(cells)} cells)" if len(bad) > 1 else ""
+        raise UserError(f"{spec.source}: grid cell {cell_label(cell) or '(the only one)'} is refused by fit: {error}"
+                        f"{more}; nothing was run or stored")
 
 
 def trial_env(threads: int, gpu: str | None) -> dict[str, str]:

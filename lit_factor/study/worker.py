@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,21 +41,25 @@ class Worker:
     gpu: str | None = None
     data_dir: str | None = None
     heartbeat: float = 30.0
+    #: waits between looks at a grid whose last trials are running elsewhere (tests: an event, not a clock)
+    sleep: Callable[[float], None] = time.sleep
+    #: fails and re-queues trials whose worker stopped sending heartbeats (tests: an explicit event)
+    reap: Callable[[optuna.Study], None] = fail_stale_trials
 
     def loop(self) -> int:
         """Run trials until the grid is done; the number run."""
         done = 0
         while True:
-            fail_stale_trials(self.study)  # a dead worker's trial is failed and re-queued here
+            self.reap(self.study)  # a dead worker's trial is failed and re-queued here
             state = st.grid_state(self.study)
             if not state.waiting and not state.unstarted:
                 if not state.running:
                     return done
-                time.sleep(self.heartbeat)  # a running trial may still turn out stale: wait and see
+                self.sleep(self.heartbeat)  # a running trial may still turn out stale: wait and see
                 continue
             trial = self.study.ask()
             try:
-                with Heartbeat(self.store, trial._trial_id, self.heartbeat):  # silent = dead worker
+                with Heartbeat(self.store, self.trial_id(trial), self.heartbeat):  # silent = dead worker
                     done += self.take(trial)
             except UpdateFinishedTrialError:  # declared dead meanwhile (no heartbeat within the grace period)
                 print(f"warning: trial {trial.number} was re-queued by another worker (no heartbeat); left to it",
@@ -129,6 +134,11 @@ class Worker:
         self.study.tell(trial, state=TrialState.FAIL)
         st.requeue(self.study, frozen)
 
+    def trial_id(self, trial: optuna.Trial) -> int:
+        """The storage's id of ``trial`` (what heartbeats are recorded under), through the storage's public API."""
+        return self.store.get_trial_id_from_study_id_trial_number(self.store.get_study_id_from_name(
+            self.study.study_name), trial.number)
+
     def frozen(self, number: int):
         return next(t for t in self.study.get_trials(deepcopy=False) if t.number == number)
 
@@ -183,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec = load_spec(args.spec, args.variant)
         store = st.storage(args.storage, int(args.heartbeat), args.grace and int(args.grace), spec.retries)
+        if not st.exists(spec.name, store):  # started by hand as the study's first worker: check the grid first
+            tr.check_grid(spec, args.data_dir)
         worker = Worker(spec, st.create(spec, store), store, Path(args.root), args.index, args.threads, args.gpu,
                         args.data_dir, args.heartbeat)
         worker.loop()

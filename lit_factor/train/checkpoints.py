@@ -74,9 +74,9 @@ def run_dir_of(path: str | Path) -> RunDir | None:
 def run_checkpoint(run: str | Path, which: str = "best") -> Path:
     """The ``best`` or ``last`` checkpoint of a fit's run directory (``<save_dir>/<name>/version_<N>``).
 
-    best: the one the fit's ``summary.json`` names, else the only checkpoint of the run. last: ``last.ckpt`` (with
-    ``checkpoint.save_last``), else the most recently written checkpoint. Used by ``export --run``; the same rule as
-    the evaluating commands' ``--run`` (lit_factor.cli.run_checkpoint, which can call this one).
+    best: the one the fit's ``summary.json`` names (the task's monitored metric's checkpoint), else the only
+    checkpoint of the run. last: the most recently written checkpoint (``last.ckpt`` with ``checkpoint.save_last``,
+    a step checkpoint, or the one a SIGTERM left). The one rule of every ``--run`` (fit, the evaluations, export).
     """
     import json
 
@@ -88,8 +88,8 @@ def run_checkpoint(run: str | Path, which: str = "best") -> Path:
     if not ckpts:
         raise UserError(f"run {str(run)!r} has no checkpoints ({run / 'checkpoints'}/*.ckpt)")
     if which == "last":
-        last = run / "checkpoints" / "last.ckpt"
-        return last if last.is_file() else ckpts[-1]
+        last = run / "checkpoints" / "last.ckpt"  # written together with another one: the same moment
+        return last if last.is_file() and last.stat().st_mtime >= ckpts[-1].stat().st_mtime else ckpts[-1]
     summary = run / "summary.json"  # lit_factor.train.callbacks.summary.SUMMARY_FILE
     if summary.is_file():
         best = json.loads(summary.read_text()).get("best_checkpoint")

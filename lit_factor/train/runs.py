@@ -11,7 +11,9 @@ Before anything is written:
 * ``validate``/``test``/``predict`` build the checkpoint's own architecture (no factorization settings or
   StagingCallback needed; one warning line when the command line asked for another one);
 * every fit saves its random state for exact resume (:class:`~lit_factor.train.callbacks.resume.ExactResume`, first in
-  the callback list) and logs its learning-rate curve (``LearningRateMonitor``).
+  the callback list), saves a checkpoint to resume from when SIGTERM stops it
+  (:class:`~lit_factor.train.callbacks.resume.CheckpointOnSigterm`, exit status 143) and logs its learning-rate curve
+  (``LearningRateMonitor``).
 
 Exit status (README "Exit codes"): 0 success, 2 bad settings or data, 3 a fit that trained but failed
 (:func:`lit_factor.train.callbacks.stability.run_failed`), 1 a crash.
@@ -33,7 +35,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lit_factor.errors import EXIT_RUN_FAILED, UserError
-from lit_factor.train.callbacks.resume import ExactResume
+from lit_factor.train.callbacks.resume import CheckpointOnSigterm, ExactResume
 from lit_factor.train.callbacks.stability import run_failed
 from lit_factor.train.callbacks.staging import StagingCallback
 from lit_factor.train.checkpoints import RunDir, read_checkpoint, run_dir_of
@@ -128,9 +130,12 @@ class DiscardNewRunDir(Callback):
 
 def add_fit_callbacks(trainer: pl.Trainer) -> None:
     """Exact resume for every fit (first: it restores the random state before other callbacks draw from it), a
-    learning-rate curve (when there is a logger to draw it), and no run directory left by a refused setting."""
+    checkpoint on SIGTERM, a learning-rate curve (when there is a logger to draw it), and no run directory left by a
+    refused setting."""
     if not any(isinstance(c, ExactResume) for c in trainer.callbacks):
         trainer.callbacks.insert(0, ExactResume())
+    if not any(isinstance(c, CheckpointOnSigterm) for c in trainer.callbacks):
+        trainer.callbacks.append(CheckpointOnSigterm())  # a preempted fit leaves a checkpoint to resume from
     if trainer.loggers and not any(isinstance(c, LearningRateMonitor) for c in trainer.callbacks):
         trainer.callbacks.append(LearningRateMonitor(logging_interval="step"))
     if trainer.logger is not None:

@@ -18,15 +18,21 @@ un-restored state: the CLI puts it first.
 
 from __future__ import annotations
 
+import os
 import random
+import signal
+import sys
+import threading
 from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.fabric.utilities.data import _set_sampler_epoch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from lit_factor.train.lightning_private import reload_train_loader_state
 
 
 def rng_states() -> dict[str, Any]:
@@ -79,7 +85,7 @@ class ExactResume(Callback):
         # After the loops' progress is restored (on_fit_start comes before it): the step and epoch are known.
         if self._pending is None:
             return
-        _reload_train_loader_state(trainer)
+        reload_train_loader_state(trainer)  # Lightning issue #20550: see lit_factor/train/lightning_private.py
         self.resumed_from = {"epoch": trainer.current_epoch, "step": trainer.global_step,
                              "checkpoint": str(trainer.ckpt_path) if trainer.ckpt_path else None}
         rank_zero_info(f"resumed at epoch {trainer.current_epoch}, step {trainer.global_step} "
@@ -110,27 +116,74 @@ class ExactResume(Callback):
         set_rng_states(states[trainer.global_rank % len(states)])
 
 
-def _reload_train_loader_state(trainer: pl.Trainer) -> None:
-    """Work around Lightning issue #20550 (open in 2.6): a train loader set up before the checkpoint's loop state
-    is restored (``configure_optimizers`` asking ``trainer.estimated_stepping_batches`` sets it up early) never
-    receives its saved position. Load the pending states and re-create the fetcher's iterator, as Lightning's own
-    resume path would; a no-op where Lightning already loaded them."""
-    loop = trainer.fit_loop
-    pending = list(getattr(loop, "_combined_loader_states_to_load", None) or [])
-    if not pending or loop._combined_loader is None:
-        return
-    # Not loop._load_combined_loader_states(): it skips a checkpoint written after validation at an epoch's end
-    # (Lightning does not count that as "restarting"), whose loader must still start the next epoch's shuffle.
-    loop._combined_loader._load_state_dicts(pending)
-    loop._combined_loader_states_to_load = []
-    for dl in loop._combined_loader.flattened:
-        # The epoch Lightning sets only at the next epoch start: a DistributedSampler draws its order from it now.
-        _set_sampler_epoch(dl, loop.epoch_progress.current.processed)
-    stateful = [dl for dl in loop._combined_loader.flattened if hasattr(dl, "load_state_dict")]
-    for loader, state in zip(stateful, pending, strict=False):
-        if state.get("_num_yielded", 0) >= trainer.num_training_batches:
-            # Saved after the epoch's last batch: Lightning counts that epoch as done, so the loader must start
-            # the next one (else Lightning runs an empty epoch and the run ends one epoch short).
-            for _ in loader:
-                pass
-    iter(loop._data_fetcher)
+class CheckpointOnSigterm(Callback):
+    """On SIGTERM (``kill``, a cluster's preemption, a study stopping its trials), save a checkpoint to resume from
+    at the next optimizer-step boundary, then stop (the CLI exits 143).
+
+    Lightning's own SIGTERM handling only stops the fit -- at the end of the running batch or inside a validation --
+    with no checkpoint, so a fit preempted before its first periodic checkpoint had nothing to resume from. Under
+    DDP it is also unsafe in Lightning 2.6: its signal handler broadcasts from inside the handler, at whatever point
+    the rank was, and gloo aborts on the mismatched collective. So from ``on_train_start`` (when training begins;
+    before that there is nothing to save) this callback puts its own handler in place of Lightning's, which only
+    notes the signal. At every ``on_train_batch_end`` the ranks agree whether *any* of them got it
+    (``strategy.reduce_boolean_decision``: one small all-reduce per step under DDP, nothing on one device); if so,
+    every rank saves at that same step with ``trainer.save_checkpoint`` -- the hook and state of a
+    ``ModelCheckpoint(every_n_train_steps=1)``, hence bit-identical on resume with :class:`ExactResume` -- rank 0
+    says where on stderr, and every rank raises Lightning's ``SIGTERMException`` (the CLI turns it into exit status
+    143). A validation under way when the signal comes runs to its end first (its checkpoint and metrics are
+    written as usual): the checkpoint is saved at the end of the next training batch. A SIGTERM during the last
+    validation of a fit lets the fit finish. Lightning restores the handlers it found when the fit ends.
+
+    The file is ``<checkpoint dir>/sigterm-epoch=E-step=S.ckpt``: the newest checkpoint of the run, so
+    ``fit --run <run dir>`` (``--ckpt_path last``) resumes from it. With ``accumulate_grad_batches > 1`` the batch
+    end can fall inside an accumulation: the checkpoint is still saved (accumulated gradients are in no Lightning
+    checkpoint: the resumed run starts that accumulation again) and the message says so.
+
+    Attributes:
+        saved: the checkpoint written (None when no SIGTERM came).
+    """
+
+    def __init__(self) -> None:
+        self.saved: str | None = None
+        self.received = False
+        self._step_at_batch_start = -1
+
+    def _note(self, signum: int, frame: Any) -> None:
+        self.received = True
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.received = False
+        if threading.current_thread() is threading.main_thread():  # Python sets handlers in the main thread only
+            self.received = bool(trainer.received_sigterm)  # came before training started
+            signal.signal(signal.SIGTERM, self._note)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._step_at_batch_start = trainer.global_step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        received = self.received or bool(trainer.received_sigterm)
+        if not trainer.strategy.reduce_boolean_decision(received, all=False):
+            return
+        inside = trainer.global_step == self._step_at_batch_start  # no optimizer step in this batch
+        path = os.path.join(self._dirpath(trainer), f"sigterm-epoch={trainer.current_epoch}-step={trainer.global_step}"
+                                                    ".ckpt")
+        trainer.save_checkpoint(path)
+        self.saved = path
+        if trainer.is_global_zero:
+            note = " (inside a gradient accumulation: the resumed run starts it again)" if inside else ""
+            shown = os.path.normpath(path)
+            print(f"SIGTERM: saved a checkpoint at epoch {trainer.current_epoch}, step {trainer.global_step}{note}: "
+                  f"{shown} (resume: the same fit command with --ckpt_path {shown}, or fit --run <its run dir>)",
+                  file=sys.stderr, flush=True)
+        raise SIGTERMException  # every rank, at the same step
+
+    @staticmethod
+    def _dirpath(trainer: pl.Trainer) -> str:
+        """The run's checkpoint folder: the ModelCheckpoints' (the CLI's ``checkpoint`` first), else
+        ``<log dir>/checkpoints``."""
+        for callback in trainer.checkpoint_callbacks:
+            if getattr(callback, "dirpath", None):
+                return str(callback.dirpath)
+        return os.path.join(trainer.log_dir or trainer.default_root_dir, "checkpoints")

@@ -25,11 +25,12 @@ import time
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 
 from lit_factor.errors import UserError
 from lit_factor.train.callbacks.stability import StabilityMonitor, run_failed
+from lit_factor.train.data import GLUETask
 
 SUMMARY_FILE = "summary.json"
 METRICS_FILE = "metrics.json"
@@ -85,13 +86,31 @@ def format_duration(seconds: float) -> str:
     return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
 
 
+def task_monitor(pl_module: pl.LightningModule | None) -> str | None:
+    """The monitored dev metric of the module's GLUE task (``val/accuracy`` for SST-2), or None."""
+    task = getattr(pl_module, "task", None)
+    return task.monitor if isinstance(task, GLUETask) else None
+
+
+def monitored_checkpoint(trainer: pl.Trainer, pl_module: pl.LightningModule | None = None,
+                         monitor: str | None = None) -> ModelCheckpoint | None:
+    """The ModelCheckpoint that keeps the best weights by the run's monitored metric (``monitor``, else the task's):
+    the one the CLI adds as ``checkpoint``. Not simply ``trainer.checkpoint_callback`` (the first ModelCheckpoint in
+    the list), which is a user's extra one -- e.g. the README's resume recipe, a checkpoint every N steps -- when
+    there is one. Without a match: ``trainer.checkpoint_callback`` (a plain Trainer with one ModelCheckpoint)."""
+    monitor = monitor or task_monitor(pl_module)
+    found = next((c for c in trainer.checkpoint_callbacks if monitor and c.monitor == monitor), None)
+    return found or trainer.checkpoint_callback
+
+
 class RunSummary(Callback):
     """Print and write the result of a run when it ends (see the module docstring).
 
     Args:
-        monitor: the dev metric that picks the best epoch; ``None``: the ModelCheckpoint's monitor (the task's
-            main metric in the CLI), else ``val/loss``.
-        mode: ``max`` or ``min`` for ``monitor``; ``None``: the ModelCheckpoint's mode, else ``min``.
+        monitor: the dev metric that picks the best epoch; ``None``: the module's GLUE task's main metric, else the
+            first ModelCheckpoint's monitor, else ``val/loss``. The best checkpoint reported is that of the
+            ModelCheckpoint monitoring it (:func:`monitored_checkpoint`), whatever other ModelCheckpoints run.
+        mode: ``max`` or ``min`` for ``monitor``; ``None``: that ModelCheckpoint's mode, else ``min`` for a loss.
     """
 
     def __init__(self, monitor: str | None = None, mode: str | None = None) -> None:
@@ -110,10 +129,10 @@ class RunSummary(Callback):
         self._log_dir: str | None = None
 
     # --- what to track -----------------------------------------------------------------------------------------
-    def _monitor_and_mode(self, trainer: pl.Trainer) -> tuple[str, str]:
-        ckpt = trainer.checkpoint_callback
-        monitor = self.monitor or getattr(ckpt, "monitor", None) or "val/loss"
-        mode = self.mode or (ckpt.mode if ckpt is not None and getattr(ckpt, "monitor", None) == monitor else None)
+    def _monitor_and_mode(self, trainer: pl.Trainer, pl_module: pl.LightningModule | None = None) -> tuple[str, str]:
+        ckpt = monitored_checkpoint(trainer, pl_module, self.monitor)
+        monitor = self.monitor or task_monitor(pl_module) or getattr(ckpt, "monitor", None) or "val/loss"
+        mode = self.mode or (ckpt.mode if ckpt is not None and ckpt.monitor == monitor else None)
         return monitor, mode or ("min" if monitor.endswith("loss") else "max")
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -133,7 +152,7 @@ class RunSummary(Callback):
         if trainer.state.fn == "validate":
             self._write_evaluation(trainer, "validate", trainer.log_dir if trainer.loggers else None)
             return
-        monitor, mode = self._monitor_and_mode(trainer)
+        monitor, mode = self._monitor_and_mode(trainer, pl_module)
         metrics = _scalars(trainer.callback_metrics, prefix="val/")
         record = {"value": metrics.get(monitor), "epoch": trainer.current_epoch, "step": trainer.global_step,
                   "metrics": metrics}
@@ -164,11 +183,11 @@ class RunSummary(Callback):
     # --- what to write -----------------------------------------------------------------------------------------
     def fit_summary(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
         """The ``summary.json`` dict of the fit that just ended."""
-        monitor, _ = self._monitor_and_mode(trainer)
+        monitor, _ = self._monitor_and_mode(trainer, pl_module)
         reasons = run_failed(trainer)
         stability = next((c.summary for c in trainer.callbacks if isinstance(c, StabilityMonitor) and c.summary),
                          None)
-        best_path = getattr(trainer.checkpoint_callback, "best_model_path", "") or None
+        best_path = getattr(monitored_checkpoint(trainer, pl_module, self.monitor), "best_model_path", "") or None
         return {"status": "failed" if reasons else "succeeded", "reasons": reasons,
                 "task": getattr(getattr(pl_module, "task", None), "name", None), "monitor": monitor,
                 "at_start": self.at_start, "best": self.best, "final": self.final, "best_checkpoint": best_path,
