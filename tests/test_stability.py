@@ -95,7 +95,8 @@ def test_the_untrained_loss_is_ln_labels_only_for_a_plain_classifier():
         # lit-factor's callback interface (lit_factor.train.interface.Factorizable), nothing more
         return types.SimpleNamespace(factorized_model=types.SimpleNamespace(config=config), distilling=distilling,
                                      plan=None, staged=False, rel_errors={}, dense_params=1, factorized_params=1,
-                                     enable_staging=lambda: None, factorize_stage=lambda paths: {})
+                                     enable_staging=lambda: None, factorize_stage=lambda paths: {},
+                                     task=types.SimpleNamespace(name="sst2", monitor="val/accuracy"))
 
     for pl_module, expected in ((module(3), math.log(3)), (module(1, "regression"), None),
                                 (module(2, distilling=True), None)):

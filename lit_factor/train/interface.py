@@ -14,6 +14,7 @@ from torch import nn
 
 from lit_factor.compress.surgery import Plan
 from lit_factor.errors import UserError
+from lit_factor.train.data import GLUETask
 
 
 @runtime_checkable
@@ -43,6 +44,10 @@ class Factorizable(Protocol):
     @property
     def factorized_params(self) -> int:
         """Whole-model parameters once every planned layer is factorized."""
+
+    @property
+    def task(self) -> GLUETask:
+        """The GLUE task trained on (its name, metrics and monitored dev metric)."""
 
     @property
     def distilling(self) -> bool:

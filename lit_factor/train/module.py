@@ -185,10 +185,6 @@ class FactorizedClassifier(L.LightningModule):
         except RuntimeError:  # Lightning's public answer to "not attached to a Trainer"
             return None
 
-    def _fitting(self) -> bool:
-        trainer = self._attached_trainer()
-        return trainer is not None and trainer.state.fn == "fit"
-
     def _calibration(self) -> tuple:
         """Calibration batches and the forward they run through: the datamodule's training split, on the device
         the run uses."""
@@ -310,13 +306,9 @@ class FactorizedClassifier(L.LightningModule):
         loss.update(out.loss, weight=len(labels))
         # Metric objects: Lightning computes them at epoch end (synced by torchmetrics) and resets them.
         # add_dataloader_idx=False: MNLI's two dev loaders are told apart by the collections' _m/_mm postfix.
-        # Outside fit (validate/test of a checkpoint) the metrics are one value each: the BoardCallback writes them as
-        # a text table; as charts they would be one-dot charts sorting above the training story.
-        curves = self._fitting()
-        self.log_dict(metrics, on_step=False, on_epoch=True, add_dataloader_idx=False, logger=curves)
+        self.log_dict(metrics, on_step=False, on_epoch=True, add_dataloader_idx=False)
         suffix = self.task.eval_suffixes[dataloader_idx]
-        self.log(f"{STAGE_PREFIX[stage]}/loss{suffix}", loss, on_step=False, on_epoch=True, add_dataloader_idx=False,
-                 logger=curves)
+        self.log(f"{STAGE_PREFIX[stage]}/loss{suffix}", loss, on_step=False, on_epoch=True, add_dataloader_idx=False)
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step("val", batch, dataloader_idx)
@@ -330,7 +322,7 @@ class FactorizedClassifier(L.LightningModule):
         scores = [value.float() for metrics in self.metrics[stage] if metrics[self.task.metrics[0]].update_called
                   for value in metrics.compute().values()]
         if scores:
-            self.log(f"{STAGE_PREFIX[stage]}/combined_score", torch.stack(scores).mean(), logger=self._fitting())
+            self.log(f"{STAGE_PREFIX[stage]}/combined_score", torch.stack(scores).mean())
 
     def on_validation_epoch_end(self) -> None:
         self._log_combined_score("val")

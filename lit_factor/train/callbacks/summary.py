@@ -30,7 +30,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from lit_factor.errors import UserError
 from lit_factor.train.callbacks.stability import StabilityMonitor, run_failed
-from lit_factor.train.data import GLUETask
+from lit_factor.train.interface import Factorizable
 
 SUMMARY_FILE = "summary.json"
 METRICS_FILE = "metrics.json"
@@ -48,9 +48,9 @@ def _scalars(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
     return dict(sorted(out.items()))
 
 
-def params_summary(pl_module: pl.LightningModule) -> dict[str, float | int]:
+def params_summary(pl_module: Factorizable) -> dict[str, float | int]:
     """Dense and factorized parameter counts of the whole model and of the targeted layers, and the kept shares."""
-    plan = getattr(pl_module, "plan", None)
+    plan = pl_module.plan
     dense, factorized = int(pl_module.dense_params), int(pl_module.factorized_params)
     return {"dense_model": dense, "factorized_model": factorized,
             "targeted_dense": plan.params_dense if plan else 0,
@@ -88,8 +88,7 @@ def format_duration(seconds: float) -> str:
 
 def task_monitor(pl_module: pl.LightningModule | None) -> str | None:
     """The monitored dev metric of the module's GLUE task (``val/accuracy`` for SST-2), or None."""
-    task = getattr(pl_module, "task", None)
-    return task.monitor if isinstance(task, GLUETask) else None
+    return pl_module.task.monitor if isinstance(pl_module, Factorizable) else None
 
 
 def monitored_checkpoint(trainer: pl.Trainer, pl_module: pl.LightningModule | None = None,
@@ -189,7 +188,7 @@ class RunSummary(Callback):
                          None)
         best_path = getattr(monitored_checkpoint(trainer, pl_module, self.monitor), "best_model_path", "") or None
         return {"status": "failed" if reasons else "succeeded", "reasons": reasons,
-                "task": getattr(getattr(pl_module, "task", None), "name", None), "monitor": monitor,
+                "task": pl_module.task.name if isinstance(pl_module, Factorizable) else None, "monitor": monitor,
                 "at_start": self.at_start, "best": self.best, "final": self.final, "best_checkpoint": best_path,
                 "train_time_s": round(self.train_time_s, 3), "params": params_summary(pl_module),
                 "stability": stability, "latency": sections(trainer).get("latency"), "resumed_from": self.resumed_from}
