@@ -193,7 +193,7 @@ def test_sigkill_mid_study_then_rerun_completes_without_rerunning_finished(tmp_p
     args = ["run", str(path), "--workers", "2", "--heartbeat", "1", "--grace", "3", "--root", "logs"]
     parent = subprocess.Popen([sys.executable, "-m", "lit_factor.study.cli", *args], cwd=tmp_path, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    db = tmp_path / "logs" / "kill.db"
+    db = st.record_path("kill", tmp_path / "logs")  # the journal record (docs/studies/ for the default root)
     study = None
 
     def running_after_two_done():

@@ -47,7 +47,7 @@ def parser() -> argparse.ArgumentParser:
                                             "added to the study file's report_with)")
     for sp in sub.choices.values():
         sp.add_argument("--variant", help="a variant of the study file (e.g. full)")
-        sp.add_argument("--storage", help="SQLAlchemy URL (default: sqlite:///logs/studies/<name>.db)")
+        sp.add_argument("--storage", help="SQLAlchemy URL or journal:///path (default: the record docs/studies/<name>/journal.log)")
         sp.add_argument("--root", default=str(st.ROOT), help="run directories and default databases (logs/studies)")
     return p
 
@@ -62,8 +62,8 @@ def _open(args):
 def _load(name: str, args):
     """The study ``name`` from --storage, else from its own database under --root."""
     url = args.storage or st.default_storage(name, Path(args.root))
-    if not args.storage and not (Path(args.root) / f"{name}.db").is_file():
-        raise UserError(f"no study database {Path(args.root) / (name + '.db')} (run it first, or give --storage)")
+    if not args.storage and not st.exists(name, Path(args.root)):
+        raise UserError(f"no study record {st.record_path(name, Path(args.root))} (run it first, or give --storage)")
     return st.load(name, st.storage(url))
 
 
