@@ -47,7 +47,8 @@ def parser() -> argparse.ArgumentParser:
                                             "added to the study file's report_with)")
     for sp in sub.choices.values():
         sp.add_argument("--variant", help="a variant of the study file (e.g. full)")
-        sp.add_argument("--storage", help="SQLAlchemy URL or journal:///path (default: the record docs/studies/<name>/journal.log)")
+        sp.add_argument("--storage", help="SQLAlchemy URL or journal:///path "
+                                                 "(default: the record docs/studies/<name>/journal.log)")
         sp.add_argument("--root", default=str(st.ROOT), help="run directories and default databases (logs/studies)")
     return p
 

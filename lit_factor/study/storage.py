@@ -24,8 +24,8 @@ from pathlib import Path
 
 import optuna
 from optuna.storages import BaseStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
-from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.storages._heartbeat import BaseHeartbeat  # public as optuna.storages._heartbeat only (Optuna 5.0)
+from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from lit_factor.errors import UserError
