@@ -209,3 +209,18 @@ def test_the_page_starts_with_one_row_per_claim_then_a_section_per_claim_then_th
     assert (studies / "claims" / "claim_1.png").is_file() and "studies/claims/claim_1.png" in text
     assert "supported" in (studies / "a" / "report.md").read_text()
     assert build_page(studies, tmp_path / "results.md").read_text() == text  # regenerated: the same page
+
+
+def test_goal_reference_is_the_dense_model_trained_alike_once_per_seed_never_distilled():
+    dense = arm("none", [0.900, 0.904, 0.908], recipe="svd")
+    again = [{**r, "recipe": "whitened"} for r in dense]  # the same dense runs under a projection-only recipe
+    distilled = [run("none", 0.99, s, recipe="kd", teacher="self") for s in (4, 5, 6)]  # not the reference
+    rows = dense + again + distilled + arm("lowrank", [0.902, 0.904, 0.906], recipe="fisher")
+    c = cl.judge_any(cl.CLAIMS["goal"], rows, MAJORITY).comparisons[0]
+    assert c.test.n == (3, 3) and c.verdict == st.SUPPORTED and "dense trained alike 0.9040" in c.detail
+
+
+def test_claim2_leaves_distilled_runs_out():
+    staged = [run("lowrank", 0.8, s, staged=True, schedule="spread=0.5", teacher="self") for s in (1, 2, 3)]
+    flat = [run("lowrank", 0.5, s, verdict="failed") for s in (1, 2, 3)]
+    assert cl.judge(cl.CLAIMS["2"], DENSE + staged + flat, MAJORITY).comparisons == []
