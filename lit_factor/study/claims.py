@@ -187,6 +187,9 @@ class Comparison:
     detail: str = ""  #: the arms' numbers (mean ± sd (n), or successes / runs)
     note: str = ""  #: e.g. unequal parameters
     verdict: str = ""
+    #: comparisons with the same ``unit`` share an arm (low rank vs Monarch and vs block-wise): not independent,
+    #: so the pooled effect takes only the first of each unit
+    unit: str = ""
 
     @property
     def row_label(self) -> str:
@@ -235,7 +238,8 @@ def judge(claim: Claim, rows: list[dict], majority: dict) -> Answer:
     for c in comparisons:
         c.verdict = st.classify(c.test, c.sign, c.reason)
     informative = [c for c in comparisons if c.verdict != st.INSUFFICIENT]
-    pooled = st.pooled([_signed(c) for c in informative])
+    independent = list({c.unit or id(c): c for c in reversed(informative)}.values())  # the first of each unit
+    pooled = st.pooled([_signed(c) for c in independent])
     counts = {v: sum(c.verdict == v for c in comparisons) for v in st.VERDICTS}
     verdict = st.classify(pooled, 1, min_n=0) if pooled is not None and informative else (
         _unanimous(informative) if informative else st.INSUFFICIENT)
@@ -321,7 +325,7 @@ def check_claim1(rows: list[dict], majority: dict) -> list[Comparison]:
             label = f"{_pct(budget)}, low rank vs {NAMES[other]}" + (f", recipe {recipe}" if recipe else "")
             out.append(Comparison("1", setting[0], task, label, test, metric_of(a[0]), 1,
                                   "" if gate.ok else gate.reason, detail,
-                                  _params_note(a, b, ("low rank", NAMES[other]))))
+                                  _params_note(a, b, ("low rank", NAMES[other])), unit=str((setting, budget, recipe))))
     return out
 
 
@@ -359,7 +363,8 @@ def check_claim2(rows: list[dict], majority: dict) -> list[Comparison]:
             va, vb = _arms(staged), _arms(flat)
             detail = (f"succeeded {sa}/{len(staged)} vs {sb}/{len(flat)}; final {st.fmt_stat(va)} vs "
                       f"{st.fmt_stat(vb)}")
-            out.append(Comparison("2", setting[0], task, label, test, "success rate", 1, reason, detail))
+            out.append(Comparison("2", setting[0], task, label, test, "success rate", 1, reason, detail,
+                                  unit=str((setting, method, budget))))
     return out
 
 
@@ -386,7 +391,7 @@ def check_claim4(rows: list[dict], majority: dict) -> list[Comparison]:
             label = f"{_pct(budget)}, low rank vs {NAMES[other]}" + (f", recipe {recipe}" if recipe else "")
             out.append(Comparison("4", setting[0], setting[SETTING.index("task")], label, st.welch(va, vb),
                                   "speedup over dense", 1, "", f"{st.fmt_stat(va, 2)} vs {st.fmt_stat(vb, 2)}",
-                                  _params_note(a, b, ("low rank", NAMES[other]))))
+                                  _params_note(a, b, ("low rank", NAMES[other])), unit=str((setting, budget, recipe))))
     return out
 
 

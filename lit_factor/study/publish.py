@@ -57,7 +57,9 @@ runs in an arm; a task that did not train -- its dense arm does not beat the maj
 above zero on the task's metric *and* on accuracy, or the study has no dense arm to show it; success rates both
 at 0 % or both at 100 %). A run *succeeded* only when it also beats the majority class on accuracy. A claim's
 answer is its pooled effect (random effects over its informative comparisons, in points of each task's metric)
-judged the same way.
+judged the same way; comparisons that share an arm (low rank against Monarch and against block-wise) enter the
+pooling once. The pooled effect mixes tasks, metrics, schedules and machines: it answers "which way, and how
+surely", the per-comparison rows say by how much where.
 """
 
 _SECTION = re.compile(r"<!-- begin (study|analyze) (\S+) \(generated\) -->\n(.*?)<!-- end \1 \2 -->", re.S)
@@ -178,7 +180,7 @@ def _answer_sentence(answer: cl.Answer) -> str:
         return (f"**{answer.verdict}**: the goal is met -- some recipe significantly within the margin of the dense "
                 f"model trained alike, on the task's metric and on accuracy, Holm over every recipe of every cell -- "
                 f"in {met} of {len(informative)} informative cells ({len(answer.comparisons)} cells in all).")
-    pooled = (f"pooled over {p.extra['k']} comparisons the effect is {fmt_test(p)} "
+    pooled = (f"pooled over {p.extra['k']} independent comparisons (one per shared arm) the effect is {fmt_test(p)} "
               f"(random effects, tau^2 = {p.extra['tau2']:.2g})" if p is not None else "no comparison has a variance "
               "to pool")
     return (f"**{answer.verdict}**: {pooled}; per comparison (Holm over {len(informative)} informative ones): "

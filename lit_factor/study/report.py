@@ -198,6 +198,8 @@ def write_report(study: optuna.Study, out: Path, publish: Path | None = None, te
                                                [*axes_of(study), SEED, *FACT_COLUMNS])
     for fig in figures.values():
         plt.close(fig)
+    for r in rows:  # the findings compare within this report (joined studies were checked comparable above)
+        r["section"] = study.study_name
     tables, notes = task_tables(rows, axes_of(study)), findings(rows)
     written["markdown"] = out / "report.md"
     text = markdown(study, tables, list(figures), notes=notes, command=command, joined=joined)
