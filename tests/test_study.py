@@ -106,7 +106,7 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, capsys):
         study_cli.main(["status", "nothing-here", "--root", str(tmp_path)])
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: no study database") and "\n" not in err
+    assert err.startswith("error: no study record") and "\n" not in err
     with pytest.raises(SystemExit) as exc:
         study_cli.main(["run", str(tmp_path / "missing.yaml")])
     assert exc.value.code == 2 and "missing.yaml: no such file" in capsys.readouterr().err
@@ -193,7 +193,7 @@ def test_sigkill_mid_study_then_rerun_completes_without_rerunning_finished(tmp_p
     args = ["run", str(path), "--workers", "2", "--heartbeat", "1", "--grace", "3", "--root", "logs"]
     parent = subprocess.Popen([sys.executable, "-m", "lit_factor.study.cli", *args], cwd=tmp_path, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    db = tmp_path / "logs" / "kill.db"
+    db = st.record_path("kill", tmp_path / "logs")  # the journal record (docs/studies/ for the default root)
     study = None
 
     def running_after_two_done():
@@ -306,7 +306,7 @@ def test_report_with_joins_a_study_that_adds_cells_and_refuses_an_incomparable_o
     cells = [ln.split(" | ")[0] for ln in text.splitlines() if ln.startswith("| model.factorization.method=")]
     assert cells == [f"| model.factorization.method={m} model.factorization.budget=0.5" for m in
                      ("lowrank", "monarch", "none")]
-    assert "low rank ahead in" in text  # the findings see both studies' rows (low rank vs Monarch)
+    assert "low rank vs Monarch" in text  # the findings see both studies' rows (low rank vs Monarch)
     assert page.read_text().count("<!-- begin study more-added (generated) -->") == 1
     # a study with other fixed args is not comparable: one clear error, and nothing written over the report
     before = (out / "trials.csv").read_text()
@@ -413,74 +413,7 @@ def test_committed_study_cell_is_accepted_by_fit(path, monkeypatch):
     assert ("lit_factor.callbacks.StabilityMonitor" in fit.stdout) == (spec.stability is not None)
 
 
-def _row(method, final, staged=False, verdict="succeeded", budget=0.25, samples=1000, speedup=None):
-    return {"verdict": verdict, "task": "sst2", "method": method, "budget": budget, "staged": staged,
-            "max_train_samples": samples, "learning_rate": 1e-4, "final": final, "latency_speedup": speedup}
-
-
-def test_findings_say_reproduced_not_reproduced_or_mixed_from_the_rows():
-    from lit_factor.study.findings import findings
-
-    rows = [_row("lowrank", 0.80, speedup=2.2), _row("lowrank", 0.82, speedup=2.0), _row("monarch", 0.79, speedup=1.8),
-            _row("blockwise", 0.83, speedup=1.9), _row("none", 0.9, budget=None),
-            _row("lowrank", 0.7, budget=0.5), _row("monarch", 0.6, budget=0.5)]
-    text = findings(rows)
-    # budget 0.25: low rank 0.81 < block-wise 0.83; budget 0.5: 0.7 > 0.6 -> one of two
-    assert "low rank ahead in 1 of 2 comparisons; **mixed**" in text
-    assert "sst2, budget 0.25: low rank 0.8100 ± 0.0141 (2) vs blockwise 0.8300 (1)" in text
-    assert "low rank faster in 1 of 1 comparisons; **reproduced**" in text  # 2.1 vs 1.9
-    staged = [_row("lowrank", 0.8, staged=True), _row("lowrank", 0.5, staged=True, verdict="failed"),
-              _row("lowrank", 0.5, verdict="failed"), _row("lowrank", 0.5, verdict="failed")]
-    text = findings(staged)
-    assert "staged ahead in 1, behind in 0, equal in 0 of 1 informative comparisons (success rate); " \
-           "**reproduced**" in text
-    assert "staged 50% of 2 runs succeeded, all at once 0% of 2" in text
-    distilled = [{**r, "teacher": "self"} for r in staged if r["staged"]]  # staging plus distillation: not claim 2
-    assert "Claim 2" not in findings(distilled + staged[2:])
-    nothing_trained = [_row("monarch", 0.5, staged=True, verdict="failed"), _row("monarch", 0.5, verdict="failed")]
-    text = findings(staged + nothing_trained)  # 0 % vs 0 %: the schedule decided, not staging
-    assert "equal in 0 of 1 informative" in text and "(uninformative: no run of either kind trained" in text
-    assert findings([_row("lowrank", 0.8)]) == ""  # nothing to compare
-    at_baseline = [_row("lowrank", 0.81, verdict="failed"), _row("monarch", 0.81, verdict="failed")]
-    text = findings(at_baseline)  # runs at the majority baseline measure no structure: not compared
-    assert "no task and budget with successful runs" in text and "sst2: 2 of 2 runs failed" in text
-    below = [_row("lowrank", 0.80, verdict="failed"), _row("monarch", 0.78, verdict="failed"),
-             _row("monarch", 0.70, verdict="failed")]
-    text = findings(below)  # below the baseline but trained: compared apart, never counted
-    assert "counting them (not in the verdict): low rank ahead in 1 of 1 comparisons\n" in text
-    assert "sst2, budget 0.25: low rank 0.8000 (1) vs monarch 0.7400 ± 0.0566 (2) (final dev metric, failed runs " \
-           "included" in text and "**" not in text.split("counting them")[1]
-
-
-def test_compression_goal_compares_each_cells_best_recipe_with_dense_trained_alike():
-    from lit_factor.study.findings import compression_goal
-
-    def row(method, budget, recipe, final, seed=None, teacher=None):
-        return {**_row(method, final, budget=budget), "recipe": recipe, "seed": seed, "teacher": teacher}
-
-    rows = [row("none", None, "svd", 0.86, seed=1), row("none", None, "svd", 0.88, seed=2),
-            row("none", None, "whitened", 0.86, seed=1),  # the dense seed-1 run again: not a third sample
-            row("none", None, "whitened-kd", 0.99, seed=3, teacher="self"),  # self-distilled: not the reference
-            row("lowrank", 0.5, "svd", 0.80), row("lowrank", 0.5, "whitened", 0.862),
-            row("lowrank", 0.5, "whitened", 0.864),
-            row("lowrank", 0.25, "svd", 0.84), row("monarch", 0.25, "svd", 0.70)]
-    for r in rows[:3]:
-        r["at_start"] = 0.875  # dense runs start from the teacher: their metric before training is the teacher's
-    text = "\n".join(compression_goal(rows))
-    # dense = mean(0.86, 0.88) = 0.87 (self-distilled dense is not the reference)
-    assert "met in 1 of 3 task/structure/budget cells" in text
-    assert "sst2, lowrank 50%: best whitened 0.8630 ± 0.0014 (2) vs dense 0.8700 ± 0.0141 (2): 0.7 points below " \
-           "(within the 1-point goal); svd alone 0.8000 (1); within the goal: whitened (1 of 2 recipes)" in text
-    assert "sst2, lowrank 25%: best svd 0.8400 (1) vs dense 0.8700 ± 0.0141 (2): 3.0 points below (misses the " \
-           "2-point goal)" in text
-    assert "sst2, monarch 25%: best svd 0.7000 (1) vs dense 0.8700 ± 0.0141 (2): 17.0 points below (misses the " \
-           "2-point goal); svd alone 0.7000 (1)\n" in text + "\n"  # one recipe: nothing to list
-    assert "sst2: the teacher scored 0.8750 before that training; dense trained alike 0.8700 ± 0.0141 (2)" in text
-    assert compression_goal([_row("lowrank", 0.8)]) == []  # no recipe axis: not this study
-    # trials recorded before the teacher fact existed: distillation read from the recipe's name
-    old = [{k: v for k, v in r.items() if k != "teacher"} for r in rows]
-    old[3]["recipe"] = "svd+distill"
-    assert "met in 1 of 3 task/structure/budget cells" in "\n".join(compression_goal(old))
+# the findings (the registered claims and their statistics) are tested in tests/test_claims.py
 
 
 def test_config_facts_read_the_settings_a_report_groups_by():

@@ -47,7 +47,8 @@ def parser() -> argparse.ArgumentParser:
                                             "added to the study file's report_with)")
     for sp in sub.choices.values():
         sp.add_argument("--variant", help="a variant of the study file (e.g. full)")
-        sp.add_argument("--storage", help="SQLAlchemy URL (default: sqlite:///logs/studies/<name>.db)")
+        sp.add_argument("--storage", help="SQLAlchemy URL or journal:///path "
+                                                 "(default: the record docs/studies/<name>/journal.log)")
         sp.add_argument("--root", default=str(st.ROOT), help="run directories and default databases (logs/studies)")
     return p
 
@@ -60,10 +61,9 @@ def _open(args):
 
 
 def _load(name: str, args):
-    """The study ``name`` from --storage, else from its own database under --root (nothing is created)."""
-    if not args.storage and not st.default_path(name, Path(args.root)).is_file():
-        raise UserError(f"no study database {st.default_path(name, Path(args.root))} (run it first, or give "
-                        "--storage)")
+    """The study ``name`` from --storage, else from its own record (nothing is created to find out)."""
+    if not args.storage and not st.record_exists(name, Path(args.root)):
+        raise UserError(f"no study record {st.record_path(name, Path(args.root))} (run it first, or give --storage)")
     return st.load(name, st.storage(args.storage or st.default_storage(name, Path(args.root))))
 
 

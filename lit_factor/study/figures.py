@@ -119,3 +119,46 @@ def loss_curves(rows: list[dict], target: float = 0.25):
 
 
 FIGURES = {"metric_vs_kept": metric_vs_kept, "success_rate": success_rates, "loss_curves": loss_curves}
+
+
+#: marker colour of each verdict class in a forest plot
+VERDICT_COLORS = {"supported": "tab:green", "same direction, not significant": "tab:olive",
+                  "indistinguishable": "tab:gray", "contradicted": "tab:red", "insufficient": "lightgray"}
+
+
+def forest(answer, margin_lines: tuple[float, ...] = ()):
+    """A claim's forest plot: one row per comparison (task x budget x study ...), the effect with its 95 % interval,
+    coloured by verdict (insufficient ones hollow), the pooled effect at the bottom; None without comparisons."""
+    comps = answer.comparisons
+    if not comps:
+        return None
+    rows = list(reversed(comps))
+    fig, ax = plt.subplots(figsize=(13, 1.4 + 0.24 * (len(rows) + 1)))
+    for y, c in enumerate(rows, start=1):
+        t, color = c.test, VERDICT_COLORS.get(c.verdict, "black")
+        hollow = c.verdict == "insufficient"
+        if t.low == t.low:  # not NaN
+            ax.plot([c.sign * t.low, c.sign * t.high], [y, y], color=color, linewidth=1.5)
+        ax.plot([c.sign * t.effect], [y], marker="o", markersize=5, color=color,
+                markerfacecolor="white" if hollow else color)
+    labels = [c.row_label for c in rows]
+    if answer.pooled is not None:
+        p = answer.pooled
+        ax.plot([p.low, p.high], [0, 0], color="black", linewidth=3)
+        ax.plot([p.effect], [0], marker="D", color="black")
+        labels = ["pooled (random effects)", *labels]
+        ticks = range(0, len(rows) + 1)
+    else:
+        ticks = range(1, len(rows) + 1)
+    ax.axvline(0, color="black", linewidth=0.8)
+    for m in margin_lines:
+        ax.axvline(m, color="tab:blue", linestyle=":", linewidth=0.8)
+    ax.set_yticks(list(ticks), labels, fontsize=7)
+    ax.set_ylim(-0.8, len(rows) + 0.8)
+    ax.set_xlabel("effect in the claimed direction:\n" + answer.claim.measure, fontsize=8)
+    ax.set_title(f"Claim {answer.claim.key}: {answer.claim.title}" if answer.claim.key != "goal"
+                 else answer.claim.title, fontsize=9)
+    handles = [plt.Line2D([], [], marker="o", linestyle="", color=c, label=v) for v, c in VERDICT_COLORS.items()]
+    ax.legend(handles=handles, fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    return fig

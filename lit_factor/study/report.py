@@ -1,5 +1,7 @@
-"""``study report``: every trial as CSV, a Markdown table per task (mean ± sd (n), success rate per cell),
-figures (PNG and TensorBoard) and the TensorBoard HParams view; optionally published into a docs page.
+"""``study report``: every trial as CSV, a Markdown table per task (mean ± sd (n), success rate per cell), the
+findings (lit_factor/study/findings.py), figures (PNG and TensorBoard) and the TensorBoard HParams view, and the
+report's head as ``study.md``; ``--publish`` then regenerates the whole docs page from every study folder beside
+this one (lit_factor/study/publish.py).
 
 Everything is computed from the study database (the trials' stored results), so a report can be drawn on any
 machine that reaches the storage. Statistics: mean and sample standard deviation (n - 1) over the seeds of a
@@ -9,8 +11,6 @@ cell whose run finished (succeeded or failed); errored trials are listed in the 
 from __future__ import annotations
 
 import csv
-import math
-import statistics
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,8 +20,11 @@ import optuna
 
 from lit_factor.errors import UserError
 from lit_factor.study import status as stat
+from lit_factor.study.findings import findings
+from lit_factor.study.publish import STUDY_HEADER, build_page
 from lit_factor.study.results import read_run
 from lit_factor.study.spec import SEED
+from lit_factor.study.tables import task_tables
 
 RESULT_COLUMNS = ("monitor", "final", "best", "best_epoch", "kept_fraction", "model_kept_fraction",
                   "params_dense_model", "params_factorized_model", "params_targeted_dense",
@@ -116,58 +119,6 @@ def write_csv(rows: list[dict], cols: list[str], path: Path) -> Path:
     return path
 
 
-# --- tables --------------------------------------------------------------------------------------------------------
-def mean_sd(values: list[float]) -> tuple[float, float | None]:
-    """Mean and sample standard deviation (None for a single value)."""
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
-
-
-def fmt_stat(values: list[float], digits: int = 4) -> str:
-    if not values:
-        return "–"
-    mean, sd = mean_sd(values)
-    return f"{mean:.{digits}f} ± {sd:.{digits}f} ({len(values)})" if sd is not None else \
-        f"{mean:.{digits}f} ({len(values)})"
-
-
-def _numbers(rows: list[dict], key: str) -> list[float]:
-    return [float(r[key]) for r in rows if isinstance(r.get(key), int | float) and not math.isnan(float(r[key]))]
-
-
-def cell_groups(rows: list[dict], axes: list[str]) -> dict[str, dict[str, list[dict]]]:
-    """task -> cell label (every axis but the task) -> finished rows (succeeded or failed)."""
-    groups: dict[str, dict[str, list[dict]]] = {}
-    for r in rows:
-        if r["verdict"] not in ("succeeded", "failed"):
-            continue
-        label = " ".join(f"{a.removesuffix(' (axis)')}={r[a]}" for a in axes
-                         if a not in ("data.task", "task (axis)")) or "(all)"
-        groups.setdefault(str(r.get("task")), {}).setdefault(label, []).append(r)
-    return groups
-
-
-def task_tables(rows: list[dict], axes: list[str]) -> str:
-    """A Markdown table per task: per cell the final and best dev metric, success rate, kept fraction, speedup."""
-    out = []
-    for task, cells in cell_groups(rows, axes).items():
-        monitor = next((r["monitor"] for rs in cells.values() for r in rs if r.get("monitor")), "dev metric")
-        # "before training": the dev metric of a full sanity check (right after an all-at-once projection)
-        start = any(_numbers(rs, "at_start") for rs in cells.values())
-        out += [f"#### {task} ({monitor}, final and best epoch: mean ± sd (n))", "",
-                "| cell | " + ("before training | " if start else "") +
-                "final | best | succeeded | kept (targeted) | kept (model) | speedup | train s |",
-                "|---|---|---|---|---|---|---|---|" + ("---|" if start else "")]
-        for label, rs in cells.items():
-            ok = sum(r["verdict"] == "succeeded" for r in rs)
-            stats = [fmt_stat(_numbers(rs, key), digits) for key, digits in
-                     (("kept_fraction", 3), ("model_kept_fraction", 3), ("latency_speedup", 2), ("train_time_s", 0))]
-            first = f"{fmt_stat(_numbers(rs, 'at_start'))} | " if start else ""
-            out.append(f"| {label} | {first}{fmt_stat(_numbers(rs, 'final'))} | {fmt_stat(_numbers(rs, 'best'))} | "
-                       f"{ok}/{len(rs)} | " + " | ".join(stats) + " |")
-        out.append("")
-    return "\n".join(out)
-
-
 def progress_text(study: optuna.Study) -> str:
     c: Counter = stat.counts(study)
     total = sum(c.values())
@@ -200,9 +151,9 @@ def _grid(study: optuna.Study) -> str:
     return "; ".join(f"`{k}`: {', '.join(map(str, v))}" for k, v in study.user_attrs["search_space"].items())
 
 
-def markdown(study: optuna.Study, tables: str, figures: list[str], prefix: str = "", notes: str = "",
-             command: str | None = None, joined: Sequence[optuna.Study] = ()) -> str:
-    """The report's Markdown; ``joined``: the ``report_with`` studies whose trials share the tables."""
+def header(study: optuna.Study, command: str | None = None, joined: Sequence[optuna.Study] = ()) -> str:
+    """The report's head (study file, grid, progress, machine, commands): written as ``study.md`` beside
+    trials.csv, it is what docs/results.md needs of a study besides its rows (publish.py)."""
     everything = [*joined, study]
     commands = [c for s in everything for c in s.user_attrs.get("commands", [])] + ([command] if command else [])
     machines = "; ".join(dict.fromkeys(m for s in everything for m in s.user_attrs.get("machines", []))) \
@@ -213,9 +164,14 @@ def markdown(study: optuna.Study, tables: str, figures: list[str], prefix: str =
         lines += [f"Reported with study `{other.study_name}` (same settings; its trials are in the tables). "
                   f"Grid: {_grid(other)}. Progress: {progress_text(other)}", ""]
     lines += [f"**Progress:** {progress_text(study)}", "", f"**Ran on:** {machines}.", "",
-              "Commands (run from the repository root):", "",
-              "```", *dict.fromkeys(commands), "```", "", notes, tables,
-              f"Every trial: [trials.csv]({prefix}trials.csv).", ""]
+              "Commands (run from the repository root):", "", "```", *dict.fromkeys(commands), "```", ""]
+    return "\n".join(lines) + "\n"
+
+
+def markdown(study: optuna.Study, tables: str, figures: list[str], prefix: str = "", notes: str = "",
+             command: str | None = None, joined: Sequence[optuna.Study] = ()) -> str:
+    """The report's Markdown; ``joined``: the ``report_with`` studies whose trials share the tables."""
+    lines = [header(study, command, joined), notes, tables, f"Every trial: [trials.csv]({prefix}trials.csv).", ""]
     lines += [f"![{name}]({prefix}{name}.png)" for name in figures]
     return "\n".join(lines) + "\n"
 
@@ -226,13 +182,9 @@ def write_report(study: optuna.Study, out: Path, publish: Path | None = None, te
     """Write trials.csv, report.md, the figures and the TensorBoard view; return what was written. ``joined``:
     studies (``report_with``) whose trials are reported in the same tables, findings and figures, their rows in
     the axis-value ``order`` given (the study file's grid)."""
-    import os
-
     import matplotlib.pyplot as plt
 
     from lit_factor.study.figures import FIGURES
-    from lit_factor.study.findings import findings
-    from lit_factor.study.publish import publish_section
 
     check_joinable(study, list(joined))
     out.mkdir(parents=True, exist_ok=True)
@@ -246,13 +198,14 @@ def write_report(study: optuna.Study, out: Path, publish: Path | None = None, te
                                                [*axes_of(study), SEED, *FACT_COLUMNS])
     for fig in figures.values():
         plt.close(fig)
+    for r in rows:  # the findings compare within this report (joined studies were checked comparable above)
+        r["section"] = study.study_name
     tables, notes = task_tables(rows, axes_of(study)), findings(rows)
     written["markdown"] = out / "report.md"
     text = markdown(study, tables, list(figures), notes=notes, command=command, joined=joined)
     written["markdown"].write_text(text, encoding="utf-8")
-    if publish is not None:
-        prefix = os.path.relpath(out, publish.parent).replace(os.sep, "/") + "/"
-        written["page"] = publish_section(publish, f"study {study.study_name}",
-                                          markdown(study, tables, list(figures), prefix, notes, command, joined),
-                                          supersedes=[f"study {other.study_name}" for other in joined])
+    written["header"] = out / STUDY_HEADER
+    written["header"].write_text(header(study, command, joined), encoding="utf-8")
+    if publish is not None:  # the whole page again, from every study folder beside this one
+        written["page"] = build_page(out.parent, publish)
     return written

@@ -126,8 +126,7 @@ def stored(name: str, opts: RunOptions) -> bool:
     """Whether study ``name`` is already in the storage (nothing is created to find out, but a --storage
     database gets Optuna's tables)."""
     if opts.storage is None:
-        path = st.default_path(name, opts.root)
-        return path.is_file() and st.exists(name, st.storage(st.default_storage(name, opts.root)))
+        return st.record_exists(name, opts.root) and st.exists(name, st.storage(st.default_storage(name, opts.root)))
     return st.exists(name, st.storage(opts.storage, opts.heartbeat, opts.grace))
 
 

@@ -1,4 +1,12 @@
-"""Where a study lives: an Optuna study in an RDB storage (SQLite file by default, any SQLAlchemy URL).
+"""Where a study lives: an Optuna study in its *record*, a journal file in the repository (the default), or in
+an RDB storage (any SQLAlchemy URL; a SQLite file of a study started before records existed is kept).
+
+The record (``docs/studies/<name>/journal.log``, Optuna's ``JournalStorage`` with a file backend: one JSON line
+per change, appended under a file lock) is committed with the study's report, so a grid started on one machine
+resumes on a fresh clone elsewhere: finished trials are never rerun, trials that were running when the copy was
+taken have stale heartbeats and go back to the queue. Optuna's journal storage has no heartbeats of its own:
+:class:`JournalRecord` keeps them as a trial system attribute (a line per beat), which is all that
+``optuna.storages.fail_stale_trials`` needs.
 
 Optuna holds the queue: a ``GridSampler`` over the grid x seeds hands each worker an unvisited cell, a trial
 whose worker died stops sending heartbeats and is failed and re-queued (``RetryHeartbeatStaleTrialCallback``),
@@ -9,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +25,9 @@ from pathlib import Path
 import optuna
 import sqlalchemy
 from optuna.exceptions import DuplicatedStudyError
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages import BaseStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages._heartbeat import BaseHeartbeat  # public as optuna.storages._heartbeat only (Optuna 5.0)
+from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from lit_factor.errors import UserError
@@ -30,29 +41,85 @@ warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to b
 ROOT = Path("logs") / "studies"
 
 
-def default_path(name: str, root: Path = ROOT) -> Path:
-    """The SQLite file of study ``name`` when no ``--storage`` is given."""
-    return root / f"{name}.db"
+#: where study records are committed (relative to the repository root, the working directory of ``study run``)
+RECORDS = Path("docs") / "studies"
+JOURNAL = "journal.log"
+#: the scheme of a journal-file storage "URL" (``journal:///abs/path/journal.log``)
+JOURNAL_SCHEME = "journal:///"
+
+
+def record_path(name: str, root: Path = ROOT) -> Path:
+    """The journal file of study ``name``: under docs/studies/ for the default run root (the committed record),
+    beside the run directories for any other ``--root`` (tests, scratch studies)."""
+    base = RECORDS if Path(root) == ROOT else Path(root)
+    return base / name / JOURNAL
 
 
 def default_storage(name: str, root: Path = ROOT) -> str:
-    """The default storage URL of study ``name`` (its folder is created: only call it to store something)."""
-    root.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{default_path(name, root).resolve()}"
+    """The study's journal record, unless a SQLite database of the same study exists under ``root`` (a study
+    started before records existed carries on where it is; ``journal_from`` copies it into a record)."""
+    legacy = Path(root) / f"{name}.db"
+    if legacy.is_file():
+        return f"sqlite:///{legacy.resolve()}"
+    path = record_path(name, root)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return JOURNAL_SCHEME + str(path.resolve()).lstrip("/")
+
+
+def record_exists(name: str, root: Path = ROOT) -> bool:
+    """Whether study ``name`` has a default storage already (a journal record or a legacy SQLite file)."""
+    return (Path(root) / f"{name}.db").is_file() or record_path(name, root).is_file()
+
+
+class JournalRecord(JournalStorage, BaseHeartbeat):
+    """Optuna's journal file storage with heartbeats (a ``heartbeat`` system attribute, time.time() of the beat)."""
+
+    def __init__(self, path: str | Path, heartbeat: int = 30, grace: int | None = None,
+                 callback: RetryHeartbeatStaleTrialCallback | None = None) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        super().__init__(JournalFileBackend(str(path)))
+        self.path, self.heartbeat, self.grace = Path(path), heartbeat, grace or 4 * heartbeat
+        self.callback = callback
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        try:
+            self.set_trial_system_attr(trial_id, "heartbeat", time.time())
+        except optuna.exceptions.UpdateFinishedTrialError:  # told meanwhile: nothing left to keep alive
+            pass
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        now, stale = time.time(), []
+        for t in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
+            beats = [b for b in (t.system_attrs.get("heartbeat"),
+                                 t.datetime_start.timestamp() if t.datetime_start else None) if b is not None]
+            if "heartbeat" in t.system_attrs and now - max(beats) > self.grace:  # never beat: not ours to judge
+                stale.append(t._trial_id)
+        return stale
+
+    def get_heartbeat_interval(self) -> int | None:
+        return self.heartbeat
+
+    def get_heartbeat_stale_trial_callback(self):
+        return self.callback
 
 
 #: attempts at opening a storage whose tables another process is creating at the same instant
 OPEN_ATTEMPTS = 5
 
 
-def storage(url: str, heartbeat: int = 30, grace: int | None = None, retries: int = 1) -> RDBStorage:
-    """An RDB storage with heartbeats: a RUNNING trial silent for ``grace`` s is failed and re-queued.
+def storage(url: str, heartbeat: int = 30, grace: int | None = None, retries: int = 1) -> BaseStorage:
+    """A storage with heartbeats: a RUNNING trial silent for ``grace`` s is failed and re-queued. ``url``: a
+    journal file (``journal:///path``) or any SQLAlchemy URL.
 
     Opening a fresh database creates Optuna's tables. Two workers doing that at the same instant against one
     PostgreSQL server collide (one gets an IntegrityError or "relation already exists": PostgreSQL's DDL takes no
     table lock before it checks); the loser opens it again, and then finds the tables there."""
     if heartbeat < 1 or (grace is not None and grace < 1):
         raise UserError(f"--heartbeat {heartbeat} / --grace {grace}: both must be at least 1 (seconds)")
+    if url.startswith(JOURNAL_SCHEME):
+        return JournalRecord("/" + url.removeprefix(JOURNAL_SCHEME), heartbeat, grace,
+                             RetryHeartbeatStaleTrialCallback(max_retry=retries))
+
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
     for attempt in range(OPEN_ATTEMPTS):
         try:
@@ -176,3 +243,22 @@ def holder_of(study: optuna.Study, trial_number: int, grid_id: int) -> FrozenTri
                 t.state == TrialState.RUNNING and t.number < trial_number):
             return t
     return None
+
+
+def snapshot(record: Path, to: Path) -> Path:
+    """Copy a journal record that a running study may be appending to: whole lines only (a line being written
+    is left for the next snapshot), so the copy always replays. For committing a live study's record."""
+    data = Path(record).read_bytes()
+    to.parent.mkdir(parents=True, exist_ok=True)
+    to.write_bytes(data[: data.rfind(b"\n") + 1])
+    return to
+
+
+def journal_from(url: str, name: str, to: Path) -> Path:
+    """Copy study ``name`` from any storage (a legacy SQLite file, PostgreSQL) into a journal record at ``to``
+    (``optuna.copy_study``: attributes, every trial with its state, heartbeats left behind)."""
+    if to.exists():
+        raise UserError(f"{to} exists: a study record is never overwritten")
+    optuna.logging.set_verbosity(logging.ERROR)
+    optuna.copy_study(from_study_name=name, from_storage=storage(url), to_storage=JournalRecord(to))
+    return to

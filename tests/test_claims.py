@@ -1,0 +1,226 @@
+"""The registered claims (lit_factor/study/claims.py) and their statistics (stats.py) against hand-made trial tables
+whose answers are known: a significant win, a non-significant win, a tie, a ceiling, a floor, n < 3, a task that
+did not train, a contradiction; and the generated page (publish.py) built from committed-style files."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+from scipy import stats as sps
+
+from lit_factor.study import claims as cl
+from lit_factor.study import stats as st
+
+MAJORITY = {"sst2": {"accuracy": 0.5}, "cola": {"matthews": 0.0, "accuracy": 0.69},
+            "mrpc": {"f1": 0.81, "accuracy": 0.68}}
+
+
+def run(method, final, seed, *, task="sst2", budget=0.5, study="s", acc=None, verdict="succeeded", staged=False,
+        schedule=None, kept=None, recipe=None, teacher=None, speedup=None, monitor=None):
+    monitor = monitor or {"sst2": "val/accuracy", "cola": "val/matthews", "mrpc": "val/f1"}[task]
+    row = {"section": study, "study": study, "verdict": verdict, "task": task, "method": method,
+           "budget": None if method == "none" else budget, "seed": seed, "final": final, "monitor": monitor,
+           "staged": staged, "schedule": schedule, "max_train_samples": 1000, "max_epochs": 2, "max_steps": -1,
+           "learning_rate": 1e-4, "kept_fraction": kept if kept is not None else (1.0 if method == "none" else budget),
+           "recipe": recipe, "teacher": teacher, "latency_speedup": speedup}
+    row["val/accuracy"] = final if monitor == "val/accuracy" else acc
+    return row
+
+
+def arm(method, values, **kw):
+    return [run(method, v, seed, **kw) for seed, v in enumerate(values, start=1)]
+
+
+DENSE = arm("none", [0.90, 0.91, 0.92])
+
+
+def claim1(rows):
+    return cl.judge(cl.CLAIMS["1"], rows, MAJORITY)
+
+
+def only(answer, other="Monarch"):
+    return next(c for c in answer.comparisons if c.label.endswith(other))
+
+
+# --- the statistics ------------------------------------------------------------------------------------------------
+def test_welch_is_scipys_and_its_interval_covers_the_difference():
+    a, b = [0.80, 0.82, 0.81, 0.79], [0.70, 0.75, 0.72]
+    t = st.welch(a, b)
+    ref = sps.ttest_ind(a, b, equal_var=False)
+    assert t.p == pytest.approx(ref.pvalue) and t.effect == pytest.approx(sum(a) / 4 - sum(b) / 3)
+    assert t.low < t.effect < t.high and t.method == "Welch's t"
+
+
+def test_constant_arms_use_the_exact_permutation_test_not_a_zero_p():
+    t = st.welch([0.6, 0.6, 0.6], [0.5, 0.5, 0.5])
+    assert t.p == pytest.approx(0.1)  # 2 of the 20 splits of 3 + 3 values are as extreme: not p = 0
+    assert (t.low, t.high) == (pytest.approx(0.1), pytest.approx(0.1))
+    assert st.welch([0.5] * 3, [0.5] * 3).p == 1.0
+
+
+def test_fisher_and_the_newcombe_interval():
+    t = st.rates(8, 10, 1, 5)
+    assert t.p == pytest.approx(sps.fisher_exact([[8, 2], [1, 4]])[1]) and t.p > 0.05  # 8/10 vs 1/5: p = 0.089
+    newcombe = st.rates(56, 70, 48, 80)  # Newcombe (1998), Table II, example (a): method 10 gives 0.0524, 0.3339
+    assert (newcombe.low, newcombe.high) == (pytest.approx(0.0524, abs=5e-4), pytest.approx(0.3339, abs=5e-4))
+
+
+def test_holm_step_down():
+    tests = [st.Test(0, 0, 0, p, "", (3, 3)) for p in (0.01, 0.04, 0.03, math.nan)]
+    st.holm(tests)
+    assert [t.p_adj for t in tests[:3]] == [pytest.approx(0.03), pytest.approx(0.06), pytest.approx(0.06)]
+    assert tests[3].p_adj is None
+
+
+# --- claim 1: the known answers ------------------------------------------------------------------------------------
+def test_significant_win_is_supported():
+    c = only(claim1(DENSE + arm("lowrank", [0.80, 0.81, 0.82]) + arm("monarch", [0.70, 0.71, 0.72])))
+    assert c.verdict == st.SUPPORTED and c.test.low > 0 and c.test.effect == pytest.approx(0.10)
+
+
+def test_non_significant_win_is_same_direction_not_a_win():
+    c = only(claim1(DENSE + arm("lowrank", [0.70, 0.80, 0.75]) + arm("monarch", [0.69, 0.79, 0.74])))
+    assert c.verdict == st.SAME and c.test.low < 0 < c.test.high
+
+
+def test_tie_is_indistinguishable_never_a_loss():
+    c = only(claim1(DENSE + arm("lowrank", [0.70, 0.72, 0.74]) + arm("monarch", [0.70, 0.72, 0.74])))
+    assert c.verdict == st.INDISTINGUISHABLE and c.test.effect == 0
+
+
+def test_significant_loss_is_contradicted():
+    c = only(claim1(DENSE + arm("lowrank", [0.60, 0.61, 0.62]) + arm("monarch", [0.80, 0.81, 0.82])))
+    assert c.verdict == st.CONTRADICTED
+
+
+def test_fewer_than_three_runs_is_insufficient():
+    c = only(claim1(DENSE + arm("lowrank", [0.80, 0.81]) + arm("monarch", [0.70, 0.71, 0.72])))
+    assert c.verdict == st.INSUFFICIENT
+
+
+def test_a_task_that_did_not_train_is_insufficient_even_with_a_big_gap():
+    # CoLA: dense MCC above 0 but accuracy at the majority class: a constant predictor, not a trained model
+    dense = [run("none", m, s, task="cola", acc=0.69) for s, m in ((1, 0.08), (2, 0.07), (3, 0.09))]
+    low = [run("lowrank", 0.05 + 0.001 * s, s, task="cola", acc=0.69) for s in (1, 2, 3)]
+    mon = [run("monarch", 0.00 + 0.001 * s, s, task="cola", acc=0.69) for s in (1, 2, 3)]
+    c = only(claim1(dense + low + mon))
+    assert c.verdict == st.INSUFFICIENT and c.reason.startswith("task did not train")
+    assert cl.trained(dense, cl.key(dense[0]), MAJORITY).ok is False
+
+
+def test_without_a_dense_arm_nothing_shows_the_task_trained():
+    c = only(claim1(arm("lowrank", [0.80, 0.81, 0.82]) + arm("monarch", [0.70, 0.71, 0.72])))
+    assert c.verdict == st.INSUFFICIENT and "no dense arm" in c.reason
+
+
+def test_unequal_parameters_are_said():
+    rows = DENSE + arm("lowrank", [0.80, 0.81, 0.82], kept=0.098) + arm("monarch", [0.70, 0.71, 0.72], kept=0.089)
+    assert "+10.1%" in only(claim1(rows)).note
+    assert only(claim1(DENSE + arm("lowrank", [0.8] * 3, kept=0.5) + arm("monarch", [0.7] * 3, kept=0.497))).note == ""
+
+
+def test_holm_runs_over_the_whole_claim():
+    rows = DENSE + arm("lowrank", [0.80, 0.81, 0.83]) + arm("monarch", [0.76, 0.78, 0.79]) + \
+        arm("blockwise", [0.76, 0.78, 0.79])
+    answer = claim1(rows)
+    assert [c.test.p_adj for c in answer.comparisons] == [pytest.approx(2 * c.test.p) for c in answer.comparisons]
+
+
+# --- claim 2: success rates ----------------------------------------------------------------------------------------
+def claim2(staged_ok, flat_ok, n=5, dense=DENSE):
+    staged = [run("lowrank", 0.8 if i < staged_ok else 0.5, i, staged=True, schedule="spread=0.5",
+                  verdict="succeeded" if i < staged_ok else "failed") for i in range(n)]
+    flat = [run("lowrank", 0.8 if i < flat_ok else 0.5, i, verdict="succeeded" if i < flat_ok else "failed")
+            for i in range(n)]
+    return cl.judge(cl.CLAIMS["2"], dense + staged + flat, MAJORITY).comparisons[0]
+
+
+@pytest.mark.parametrize("ok", [0, 5], ids=["floor", "ceiling"])
+def test_both_arms_at_0_or_100_percent_are_uninformative_alike(ok):
+    c = claim2(ok, ok)
+    assert c.verdict == st.INSUFFICIENT and "uninformative" in c.reason
+
+
+def test_success_rates_decide_by_fishers_exact_test():
+    assert claim2(5, 0).verdict == st.SUPPORTED  # p = 0.008
+    assert claim2(4, 1).verdict == st.SAME  # 4/5 vs 1/5: p = 0.21
+    assert claim2(0, 5).verdict == st.CONTRADICTED
+
+
+def test_a_success_must_beat_the_majority_class_on_accuracy():
+    fake = run("lowrank", 0.85, 1, task="mrpc", acc=0.68)  # F1 above the baseline, accuracy at the majority class
+    assert not cl.succeeded(fake, MAJORITY)
+    assert cl.succeeded(run("lowrank", 0.85, 1, task="mrpc", acc=0.75), MAJORITY)
+
+
+# --- the compression goal ------------------------------------------------------------------------------------------
+def goal(recipe_values, dense_values, budget=0.5):
+    dense = arm("none", dense_values, recipe="svd")
+    rows = dense + arm("lowrank", recipe_values, recipe="fisher", budget=budget)
+    return cl.judge_any(cl.CLAIMS["goal"], rows, MAJORITY).comparisons[0]
+
+
+def test_goal_met_only_when_significantly_within_the_margin():
+    assert goal([0.902, 0.904, 0.906], [0.900, 0.904, 0.908]).verdict == st.SUPPORTED
+    assert goal([0.85, 0.86, 0.87], [0.90, 0.91, 0.92]).verdict == st.CONTRADICTED  # 5 points below
+    assert goal([0.88, 0.90, 0.92], [0.90, 0.91, 0.92]).verdict in (st.SAME, st.INDISTINGUISHABLE)
+
+
+def test_goal_checks_accuracy_too_on_mrpc():
+    dense = [run("none", f, s, task="mrpc", acc=a, recipe="svd") for s, f, a in
+             ((1, 0.870, 0.80), (2, 0.872, 0.81), (3, 0.874, 0.82))]
+    good_f1_bad_acc = [run("lowrank", f, s, task="mrpc", acc=0.70, recipe="fisher") for s, f in
+                       ((1, 0.871), (2, 0.873), (3, 0.875))]
+    c = cl.judge_any(cl.CLAIMS["goal"], dense + good_f1_bad_acc, MAJORITY).comparisons[0]
+    assert c.verdict != st.SUPPORTED and "accuracy" in c.metric
+
+
+# --- the page ------------------------------------------------------------------------------------------------------
+def _write(folder, rows):
+    folder.mkdir(parents=True)
+    cols = ["trial", "verdict", "compression", "seed", *[k for k in rows[0] if k not in ("verdict", "seed", "section")]]
+    with open(folder / "trials.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        for i, r in enumerate(rows):
+            w.writerow({**{k: "" if v is None else v for k, v in r.items()}, "trial": i, "compression": r["method"]})
+    (folder / "study.md").write_text(f"## Study `{folder.name}`\n\n**Ran on:** CPU only, 2 CPU cores.\n")
+
+
+def test_the_page_starts_with_one_row_per_claim_then_a_section_per_claim_then_the_studies(tmp_path):
+    import json
+
+    from lit_factor.study.publish import build_page
+
+    studies = tmp_path / "studies"
+    _write(studies / "a", DENSE + arm("lowrank", [0.80, 0.81, 0.82], speedup=1.5) +
+           arm("monarch", [0.70, 0.71, 0.72], speedup=1.2))
+    (studies / "majority.json").write_text(json.dumps({"tasks": MAJORITY}))
+    page = build_page(studies, tmp_path / "results.md")
+    text = page.read_text()
+    table = text[text.index("## Answers at a glance"):text.index("## Claim 1")]
+    assert [line.split("|")[1].strip()[:9] for line in table.splitlines() if line.startswith("| [")] == \
+        ["[Claim 1:", "[Claim 2:", "[Claim 3:", "[Claim 4:", "[goal: Co"]
+    assert "| **supported** |" in table.splitlines()[4]  # claim 1 on the hand-made win
+    assert text.index("## Claim 1") < text.index("## Claim 4") < text.index("# Appendix") < text.index(
+        "<!-- begin study a (generated) -->")
+    assert (studies / "claims" / "claim_1.png").is_file() and "studies/claims/claim_1.png" in text
+    assert "supported" in (studies / "a" / "report.md").read_text()
+    assert build_page(studies, tmp_path / "results.md").read_text() == text  # regenerated: the same page
+
+
+def test_goal_reference_is_the_dense_model_trained_alike_once_per_seed_never_distilled():
+    dense = arm("none", [0.900, 0.904, 0.908], recipe="svd")
+    again = [{**r, "recipe": "whitened"} for r in dense]  # the same dense runs under a projection-only recipe
+    distilled = [run("none", 0.99, s, recipe="kd", teacher="self") for s in (4, 5, 6)]  # not the reference
+    rows = dense + again + distilled + arm("lowrank", [0.902, 0.904, 0.906], recipe="fisher")
+    c = cl.judge_any(cl.CLAIMS["goal"], rows, MAJORITY).comparisons[0]
+    assert c.test.n == (3, 3) and c.verdict == st.SUPPORTED and "dense trained alike 0.9040" in c.detail
+
+
+def test_claim2_leaves_distilled_runs_out():
+    staged = [run("lowrank", 0.8, s, staged=True, schedule="spread=0.5", teacher="self") for s in (1, 2, 3)]
+    flat = [run("lowrank", 0.5, s, verdict="failed") for s in (1, 2, 3)]
+    assert cl.judge(cl.CLAIMS["2"], DENSE + staged + flat, MAJORITY).comparisons == []

@@ -1,0 +1,102 @@
+"""A study's record lives in the repository (docs/studies/<name>/journal.log, Optuna's journal file storage), so a
+grid started on one machine finishes on a fresh clone elsewhere, with no finished trial run again.
+
+Driven by tests/_study_fake_fit.py (a stand-in for ``fit`` that starts in milliseconds).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lit_factor.study import storage as st
+from lit_factor.study.spec import load_spec
+from lit_factor.study.worker import Worker
+
+REPO = Path(__file__).resolve().parent.parent
+FAKE = [sys.executable, str(REPO / "tests" / "_study_fake_fit.py")]
+NAME = "half"
+
+
+def _points(study) -> list[tuple]:
+    return sorted((t.params["model.factorization.method"], t.params["seed"]) for t in study.get_trials()
+                  if t.state.name == "COMPLETE" and "duplicate_of" not in t.user_attrs)
+
+
+@pytest.mark.slow
+def test_half_a_grid_then_only_the_committed_files_finish_it_on_a_fresh_clone(tmp_path, monkeypatch):
+    first, clone = tmp_path / "machine-a", tmp_path / "machine-b"
+    first.mkdir()
+    (first / "base.yaml").write_text(yaml.safe_dump({"data": {"task": "sst2"}}))
+    (first / "studies").mkdir()
+    (first / "studies" / "half.yaml").write_text(yaml.safe_dump({
+        "name": NAME, "base": "base.yaml", "command": FAKE,
+        "axes": {"model.factorization.method": ["lowrank", "monarch"]}, "seeds": [1, 2]}))
+
+    # machine A: the default storage is the record under docs/studies/; two grid points finish, a third is
+    # running when the machine goes away (its heartbeat stops)
+    monkeypatch.chdir(first)
+    spec = load_spec("studies/half.yaml")
+    url = st.default_storage(NAME)
+    store = st.storage(url, heartbeat=1, grace=2)
+    assert url.startswith(st.JOURNAL_SCHEME) and (first / "docs" / "studies" / NAME / "journal.log").is_file()
+    study = st.create(spec, store)
+    worker = Worker(spec, study, store, st.ROOT)
+    for _ in range(2):
+        assert worker.take(study.ask()) == 1
+    orphan = study.ask()
+    store.record_heartbeat(orphan._trial_id)
+    finished = _points(study)
+    assert len(finished) == 2
+
+    # what a commit carries: the study file, its base recipe and the record; no run directory, no database
+    for rel in ("base.yaml", "studies/half.yaml", f"docs/studies/{NAME}/journal.log"):
+        (clone / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(first / rel, clone / rel)
+    assert not (clone / "logs").exists()
+    time.sleep(2.5)  # the orphan's heartbeat is now older than the grace period
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-m", "lit_factor.study.cli", "run", "studies/half.yaml",
+                           "--heartbeat", "1", "--grace", "2"], cwd=clone, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "2 already finished" in done.stdout
+
+    record = clone / "docs" / "studies" / NAME / "journal.log"
+    resumed = st.load(NAME, st.storage(st.JOURNAL_SCHEME + str(record).lstrip("/")))
+    assert _points(resumed) == [("lowrank", 1), ("lowrank", 2), ("monarch", 1), ("monarch", 2)]
+    ran_here = (clone / "logs" / "studies" / "invocations.txt").read_text().splitlines()
+    assert len(ran_here) == 2  # only the two unfinished points ran on the clone (the orphan among them)
+    assert not {(ln.split()[0], int(ln.split()[2])) for ln in ran_here} & set(finished)
+    orphaned = next(t for t in resumed.get_trials() if t.number == orphan.number)
+    assert orphaned.state.name == "FAIL"  # stale on the clone: failed and its grid point re-queued
+
+
+def test_snapshot_of_a_live_record_keeps_whole_lines_only(tmp_path):
+    record = tmp_path / "journal.log"
+    record.write_bytes(b'{"op_code": 0}\n{"op_code": 1}\n{"op_co')  # a line being appended
+    copy = st.snapshot(record, tmp_path / "copy" / "journal.log")
+    assert copy.read_bytes() == b'{"op_code": 0}\n{"op_code": 1}\n'
+
+
+def test_a_legacy_sqlite_study_is_copied_into_a_record_never_over_one(tmp_path):
+    import optuna
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    old = optuna.create_study(study_name="old", storage=url)
+    old.set_user_attr("source", "studies/old.yaml")
+    old.add_trial(optuna.create_trial(value=0.5, params={}, distributions={}, user_attrs={"verdict": "succeeded"}))
+    record = st.journal_from(url, "old", tmp_path / "docs" / "old" / "journal.log")
+    copied = st.load("old", st.storage(st.JOURNAL_SCHEME + str(record).lstrip("/")))
+    assert copied.user_attrs["source"] == "studies/old.yaml"
+    assert [t.user_attrs["verdict"] for t in copied.get_trials()] == ["succeeded"]
+    with pytest.raises(Exception, match="never overwritten"):
+        st.journal_from(url, "old", record)
