@@ -472,8 +472,8 @@ def test_rerun_with_changed_settings_is_refused(tmp_path, base_yaml):
     (["run", "S", "--heartbeat", "0"], "--heartbeat 0: must be at least 1 (seconds)"),  # was: "--storage ..."
     (["run", "S", "--grace", "0"], "--grace 0: must be at least 1 (seconds)"),
     (["run", "S", "--workers", "0"], "--workers 0: must be at least 1"),
-    (["status", "unknown"], "no study database logs/studies/unknown.db"),
-    (["report", "unknown", "--out", "out"], "no study database logs/studies/unknown.db"),
+    (["status", "unknown"], "no study record docs/studies/unknown/journal.log"),
+    (["report", "unknown", "--out", "out"], "no study record docs/studies/unknown/journal.log"),
 ])
 def test_bad_study_options_leave_nothing_behind(args, message, tmp_path, base_yaml, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
@@ -633,7 +633,7 @@ def test_storage_open_retries_when_another_process_creates_the_tables(monkeypatc
         return real(*args, **kwargs)
 
     monkeypatch.setattr(st, "RDBStorage", racing)
-    assert isinstance(st.storage(st.default_storage("r", tmp_path)), real) and len(attempts) == 2
+    assert isinstance(st.storage(f"sqlite:///{tmp_path / 'r.db'}"), real) and len(attempts) == 2
 
 
 def test_create_loads_a_study_another_process_created_at_the_same_instant(monkeypatch, tmp_path, base_yaml):
