@@ -242,6 +242,29 @@ def chunk_state(m: dict) -> list[tuple[int, str]]:
     return states
 
 
+#: what the project imports, checked on the machine with the carried wheels first on the path (the wheels were
+#: fetched without their dependencies: datasets 5.2 wants pyarrow >= 24 and huggingface-hub >= 1.31 from the image)
+PREFLIGHT = ("torch", "lightning", "transformers", "pyarrow", "huggingface_hub", "fsspec", "datasets", "optuna",
+             "jsonargparse", "torchdata", "lit_factor.train.data", "lit_factor.study.runner")
+
+
+def preflight() -> bool:
+    """Import every package the grid needs in a fresh interpreter; print versions; False if one fails."""
+    code = "\n".join([
+        "import importlib, sys",
+        "ok = True",
+        "for n in sys.argv[1:]:",
+        "    try:",
+        "        m = importlib.import_module(n)",
+        "        print(f'  {n} {getattr(m, \"__version__\", \"\")}')",
+        "    except Exception as e:",
+        "        ok = False",
+        "        print(f'  {n} FAILED: {type(e).__name__}: {e}')",
+        "sys.exit(0 if ok else 1)"])
+    print("imports with the carried packages:")
+    return subprocess.run([sys.executable, "-c", code, *PREFLIGHT], cwd=ROOT, env=study_env()).returncode == 0
+
+
 def status(args) -> int:
     m = manifest()
     states = chunk_state(m)
@@ -249,7 +272,8 @@ def status(args) -> int:
     joined = transfer_dir() / "mpnet" / "all-mpnet-base-v2" / "model.safetensors"
     print(f"assembled model: {'yes' if joined.is_file() else 'no'}; packages installed: "
           f"{'yes' if (transfer_dir() / 'site' / '.installed').is_file() else 'no'}")
-    return 0
+    install_wheels()
+    return 0 if preflight() else 1
 
 
 def receive(args) -> int:
@@ -321,6 +345,8 @@ def run(args) -> int:
     if not (transfer_dir() / "mpnet" / "all-mpnet-base-v2" / "model.safetensors").is_file():
         raise TransferError("no assembled model: run the chunk calls and `assemble` first (status says which)")
     install_wheels()
+    if not preflight():
+        raise TransferError("a package the grid needs does not import (above); carry its wheel in base/wheels")
     out = Path(os.environ.get("OUT") or transfer_dir() / "out")
     out.mkdir(parents=True, exist_ok=True)
     records = transfer_dir() / "studies"
