@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TRANSFER = ".gpu_transfer"  # ignored (prepare adds it to the repository's info/exclude)
 TRANSFER_ENV = "GPU_TRANSFER_DIR"  # another place for it (tests)
 CALL_LIMIT_MIB = 64  # the device tool's limit per call: working tree + carried paths
-MARGIN_MIB = 2
+MARGIN_MIB = 4  # what the tree may grow by between prepare and the calls
 MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 REQUIRED = ("config.json", "model.safetensors", "tokenizer.json")
 GLUE_FILES = {"SST-2": ("train", "dev"), "MRPC": ("train", "dev"), "CoLA": ("train", "dev"),
@@ -203,13 +203,14 @@ def prepare(args) -> Path:
         download_wheels(base / "wheels")
     half = out / "model.fp16.safetensors"  # stays here; only its chunks travel
     rounding = to_float16(model_dir / "model.safetensors", half)
-    chunks = split_file(half, out, int(args.chunk_mb * 2**20))
+    tree = tree_size(ROOT)
+    chunk_mib = args.chunk_mb or int((args.limit_mib - MARGIN_MIB - mib(tree)) * 10) / 10  # the most a call takes
+    chunks = split_file(half, out, int(chunk_mib * 2**20))
     manifest = {"weights": {"file": "model.fp16.safetensors", "bytes": half.stat().st_size, "sha256": sha256(half),
                             **rounding}, "chunks": chunks, "studies": list(args.studies)}
     (base / "manifest.json").write_text(json.dumps(manifest, indent=1))
     if out == ROOT / TRANSFER:
         exclude_transfer(ROOT)
-    tree = tree_size(ROOT)
     calls = plan_calls(folder_size(base), chunks, tree, args.limit_mib)
     manifest["calls"] = calls
     (base / "manifest.json").write_text(json.dumps(manifest, indent=1))
@@ -373,6 +374,10 @@ def run(args) -> int:
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        if not (records / f"{name}.db").is_file():
+            print(f"{name}: no study record was written (the output above says why)")
+            code = code or 1
+            continue
         shutil.copy2(records / f"{name}.db", out / f"{name}.db")
         runs = ROOT / "logs" / "studies" / name
         if runs.is_dir():  # the report's curves and summaries: small files only (no checkpoints)
@@ -389,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="command", required=True)
     pr = sub.add_parser("prepare", help="here: float16 chunks, wheels, GLUE files, manifest, the call plan")
     pr.add_argument("--glue", default=str(ROOT.parent / "shared" / "glue"), help="GLUE TSV root")
-    pr.add_argument("--chunk-mb", type=float, default=40.0, help="MiB per weight chunk (default 40)")
+    pr.add_argument("--chunk-mb", type=float, help="MiB per weight chunk (default: the most that fits a call "
+                                                   "beside the working tree)")
     pr.add_argument("--limit-mib", type=float, default=CALL_LIMIT_MIB, help="MiB per device call (default 64)")
     pr.add_argument("--model-dir", help="the MPNet folder (default: the installed parts, as model 'mpnet')")
     pr.add_argument("--no-wheels", dest="wheels", action="store_false", help="skip the wheel download")
