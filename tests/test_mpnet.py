@@ -206,9 +206,8 @@ def test_export_mpnet(tmp_path, method, budget, fmt, extra):
             p.add_(torch.randn_like(p) * 0.02)
     out, _ = export_and_compare(tmp_path, module, fmt, *extra)  # logits equal to 1e-4 after reloading
     manifest = json.loads((out / "lit_factor_export.json").read_text())
-    if "--optimize" in extra:  # the Monarch chunk-order rewrites find MPNet's attention and FFN
-        assert manifest["check"]["rewrites"] == {"ffn_chunk_order": 2, "attention_chunk_order": 2,
-                                                 "shared_qkv_gemm": 0}
+    if "--optimize" in extra:  # the FFN rewrite finds MPNet's layers (attention at this shape: test_inference)
+        assert manifest["check"]["rewrites"]["ffn_chunk_order"] == 2
 
 
 @needs_minilm
