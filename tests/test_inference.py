@@ -24,9 +24,9 @@ from lit_factor.models import load_model
 SHAPE = dict(hidden_size=64, num_attention_heads=4, intermediate_size=256)
 
 
-def model_with(method: str, budget: float | None, targets=None):
+def model_with(method: str, budget: float | None, targets=None, arch: str = "random:tiny-bert"):
     torch.manual_seed(0)
-    model = load_model("random:tiny-bert", **SHAPE).eval()
+    model = load_model(arch, **SHAPE).eval()
     if method != "none":
         apply_plan(model, build_plan(model, method, budget, targets=targets))
     return model
@@ -34,16 +34,17 @@ def model_with(method: str, budget: float | None, targets=None):
 
 def outputs(model, inputs):
     with torch.inference_mode():
-        return model.bert(**inputs).last_hidden_state, model(**inputs).logits
+        return model.base_model(**inputs).last_hidden_state, model(**inputs).logits
 
 
+@pytest.mark.parametrize("arch", ["random:tiny-bert", "random:tiny-mpnet"])  # attention.self.query / attn.q
 @pytest.mark.parametrize("method, budget, expected", [
     ("none", None, {"shared_qkv_gemm": 2}),
     ("lowrank", 0.5, {"shared_qkv_gemm": 2}),
     ("monarch", None, {"ffn_chunk_order": 2, "attention_chunk_order": 2}),
 ])
-def test_rewritten_model_computes_the_same_function(one_thread, method, budget, expected):
-    model = model_with(method, budget)
+def test_rewritten_model_computes_the_same_function(one_thread, method, budget, expected, arch):
+    model = model_with(method, budget, arch=arch)
     fast = optimize_for_inference(copy.deepcopy(model))
     assert {k: v for k, v in fast.inference_rewrites.items() if v} == expected
     assert linear_macs_per_token(fast) == linear_macs_per_token(model)  # the same math, regrouped

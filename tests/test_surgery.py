@@ -1,4 +1,4 @@
-"""Surgery on tiny random BERT, RoBERTa and T5 classifiers, and on the packaged pretrained MiniLM."""
+"""Surgery on tiny random BERT, RoBERTa, T5 and MPNet classifiers, and on the packaged pretrained MiniLM."""
 
 import copy
 import json
@@ -12,7 +12,7 @@ from lit_factor.compress.surgery import Plan, PlanError, apply_plan, build_plan,
 from lit_factor.factorize import BudgetError, FactorizedLinear, LowRankLinear, MonarchLinear, ProjectionStats
 from lit_factor.models import load_model
 
-ARCHS = ["random:tiny-bert", "random:tiny-roberta", "random:tiny-t5"]
+ARCHS = ["random:tiny-bert", "random:tiny-roberta", "random:tiny-t5", "random:tiny-mpnet"]
 METHOD_ARGS = {"lowrank": {"budget": 0.5}, "monarch": {"budget": None, "nblocks": 4},
                "blockwise": {"budget": 0.5, "nblocks": 2}}
 

