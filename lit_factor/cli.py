@@ -29,6 +29,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from lit_factor import cli_help
+from lit_factor.compress.distillation import Distillation
+from lit_factor.compress.factorizer import Factorization
 from lit_factor.compress.surgery import PlanError
 from lit_factor.errors import EXIT_TERMINATED, EXIT_USAGE, UserError, fail
 from lit_factor.factorize import BudgetError
@@ -376,6 +378,13 @@ class _Parsed(Exception):
 
 class _ParseOnlyCLI(LitFactorCLI):
     def before_instantiate_classes(self) -> None:
+        # The settings dataclasses check themselves against the registries (a structure or init registered later
+        # is allowed): build them -- plain data, nothing else is instantiated.
+        model = self.config[self.subcommand].model if self.subcommand else self.config.model
+        for key, cls in (("factorization", Factorization), ("distillation", Distillation)):
+            section = model.get(key)
+            if section is not None:
+                cls(**(section.as_dict() if hasattr(section, "as_dict") else dict(section)))
         raise _Parsed
 
 

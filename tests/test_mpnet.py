@@ -179,7 +179,8 @@ def factorized_mpnet(method, budget, **shape):
 @pytest.mark.parametrize("runtime", ["eager", pytest.param("onnxruntime", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("part", ["model", "encoder"])
 def test_latency_of_mpnet(part, runtime):
-    from lit_factor.deploy.latency import LatencySettings, compare_latency, dense_equivalent
+    from lit_factor.compress.switchable import dense_equivalent
+    from lit_factor.deploy.latency import LatencySettings, compare_latency
 
     fact = factorized_mpnet("lowrank", 0.5)
     settings = LatencySettings(batch_sizes=[2], seq_lens=[8], repeats=2, warmup=1, threads=1, part=part,
