@@ -23,6 +23,7 @@ import dataclasses
 import json
 import os
 import sys
+import tempfile
 import time
 
 from lit_factor.compress.surgery import apply_plan, build_plan
@@ -114,6 +115,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=10, help="timed rounds per shape (median and p90 over them)")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls per model and shape first")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--export-cache", default=None, metavar="DIR",
+                   help="keep the ONNX exports (fused, quantized) here, keyed by a fingerprint of the weights, and "
+                        "reuse them in a later run of the same models (default: a temporary directory per run)")
+    p.add_argument("--seed", type=int, default=0, help="torch seed before building the random-weight models (0)")
     p.add_argument("--json", default=None, help="write the rows to this JSON file")
     p.add_argument("--profile", default=None, metavar="FILE",
                    help="also write a per-operator time breakdown of every model (first shape, each runtime) here")
@@ -160,7 +165,7 @@ def settings_list(args, skipped: list[str] | None = None) -> list[LatencySetting
                else list(dict.fromkeys(args.fusions)))
     base = LatencySettings(batch_sizes=args.batch_sizes, seq_lens=args.seq_lens, repeats=args.repeats,
                            warmup=args.warmup, dtype=args.dtype, device=args.device, threads=args.threads,
-                           part=args.part, pad_rank_to=args.pad_rank_to)
+                           part=args.part, pad_rank_to=args.pad_rank_to, export_cache=getattr(args, "export_cache", None))
     out = []
     for runtime in args.runtime:
         for precision in dict.fromkeys(args.precision):
@@ -259,6 +264,9 @@ def is_loaded(loads: list[float | None], threads: int | None) -> bool:
 
 def measure(args) -> list[LatencyRow]:
     start = time.perf_counter()
+    import torch
+
+    torch.manual_seed(args.seed)  # the same random weights (and so the same cached exports) on every run
     dense = load_model(model_source(args.model)).to(args.device)
     models, meta = build_variants(dense, args)
     if args.optimize:
@@ -274,6 +282,8 @@ def measure(args) -> list[LatencyRow]:
     if args.profile:
         open(args.profile, "w").close()
     rows, skipped, profiles = [], [], {}
+    cache = None if args.export_cache else tempfile.TemporaryDirectory(prefix="lit_factor_exports_")
+    args.export_cache = args.export_cache or cache.name  # each model exported once per run (or kept in the given dir)
     for settings in settings_list(args, skipped):
         before = load_average()
         runtime_rows = compare_latency(dense, models, settings, meta)

@@ -85,6 +85,8 @@ class LatencySettings:
             :class:`LatencyError` saying so); ``int8`` / ``int8-static`` (ONNX Runtime dynamic / static
             quantization of both exported graphs, after their fusions). Not fp32: the dense fp32 model is timed in
             the same rounds too (rows' ``dense_fp32_ms``).
+        export_cache: a directory where ONNX exports (and their fused / quantized versions) are kept and reused
+            across settings of one run (keyed by a fingerprint of the weights); ``None``: a fresh export each time.
         pad_rank_to: rank padding of low-rank layers at inference on CUDA (see docs/speed.md), set on the
             measured copies only; ``None`` keeps the layers' own setting, 0 turns it off.
         dtype: ``float32``, ``bfloat16`` or ``float16`` for the measured copies; ``None`` keeps the model's dtype.
@@ -113,6 +115,7 @@ class LatencySettings:
     pad_rank_to: int | None = None
     fusions: str = "none"
     precision: str = "fp32"
+    export_cache: str | None = None
 
     def __post_init__(self) -> None:
         if self.ort_fusions and self.fusions == "none":
@@ -365,23 +368,51 @@ def _prepare(model: nn.Module, settings: LatencySettings) -> nn.Module:
     return clone.eval()
 
 
+def _fingerprint(module: nn.Module, part: str) -> str:
+    """What an export depends on: the module's class, parameter names, shapes and values (a hash), the part."""
+    import hashlib
+
+    h = hashlib.sha1(f"{type(module).__name__}|{part}".encode())
+    for name, tensor in module.state_dict().items():
+        h.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        h.update(tensor.detach().float().contiguous().cpu().numpy().tobytes()[:4096])
+        h.update(f"{float(tensor.detach().float().sum()):.6e}".encode())
+    return h.hexdigest()[:16]
+
+
 def onnx_file(model: nn.Module, target: nn.Module, kwargs: dict, settings: LatencySettings, path: Path) -> Path:
-    """``target`` (the timed part of ``model``) exported to ``path``, with ORT's fusions if the settings ask."""
+    """``target`` (the timed part of ``model``) exported to ``path``, fused and quantized as the settings ask.
+
+    With ``settings.export_cache`` (a directory), each stage (export, fusion, quantization) is kept there under
+    a fingerprint of the module's weights, and reused by later settings of the same run: a sweep over
+    precisions exports each model once."""
     from lit_factor.deploy import ort
 
-    exported = ort.export_onnx(target, kwargs, path,
-                               output_name="logits" if settings.part == "model" else "last_hidden_state")
+    cache = Path(settings.export_cache) if settings.export_cache else None
+    if cache is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+        path = cache / f"{_fingerprint(target, settings.part)}.onnx"
+    if not path.is_file():
+        ort.export_onnx(target, kwargs, path,
+                        output_name="logits" if settings.part == "model" else "last_hidden_state")
+    exported = path
     if settings.fusions == "ort":
-        exported = ort.optimize_transformer(exported, path.with_suffix(".fused.onnx"), model.config)
+        exported = path.with_suffix(".ortfused.onnx")
+        if cache is None or not exported.is_file():
+            ort.optimize_transformer(path, exported, model.config)
     elif settings.fusions == "attention":
-        ort.fuse_attention(exported, path.with_suffix(".fused.onnx"))
         exported = path.with_suffix(".fused.onnx")
+        if cache is None or not exported.is_file():
+            ort.fuse_attention(path, exported)
     if settings.precision.startswith("int8"):
         from lit_factor.deploy.quantize import quantize_int8
 
         static = settings.precision == "int8-static"  # calibrated on the timed inputs (random weights anyway)
-        exported = quantize_int8(exported, path.with_suffix(".int8.onnx"), mode="static" if static else "dynamic",
-                                 calibration=[ort.numpy_inputs(kwargs)] if static else None)
+        quantized = exported.with_suffix(f".{settings.precision}.onnx")
+        if cache is None or not quantized.is_file():
+            quantize_int8(exported, quantized, mode="static" if static else "dynamic",
+                          calibration=[ort.numpy_inputs(kwargs)] if static else None)
+        exported = quantized
     return exported
 
 
