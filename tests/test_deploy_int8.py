@@ -157,3 +157,14 @@ def test_loaded_flag_counts_the_measurements_own_threads():
     assert not bench.is_loaded([1.8, 2.9], threads=2)  # our own two threads and a little noise
     assert bench.is_loaded([1.8, 7.5], threads=2)
     assert not bench.is_loaded([None], threads=2)
+
+
+def test_deploy_doc_is_the_generated_one():
+    """docs/deploy.md holds only what benchmarks/deploy_report.py prints from the result files."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("deploy_report", Path(__file__).resolve().parents[1] /
+                                                  "benchmarks" / "deploy_report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    assert report.main(["--check"]) == 0
