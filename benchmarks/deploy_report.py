@@ -196,7 +196,7 @@ def render() -> str:
                 ("minilm_sst2_deploy_accuracy*.json", accuracy_section)]
     for pattern, section in sections:
         path = (_latest(pattern) if not pattern.endswith("_profile_ops.json") else
-                next(iter(sorted(RESULTS.glob(pattern))), None))
+                next(iter(sorted(RESULTS.glob(pattern), reverse=True)), None))  # the same file as the speed rows
         if path is None:
             out += [f"({pattern}: not recorded yet)", ""]
             continue
