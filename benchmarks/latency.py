@@ -23,11 +23,14 @@ import dataclasses
 import json
 import os
 import sys
+import tempfile
 import time
 
 from lit_factor.compress.surgery import apply_plan, build_plan
 from lit_factor.deploy.latency import (
     DTYPES,
+    FUSIONS,
+    PRECISIONS,
     RUNTIMES,
     LatencyError,
     LatencyRow,
@@ -90,9 +93,16 @@ def parser() -> argparse.ArgumentParser:
                    help="runtime(s), dense and factorized always in the same one: eager, compile (torch.compile), "
                         "cudagraph (CUDA graph replay, CUDA only), compile-cudagraph (both), onnxruntime (ONNX "
                         "Runtime CPU session, float32; --threads sets its intra-op threads). --mode: former name")
-    p.add_argument("--ort-fusions", default="off", choices=["off", "on", "both"],
-                   help="with onnxruntime: ONNX Runtime's transformer fusions (Gelu, LayerNorm, SkipLayerNorm, "
-                        "attention where it matches) off, on, or both measured (default off)")
+    p.add_argument("--fusions", nargs="+", default=["attention"], choices=FUSIONS,
+                   help="with onnxruntime: graph fusions of both exports: attention (onnxscript's fusions, attention "
+                        "fused for dense and factorized alike; default), ort (ONNX Runtime's transformer optimizer, "
+                        "no attention fusion on these exports), none; several are measured one after another")
+    p.add_argument("--ort-fusions", default=None, choices=["off", "on", "both"],
+                   help="former switch: ONNX Runtime's transformer optimizer off (= --fusions none), on (ort) or both")
+    p.add_argument("--precision", nargs="+", default=["fp32"], choices=PRECISIONS,
+                   help="fp32; bf16 (PyTorch runtimes, CPUs with AVX-512 BF16/AMX; skipped elsewhere, saying so); "
+                        "int8 / int8-static (onnxruntime: dynamic / static quantization of both fused graphs). "
+                        "Not fp32: the dense fp32 model is timed in the same rounds (speedup_vs_dense_fp32)")
     p.add_argument("--pad-rank-to", type=int, default=None,
                    help="pad low-rank ranks with zeros to this multiple at inference on CUDA (0 = off; default: "
                         "the layers' own, 64; see docs/speed.md)")
@@ -105,6 +115,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=10, help="timed rounds per shape (median and p90 over them)")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls per model and shape first")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--export-cache", default=None, metavar="DIR",
+                   help="keep the ONNX exports (fused, quantized) here, keyed by a fingerprint of the weights, and "
+                        "reuse them in a later run of the same models (default: a temporary directory per run)")
+    p.add_argument("--seed", type=int, default=0, help="torch seed before building the random-weight models (0)")
     p.add_argument("--json", default=None, help="write the rows to this JSON file")
     p.add_argument("--profile", default=None, metavar="FILE",
                    help="also write a per-operator time breakdown of every model (first shape, each runtime) here")
@@ -144,14 +158,31 @@ def build_variants(dense, args) -> tuple[dict, dict]:
     return models, meta
 
 
-def settings_list(args) -> list[LatencySettings]:
-    """One LatencySettings per runtime (onnxruntime twice with --ort-fusions both)."""
-    fusions = {"off": [False], "on": [True], "both": [False, True]}[args.ort_fusions]
+def settings_list(args, skipped: list[str] | None = None) -> list[LatencySettings]:
+    """One LatencySettings per runtime x precision (x fusions for onnxruntime); combinations that cannot be
+    measured here (int8 outside onnxruntime, bf16 on a CPU without it...) are left out and said in ``skipped``."""
+    fusions = ({"off": ["none"], "on": ["ort"], "both": ["none", "ort"]}[args.ort_fusions] if args.ort_fusions
+               else list(dict.fromkeys(args.fusions)))
     base = LatencySettings(batch_sizes=args.batch_sizes, seq_lens=args.seq_lens, repeats=args.repeats,
                            warmup=args.warmup, dtype=args.dtype, device=args.device, threads=args.threads,
-                           part=args.part, pad_rank_to=args.pad_rank_to)
-    return [dataclasses.replace(base, runtime=runtime, mode=None, ort_fusions=fused) for runtime in args.runtime
-            for fused in (fusions if runtime == "onnxruntime" else [False])]
+                           part=args.part, pad_rank_to=args.pad_rank_to, export_cache=getattr(args, "export_cache", None))
+    out = []
+    for runtime in args.runtime:
+        for precision in dict.fromkeys(args.precision):
+            for fused in (fusions if runtime == "onnxruntime" else ["none"]):
+                dtype = None if precision == "bf16" and args.dtype in ("float32", "fp32") else args.dtype
+                settings = dataclasses.replace(base, runtime=runtime, mode=None, fusions=fused, ort_fusions=False,
+                                               precision=precision, dtype=dtype)
+                try:
+                    settings.check()
+                except LatencyError as err:
+                    if len(args.runtime) * len(args.precision) == 1:
+                        raise
+                    if skipped is not None:
+                        skipped.append(f"{runtime} {precision}: {err}")
+                    continue
+                out.append(settings)
+    return out
 
 
 def _ms(value: float) -> str:
@@ -198,18 +229,44 @@ def markdown_goals(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_profile(path: str, dense, models: dict, settings: LatencySettings, mode: str) -> None:
-    from lit_factor.deploy.profiling import profile_models
+def write_profile(path: str, dense, models: dict, settings: LatencySettings, mode: str) -> dict[str, dict]:
+    """Append every model's op-time table to ``path``; return {model: {op: ms per forward}}."""
+    from lit_factor.deploy.profiling import profile_ops
 
-    tables = profile_models(dense, models, settings)
+    profiles = profile_ops(dense, models, settings, calls=2)
     with open(path, "a") as f:
-        for name, table in tables.items():
+        for name, (table, _) in profiles.items():
             f.write(f"=== {name}: {mode}, batch {settings.batch_sizes[0]} x {settings.seq_lens[0]}, "
                     f"part {settings.part}, {settings.threads or 'default'} threads\n{table}\n\n")
+    return {name: ops for name, (_, ops) in profiles.items()}
+
+
+def add_amdahl(rows: list[LatencyRow], dense_ops: dict[str, float], label: str) -> None:
+    """Each row's Amdahl bound from the dense model's own profile in that runtime (lit_factor.deploy.profiling)."""
+    from lit_factor.deploy.profiling import amdahl_bound
+
+    for row in rows:
+        bound = amdahl_bound(dense_ops, label, row.macs_per_token_factorized / row.macs_per_token_dense)
+        row.extra.update(amdahl_bound=round(bound["bound"], 3), dense_gemm_share=round(bound["gemm_share"], 3),
+                         of_bound=round(row.speedup / bound["bound"], 3))
+
+
+def load_average() -> float | None:
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+
+
+def is_loaded(loads: list[float | None], threads: int | None) -> bool:
+    """Other work on the machine: the 1-minute load average went above this measurement's own threads + 1 at
+    some point (a loaded machine compresses ratios towards 1: docs/speed.md)."""
+    known = [x for x in loads if x is not None]
+    return bool(known) and max(known) > (threads or os.cpu_count() or 1) + 1
 
 
 def measure(args) -> list[LatencyRow]:
     start = time.perf_counter()
+    import torch
+
+    torch.manual_seed(args.seed)  # the same random weights (and so the same cached exports) on every run
     dense = load_model(model_source(args.model)).to(args.device)
     models, meta = build_variants(dense, args)
     if args.optimize:
@@ -224,17 +281,30 @@ def measure(args) -> list[LatencyRow]:
           f"(load average {load})", file=sys.stderr)
     if args.profile:
         open(args.profile, "w").close()
-    rows = []
-    for settings in settings_list(args):
+    rows, skipped, profiles = [], [], {}
+    cache = None if args.export_cache else tempfile.TemporaryDirectory(prefix="lit_factor_exports_")
+    args.export_cache = args.export_cache or cache.name  # each model exported once per run (or kept in the given dir)
+    for settings in settings_list(args, skipped):
+        before = load_average()
         runtime_rows = compare_latency(dense, models, settings, meta)
+        loads = [before, load_average()]
         label = runtime_label(runtime_rows[0])
+        if args.profile:
+            profiles[label] = write_profile(args.profile, dense, models, settings, label)
+            add_amdahl(runtime_rows, profiles[label]["dense"], label)
+        for row in runtime_rows:
+            row.extra.update(load_avg_1min=max(x for x in loads if x is not None) if any(loads) else None,
+                             loaded=is_loaded(loads, settings.threads))
         print(format_table(runtime_rows, title=f"model {args.model}, runtime {label}"), flush=True)
         rows += runtime_rows
         if args.json:  # after every runtime: a run cut short keeps what it measured
             with open(args.json, "w") as f:
                 json.dump([r.to_dict() for r in rows], f, indent=1)
         if args.profile:
-            write_profile(args.profile, dense, models, settings, label)
+            with open(os.path.splitext(args.profile)[0] + "_ops.json", "w") as f:
+                json.dump(profiles, f, indent=1)
+    for line in skipped:
+        print(f"skipped {line}", file=sys.stderr)
     return rows
 
 

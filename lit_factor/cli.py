@@ -52,6 +52,7 @@ COMMANDS = {
     "study": ("lit_factor.study.cli", "run a sweep of fits (budgets x methods x seeds) and tabulate the results"),
     "analyze": ("lit_factor.study.analyze", "analyze a model's or a run's factorization (spectra, projection errors)"),
     "export": ("lit_factor.deploy.export", "export a run's model (hf, dense or ONNX), checked against its logits"),
+    "evaluate": ("lit_factor.deploy.evaluate", "an exported model's dev metrics (hf, dense, onnx, onnx int8), as test"),
 }
 EPILOG = "other commands (each with --help):\n" + "\n".join(
     f"  {name:<9} {summary}" for name, (_, summary) in COMMANDS.items())

@@ -15,9 +15,14 @@ Formats (nothing pickled: JSON and safetensors / ONNX only; the tokenizer's file
   (``AutoModelForSequenceClassification.from_pretrained(DIR)``). For compatibility only: it has the dense model's
   size and speed.
 * ``onnx``: ``model.onnx`` (inputs ``input_ids``, ``attention_mask`` [, ``token_type_ids``]; output ``logits``;
-  dynamic batch and sequence axes) + ``config.json``. ``--ort-fusions`` adds ``model.fused.onnx`` with ONNX
-  Runtime's transformer fusions; ``--optimize`` exports after the exact inference rewrites of
-  ``lit_factor/inference.py``. Each file is run in ONNX Runtime and checked against PyTorch's logits.
+  dynamic batch and sequence axes) + ``config.json``, with attention fused into one ONNX Runtime op (onnxscript's
+  fusions, dense and factorized alike; ``--fusions none`` keeps the plain export). ``--ort-fusions`` adds
+  ``model.fused.onnx`` with ONNX Runtime's own transformer optimizer; ``--optimize`` exports after the exact
+  inference rewrites of ``lit_factor/deploy/inference.py``; ``--quantize int8`` adds ``model.int8.onnx`` (ONNX
+  Runtime dynamic quantization, or static with ``--quantize-mode static --calibration-data GLUE_DIR``: ranges
+  calibrated on the checkpoint task's training sentences). Each file is run in ONNX Runtime and checked against
+  PyTorch's logits (int8: within ``--int8-tolerance`` and the same predicted labels); the fused ops of each file
+  are counted from its graph into ``lit_factor_export.json``.
 
 Every export is checked before it is written (reloaded and compared with the checkpoint's logits on inputs of a
 shape the export did not see) and listed in ``lit_factor_export.json``. Every format's ``config.json`` names the
@@ -39,6 +44,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -71,7 +77,33 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ort-fusions", action="store_true", help="onnx: also write model.fused.onnx (ORT fusions)")
     p.add_argument("--optimize", action="store_true", help="onnx: export after the exact inference rewrites")
     p.add_argument("--tolerance", type=float, default=1e-4, help="largest |logit difference| accepted (1e-4)")
+    # issue 24: fused attention and int8 (the onnx format only)
+    p.add_argument("--fusions", default="attention", choices=["attention", "none"],
+                   help="onnx: fuse attention, LayerNorm and GELU for ONNX Runtime (onnxscript; default) or not")
+    p.add_argument("--quantize", default="none", choices=["none", "int8"],
+                   help="onnx: also write model.int8.onnx (ONNX Runtime quantization)")
+    p.add_argument("--quantize-mode", default="dynamic", choices=["dynamic", "static"],
+                   help="int8: dynamic (no data) or static (activation ranges calibrated on training sentences)")
+    p.add_argument("--calibration-data", default=None, metavar="GLUE_DIR",
+                   help="static int8: GLUE directory whose training split of the checkpoint's task calibrates")
+    p.add_argument("--calibration-samples", type=int, default=256, help="static int8: training sentences (256)")
+    p.add_argument("--int8-tolerance", type=float, default=0.25,
+                   help="int8: largest |logit difference| from the checkpoint accepted (0.25); labels must agree")
     return p
+
+
+def check_onnx_options(args) -> None:
+    """The ONNX-only options make sense with --format onnx only; static int8 needs calibration data."""
+    if args.format != "onnx":
+        given = [f"--{n}" for n, default in (("quantize", "none"), ("fusions", "attention"))
+                 if getattr(args, n) != default]
+        if given:
+            raise UserError(f"{' and '.join(given)} apply to --format onnx only, got --format {args.format}")
+    if args.quantize == "int8" and args.quantize_mode == "static" and not args.calibration_data:
+        raise UserError("--quantize-mode static needs --calibration-data GLUE_DIR (the training sentences that "
+                        "calibrate the activation ranges); or use --quantize-mode dynamic")
+    if args.calibration_samples < 1:
+        raise UserError(f"--calibration-samples {args.calibration_samples} must be a positive integer")
 
 
 @dataclass
@@ -213,23 +245,70 @@ def export_dense(loaded: Loaded, out: Path, args) -> dict:
             "max_abs_logit_diff": diff}
 
 
+def calibration_feeds(loaded: Loaded, data_dir: str, samples: int, input_names: list[str],
+                      batch_size: int = 8) -> list[dict]:
+    """The first ``samples`` training sentences of the checkpoint's task, tokenized as fit tokenizes them
+    (``GLUEDataModule``), padded per batch: the feeds that calibrate static int8 activation ranges."""
+    from transformers import DataCollatorWithPadding
+
+    from lit_factor.train.data import GLUEDataModule
+
+    data = GLUEDataModule(loaded.source["task"], data_dir=data_dir, model_name_or_path=loaded.source[
+        "model_name_or_path"], max_train_samples=samples)
+    rows = data._load_tokenized("train")
+    collate = DataCollatorWithPadding(data.tokenizer)
+    feeds = []
+    for start in range(0, len(rows), batch_size):
+        batch = collate([{k: rows[i][k] for k in input_names if k in rows.column_names}
+                         for i in range(start, min(start + batch_size, len(rows)))])
+        feed = {k: batch[k].numpy() for k in input_names if k in batch}
+        if "token_type_ids" in input_names and "token_type_ids" not in feed:
+            feed["token_type_ids"] = np.zeros_like(feed["input_ids"])
+        feeds.append(feed)
+    return feeds
+
+
 def export_onnx_files(loaded: Loaded, out: Path, args) -> dict:
     from lit_factor.deploy import ort
     from lit_factor.deploy.inference import optimize_for_inference
 
     model = optimize_for_inference(copy.deepcopy(loaded.model)) if args.optimize else loaded.model
     loaded.model.config.save_pretrained(out)  # labels and sizes for the serving side
-    ort.export_onnx(model, model_inputs(loaded.model, 2, 16, seed=0), out / "model.onnx", output_name="logits")
+    export_inputs = model_inputs(loaded.model, 2, 16, seed=0)
+    if args.fusions == "attention":
+        ort.export_onnx(model, export_inputs, out / "model.unfused.onnx", output_name="logits")
+        ort.fuse_attention(out / "model.unfused.onnx", out / "model.onnx")
+        (out / "model.unfused.onnx").unlink()
+    else:
+        ort.export_onnx(model, export_inputs, out / "model.onnx", output_name="logits")
     files = {"model.onnx": out / "model.onnx"}
     if args.ort_fusions:
         files["model.fused.onnx"] = ort.optimize_transformer(out / "model.onnx", out / "model.fused.onnx",
                                                              loaded.model.config)
     inputs = model_inputs(loaded.model, 3, 11, seed=1)  # another shape than the export's: dynamic axes
     want = logits_of(loaded.model, inputs)
-    result = {"inputs": list(inputs), "rewrites": getattr(model, "inference_rewrites", None)}
+    result = {"inputs": list(inputs), "rewrites": getattr(model, "inference_rewrites", None),
+              "fusions": {name: ort.graph_fusions(path) for name, path in files.items()}}
     for name, path in files.items():
         got = torch.from_numpy(ort.make_session(path, threads=1).run(None, ort.numpy_inputs(inputs))[0])
         result[f"max_abs_logit_diff[{name}]"] = check_close(name, got, want, args.tolerance)
+    if args.quantize == "int8":
+        from lit_factor.deploy.quantize import quantize_int8
+
+        feeds = (calibration_feeds(loaded, args.calibration_data, args.calibration_samples, list(inputs))
+                 if args.quantize_mode == "static" else None)
+        path = quantize_int8(out / "model.onnx", out / "model.int8.onnx", mode=args.quantize_mode, calibration=feeds)
+        got = torch.from_numpy(ort.make_session(path, threads=1).run(None, ort.numpy_inputs(inputs))[0])
+        result["int8"] = {"mode": args.quantize_mode, "weights": "int8 (QInt8)",
+                          "calibration_samples": args.calibration_samples if feeds else None,
+                          "fused_ops": ort.graph_fusions(path)}
+        result["max_abs_logit_diff[model.int8.onnx]"] = check_close("model.int8.onnx", got, want,
+                                                                    args.int8_tolerance)
+        agree = (got.argmax(-1) == want.argmax(-1)).float().mean().item() if want.shape[-1] > 1 else 1.0
+        result["int8"]["label_agreement"] = agree
+        if agree < 1.0:
+            raise ExportCheckError(f"model.int8.onnx: predicted labels differ from the checkpoint's on "
+                                   f"{1 - agree:.0%} of the check batch")
     return result
 
 
@@ -264,6 +343,7 @@ def export(args) -> tuple[Loaded, dict, list[str]]:
     """Export into a scratch directory beside the target, check, then move the files in: a failed export leaves
     the target as it was."""
     target = check_target(args.to, args.overwrite)
+    check_onnx_options(args)
     loaded = load_checkpoint_model(checkpoint_path(args))
     target.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.export-", dir=target.parent))
@@ -313,6 +393,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"exported {args.format} to {args.to}: {', '.join(files)}")
     diffs = {k: v for k, v in result.items() if k.startswith("max_abs_logit_diff")}
     print("checked against the checkpoint's logits: " + ", ".join(f"{k} = {v:.2e}" for k, v in diffs.items()))
+    for name, ops in (result.get("fusions") or {}).items():
+        print(f"fused ops in {name} (counted from the graph): " + (", ".join(f"{op} x{n}" for op, n in ops.items())
+                                                                 or "none"))
+    if "int8" in result:
+        print(f"model.int8.onnx: {result['int8']['mode']} int8, predicted labels agree with the checkpoint's on "
+              f"{result['int8']['label_agreement']:.0%} of the check batch")
     for note in loaded.notes:
         print(f"note: {note}")
     return 0

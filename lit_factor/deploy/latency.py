@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 import os
 import statistics
@@ -46,6 +47,14 @@ from lit_factor.factorize import FactorizedLinear
 MODES = ("eager", "compile", "cudagraph", "compile-cudagraph")
 RUNTIMES = (*MODES, "onnxruntime")
 PARTS = ("model", "encoder")
+#: ONNX graph fusions before ONNX Runtime runs a model: none, ONNX Runtime's transformer optimizer ("ort", what
+#: ``ort_fusions=True`` asked for), or onnxscript's fusions with attention fused ("attention"; issue 24)
+FUSIONS = ("none", "ort", "attention")
+#: numeric precision of both models: fp32; bf16 (PyTorch runtimes, CPUs with AVX-512 BF16 / AMX or CUDA); int8
+#: (ONNX Runtime quantization of the fused graph: dynamic, or static with calibrated activation ranges)
+PRECISIONS = ("fp32", "bf16", "int8", "int8-static")
+#: the dense model in fp32, timed in the same rounds when the precision is not fp32 ("int8 vs dense fp32")
+FP32_BASELINE = "dense@fp32"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
@@ -69,7 +78,15 @@ class LatencySettings:
             exported to ONNX and run by an ONNX Runtime CPU session with ``threads`` intra-op threads; float32).
         mode: the former name of ``runtime`` (still accepted; giving both, they must agree).
         ort_fusions: with ``onnxruntime``, apply ONNX Runtime's transformer fusions (Gelu, LayerNorm,
-            SkipLayerNorm, attention where its pattern matches) to both exported graphs first.
+            SkipLayerNorm, attention where its pattern matches) to both exported graphs first (``fusions="ort"``).
+        fusions: with ``onnxruntime``: ``none``, ``ort`` (as ``ort_fusions``) or ``attention`` (onnxscript's
+            fusions, attention fused for dense and factorized alike: ``lit_factor.deploy.ort.fuse_attention``).
+        precision: ``fp32``; ``bf16`` (PyTorch runtimes; on a CPU only where it has AVX-512 BF16 or AMX, else a
+            :class:`LatencyError` saying so); ``int8`` / ``int8-static`` (ONNX Runtime dynamic / static
+            quantization of both exported graphs, after their fusions). Not fp32: the dense fp32 model is timed in
+            the same rounds too (rows' ``dense_fp32_ms``).
+        export_cache: a directory where ONNX exports (and their fused / quantized versions) are kept and reused
+            across settings of one run (keyed by a fingerprint of the weights); ``None``: a fresh export each time.
         pad_rank_to: rank padding of low-rank layers at inference on CUDA (see docs/speed.md), set on the
             measured copies only; ``None`` keeps the layers' own setting, 0 turns it off.
         dtype: ``float32``, ``bfloat16`` or ``float16`` for the measured copies; ``None`` keeps the model's dtype.
@@ -96,8 +113,14 @@ class LatencySettings:
     part: str = "model"
     ort_fusions: bool = False
     pad_rank_to: int | None = None
+    fusions: str = "none"
+    precision: str = "fp32"
+    export_cache: str | None = None
 
     def __post_init__(self) -> None:
+        if self.ort_fusions and self.fusions == "none":
+            self.fusions = "ort"
+        self.ort_fusions = self.fusions == "ort"
         if self.mode is not None and self.mode != self.runtime:
             if self.runtime != "eager":
                 raise LatencyError(f"mode={self.mode!r} and runtime={self.runtime!r} disagree; give runtime only")
@@ -123,6 +146,40 @@ class LatencySettings:
             raise LatencyError(f"part={self.part!r} is not one of {', '.join(PARTS)}")
         if self.threads is not None and self.threads < 1:
             raise LatencyError(f"threads={self.threads} must be a positive integer")
+        if self.fusions not in FUSIONS:
+            raise LatencyError(f"fusions={self.fusions!r} is not one of {', '.join(FUSIONS)}")
+        if self.precision not in PRECISIONS:
+            raise LatencyError(f"precision={self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        if self.precision.startswith("int8") and self.runtime != "onnxruntime":
+            raise LatencyError(f"precision={self.precision!r} is measured in runtime='onnxruntime' only (ONNX "
+                               f"Runtime's quantization), got runtime={self.runtime!r}")
+        if self.precision == "bf16":
+            if self.runtime == "onnxruntime":
+                raise LatencyError("precision='bf16' is measured in the PyTorch runtimes only (ONNX Runtime's CPU "
+                                   "provider has no bf16 GEMMs)")
+            if self.dtype not in (None, "bf16", "bfloat16"):
+                raise LatencyError(f"precision='bf16' and dtype={self.dtype!r} disagree")
+            if (self.device or "cpu") == "cpu" and not cpu_bf16():
+                raise LatencyError("precision='bf16' skipped: this CPU has neither AVX-512 BF16 nor AMX (bf16 would "
+                                   "be emulated, slower than fp32)")
+
+
+def cpu_bf16() -> str | None:
+    """The CPU's native bf16 instructions (``amx_bf16``, ``avx512_bf16``) as one string, or None without them
+    (read from /proc/cpuinfo, and oneDNN must agree)."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return None
+    have = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
+    if not have or not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return None
+    except (AttributeError, RuntimeError):
+        pass
+    return "+".join(have)
 
 
 @dataclass
@@ -279,6 +336,8 @@ def _prepare(model: nn.Module, settings: LatencySettings) -> nn.Module:
     params = next(model.parameters(), None)
     device = torch.device(settings.device) if settings.device else (params.device if params is not None else "cpu")
     dtype = DTYPES[settings.dtype] if settings.dtype else None
+    if settings.precision == "bf16":
+        dtype = torch.bfloat16
     clone = copy.deepcopy(model).to(device=device, dtype=dtype)
     for p in clone.parameters():
         p.requires_grad_(False)
@@ -289,14 +348,51 @@ def _prepare(model: nn.Module, settings: LatencySettings) -> nn.Module:
     return clone.eval()
 
 
+def _fingerprint(module: nn.Module, part: str) -> str:
+    """What an export depends on: the module's class, parameter names, shapes and values (a hash), the part."""
+    import hashlib
+
+    h = hashlib.sha1(f"{type(module).__name__}|{part}".encode())
+    for name, tensor in module.state_dict().items():
+        h.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        h.update(tensor.detach().float().contiguous().cpu().numpy().tobytes()[:4096])
+        h.update(f"{float(tensor.detach().float().sum()):.6e}".encode())
+    return h.hexdigest()[:16]
+
+
 def onnx_file(model: nn.Module, target: nn.Module, kwargs: dict, settings: LatencySettings, path: Path) -> Path:
-    """``target`` (the timed part of ``model``) exported to ``path``, with ORT's fusions if the settings ask."""
+    """``target`` (the timed part of ``model``) exported to ``path``, fused and quantized as the settings ask.
+
+    With ``settings.export_cache`` (a directory), each stage (export, fusion, quantization) is kept there under
+    a fingerprint of the module's weights, and reused by later settings of the same run: a sweep over
+    precisions exports each model once."""
     from lit_factor.deploy import ort
 
-    exported = ort.export_onnx(target, kwargs, path,
-                               output_name="logits" if settings.part == "model" else "last_hidden_state")
-    if settings.ort_fusions:
-        exported = ort.optimize_transformer(exported, path.with_suffix(".fused.onnx"), model.config)
+    cache = Path(settings.export_cache) if settings.export_cache else None
+    if cache is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+        path = cache / f"{_fingerprint(target, settings.part)}.onnx"
+    if not path.is_file():
+        ort.export_onnx(target, kwargs, path,
+                        output_name="logits" if settings.part == "model" else "last_hidden_state")
+    exported = path
+    if settings.fusions == "ort":
+        exported = path.with_suffix(".ortfused.onnx")
+        if cache is None or not exported.is_file():
+            ort.optimize_transformer(path, exported, model.config)
+    elif settings.fusions == "attention":
+        exported = path.with_suffix(".fused.onnx")
+        if cache is None or not exported.is_file():
+            ort.fuse_attention(path, exported)
+    if settings.precision.startswith("int8"):
+        from lit_factor.deploy.quantize import quantize_int8
+
+        static = settings.precision == "int8-static"  # calibrated on the timed inputs (random weights anyway)
+        quantized = exported.with_suffix(f".{settings.precision}.onnx")
+        if cache is None or not quantized.is_file():
+            quantize_int8(exported, quantized, mode="static" if static else "dynamic",
+                          calibration=[ort.numpy_inputs(kwargs)] if static else None)
+        exported = quantized
     return exported
 
 
@@ -323,7 +419,9 @@ def make_runners(models: Mapping[str, nn.Module], inputs: dict, settings: Latenc
     """{name: no-argument forward in ``settings.runtime``}, warmed up; ``sessions`` caches ONNX Runtime sessions
     across shapes (call under ``torch.inference_mode``)."""
     if settings.runtime == "onnxruntime":
-        return {k: _ort_runner(m, inputs, settings, Path(workdir) / f"model{i}.onnx", sessions)
+        fp32 = dataclasses.replace(settings, precision="fp32")
+        return {k: _ort_runner(m, inputs, fp32 if k == FP32_BASELINE else settings,
+                               Path(workdir) / f"model{i}.onnx", sessions)
                 for i, (k, m) in enumerate(models.items())}
     return {k: _runner(*timed_target(m, inputs, settings.part), settings.runtime, settings.warmup, device)
             for k, m in models.items()}
@@ -334,6 +432,8 @@ def prepare_models(dense: nn.Module, factorized: Mapping[str, nn.Module],
     """Checked settings and {"dense": copy, name: copy...} ready to measure."""
     settings.check()
     models = {"dense": _prepare(dense, settings), **{k: _prepare(m, settings) for k, m in factorized.items()}}
+    if settings.precision != "fp32":
+        models[FP32_BASELINE] = _prepare(dense, dataclasses.replace(settings, precision="fp32"))
     device = next(models["dense"].parameters()).device
     if settings.runtime.endswith("cudagraph") and device.type != "cuda":
         raise LatencyError(f"mode={settings.runtime!r} needs a CUDA device, got device={device}")
@@ -389,8 +489,13 @@ def _row(key: str, model: nn.Module, times: dict, counts: dict, info: dict, sett
          device: torch.device, batch_size: int, seq_len: int) -> LatencyRow:
     dense_ms, fact_ms = statistics.median(times["dense"]), statistics.median(times[key])
     threads = (settings.threads or os.cpu_count()) if settings.runtime == "onnxruntime" else torch.get_num_threads()
-    extra = {"part": settings.part, **({"ort_fusions": settings.ort_fusions} if settings.runtime == "onnxruntime"
-                                       else {}), **info}
+    extra = {"part": settings.part, **({"ort_fusions": settings.ort_fusions, "fusions": settings.fusions}
+                                       if settings.runtime == "onnxruntime" else {}),
+             "precision": settings.precision, **info}
+    if FP32_BASELINE in times:
+        fp32_ms = statistics.median(times[FP32_BASELINE])
+        extra.update(dense_fp32_ms=round(fp32_ms, 4), speedup_vs_dense_fp32=round(fp32_ms / fact_ms, 3),
+                     dense_speedup_vs_fp32=round(fp32_ms / dense_ms, 3))
     return LatencyRow(
         name=key, method=extra.pop("method"), budget=extra.pop("budget", None),
         kept_fraction=round(float(extra.pop("kept_fraction")), 4), device=_device_name(device),
@@ -422,8 +527,11 @@ def runtime_label(row: LatencyRow | dict) -> str:
     """``eager``, ``compile``, ``onnxruntime``, ``onnxruntime+fusions`` ... of a row (or of its JSON dict);
     ``+rewrites`` where the models ran after lit_factor.deploy.inference's rewrites (benchmark ``--optimize``)."""
     data = row.to_dict() if isinstance(row, LatencyRow) else row
-    return (data.get("runtime", data.get("mode", "eager")) + ("+fusions" if data.get("ort_fusions") else "")
-            + ("+rewrites" if data.get("optimized") else ""))
+    fusions = data.get("fusions") or ("ort" if data.get("ort_fusions") else "none")
+    precision = data.get("precision", "fp32")
+    return (data.get("runtime", data.get("mode", "eager")) + {"none": "", "ort": "+fusions", "attention":
+                                                               "+attention"}[fusions]
+            + ("+rewrites" if data.get("optimized") else "") + ("" if precision == "fp32" else f" {precision}"))
 
 
 def format_table(rows: Sequence[LatencyRow], title: str = "") -> str:
