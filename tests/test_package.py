@@ -32,7 +32,7 @@ def test_a_non_editable_install_runs_a_study(tmp_path, glue_writer):
     work = tmp_path / "work"  # neither the checkout nor the source copy is the working directory
     work.mkdir()
     where = subprocess.run([sys.executable, "-c", "import lit_factor; print(lit_factor.__file__)"], cwd=work, env=env,
-                           capture_output=True, text=True, timeout=120)
+                           capture_output=True, text=True, timeout=600)
     assert where.stdout.strip().startswith(str(target)), where.stdout + where.stderr
 
     root = glue_writer("SST-2", n_train=16, n_dev=8)

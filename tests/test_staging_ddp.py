@@ -18,7 +18,7 @@ def test_two_process_staged_fit_keeps_ranks_identical(tmp_path):
     out = tmp_path / "result.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORKER.parent.parent)}
     proc = subprocess.run([sys.executable, str(WORKER), str(out)], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=170)
+                          text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["world_size"] == 2

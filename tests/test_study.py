@@ -407,7 +407,7 @@ def test_committed_study_cell_is_accepted_by_fit(path, monkeypatch):
     spec = load_spec(path)
     params = {**spec.cells()[-1], "seed": spec.seeds[0]}
     fit = subprocess.run([sys.executable, "cli.py", "fit", *spec.fit_args(params, spec.task_of(params)),
-                          "--print_config"], cwd=REPO, capture_output=True, text=True, timeout=120)
+                          "--print_config"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert fit.returncode == 0, fit.stderr[-2000:]
     # a study with a stability section judges every fit; one without (compress: pure measurements) adds nothing
     assert ("lit_factor.callbacks.StabilityMonitor" in fit.stdout) == (spec.stability is not None)
