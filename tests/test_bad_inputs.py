@@ -200,7 +200,7 @@ def test_fit_parser_checks_a_study_grid_without_instantiating(glue_writer, tmp_p
         [*base, "--trainer.callbacks+={\"class_path\": \"lit_factor.callbacks.NoSuchCallback\"}"],
     ])
     assert results[0] is None
-    assert "model.factorization.method" in results[1] and "svdx" in results[1]
+    assert "factorization.method" in results[1] and "svdx" in results[1]
     assert "bogus_key" in results[2]
     assert "NoSuchCallback" in results[3]
     assert all("\n" not in r for r in results[1:])

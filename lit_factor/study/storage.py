@@ -93,7 +93,7 @@ class JournalRecord(JournalStorage, BaseHeartbeat):
             beats = [b for b in (t.system_attrs.get("heartbeat"),
                                  t.datetime_start.timestamp() if t.datetime_start else None) if b is not None]
             if "heartbeat" in t.system_attrs and now - max(beats) > self.grace:  # never beat: not ours to judge
-                stale.append(t._trial_id)
+                stale.append(self.get_trial_id_from_study_id_trial_number(study_id, t.number))
         return stale
 
     def get_heartbeat_interval(self) -> int | None:
