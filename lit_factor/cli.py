@@ -198,6 +198,8 @@ def place_evaluation(config, subcommand: str) -> None:
     relative = not os.path.isabs(str(config.ckpt_path))
     args.save_dir = os.path.relpath(run.save_dir) if relative else str(run.save_dir)
     args.name, args.version, args.sub_dir = run.name, run.version, subcommand
+    if subcommand in ("validate", "test"):  # one value per metric: a text table (BoardCallback), no one-dot charts
+        logger.class_path = "lit_factor.train.callbacks.board.EvaluationLogger"
 
 
 def add_output_callbacks(trainer, subcommand: str | None) -> None:

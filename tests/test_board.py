@@ -141,7 +141,8 @@ def test_every_fit_has_an_hparams_session(quickstart):
 @pytest.mark.slow
 def test_test_results_are_a_text_table_in_the_evaluation_run(quickstart):
     _, run = quickstart
-    _, texts, _, _ = events(run / "test")
+    scalars, texts, _, _ = events(run / "test")
+    assert not scalars, f"one-dot charts of the evaluation: {sorted(scalars)}"
     metrics = json.loads((run / "test" / "metrics.json").read_text())["metrics"]
     table = texts["evaluation/test"][0]
     assert "dev split" in table

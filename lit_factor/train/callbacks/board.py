@@ -134,6 +134,17 @@ def staging_figure(history: list[dict], order: list[str]):
     return fig
 
 
+class EvaluationLogger(TensorBoardLogger):
+    """The TensorBoard logger of ``validate``/``test`` of a run's checkpoint (the CLI puts it in place of the fit's
+    TensorBoardLogger): their metrics are one value each, so they appear only in :class:`BoardCallback`'s text
+    table ``evaluation/<stage>``, not as one-dot charts. ``trainer.validate()`` still returns them (what it returns
+    does not depend on what a logger writes)."""
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        return None
+
+
 class BoardCallback(Callback):
     """Write the story first, facts as tables and figures, and HParams (see the module docstring)."""
 
