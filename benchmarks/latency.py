@@ -107,7 +107,8 @@ def parser() -> argparse.ArgumentParser:
                    help="pad low-rank ranks with zeros to this multiple at inference on CUDA (0 = off; default: "
                         "the layers' own, 64; see docs/speed.md)")
     p.add_argument("--optimize", action="store_true",
-                   help="apply lit_factor.deploy.inference.optimize_for_inference to dense and factorized alike (one GEMM "
+                   help="apply lit_factor.deploy.inference.optimize_for_inference to dense and factorized alike "
+                        "(one GEMM "
                         "for the Q/K/V down-projections, Monarch FFN reorder absorbed)")
     p.add_argument("--part", default="model", choices=["model", "encoder"],
                    help="time the whole model forward, or only the encoder stack on precomputed embeddings "

@@ -1,9 +1,9 @@
 """lit-factor command line: one door for every command.
 
 ``python cli.py {fit,validate,test,predict} --config configs/<recipe>.yaml`` is a LightningCLI over
-:class:`lit_factor.train.module.FactorizedClassifier` and :class:`lit_factor.train.data.GLUEDataModule`: ``data.task`` is linked
-to the model (label count and metrics) and to the checkpoint's monitored metric; ``model.model_name_or_path`` is
-linked to the data's tokenizer. Runs log to TensorBoard under ``logs/``.
+:class:`lit_factor.train.module.FactorizedClassifier` and :class:`lit_factor.train.data.GLUEDataModule`:
+``data.task`` is linked to the model (label count and metrics) and to the checkpoint's monitored metric;
+``model.model_name_or_path`` is linked to the data's tokenizer. Runs log to TensorBoard under ``logs/``.
 
 ``python cli.py {study,analyze,export} ...`` hand their arguments to the command's own ``main(argv)``
 (:data:`COMMANDS`), imported only when asked for.

@@ -1,5 +1,6 @@
 """benchmarks/latency.py in every runtime (tiny models), its profile and Markdown output; the recorded results
-are listed with their commands and the guide's (docs/guide.md) Deploy table is the one generated from its result file."""
+are listed with their commands and the guide's (docs/guide.md) Deploy table is the one generated from its result
+file."""
 
 from __future__ import annotations
 

@@ -144,7 +144,8 @@ def test_plan_stages_and_settings_are_validated():
     for unused, static, refused in ((False, False, True), (True, True, True), (True, False, False)):
         wrapper = DistributedDataParallel.__new__(DistributedDataParallel)  # no process group needed to read flags
         wrapper.find_unused_parameters, wrapper.static_graph = unused, static
-        check = partial(StagingCallback._check_ddp, types.SimpleNamespace(strategy=types.SimpleNamespace(model=wrapper)))
+        trainer = types.SimpleNamespace(strategy=types.SimpleNamespace(model=wrapper))
+        check = partial(StagingCallback._check_ddp, trainer)
         if refused:
             with pytest.raises(MisconfigurationException, match="ddp_find_unused_parameters_true"):
                 check()

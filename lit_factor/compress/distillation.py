@@ -21,7 +21,8 @@ Teachers (``model.distillation.teacher``):
 * any other string: a Hugging Face hub name or local directory, or ``minilm`` (must have the task's labels).
 
 Loading a teacher (from ``self``, a checkpoint or a model name) is a training concern:
-:mod:`lit_factor.train.teachers`. The teacher is held outside the module's submodules: it is not in ``parameters()`` (so not in the optimizer, nor
+:mod:`lit_factor.train.teachers`. The teacher is held outside the module's submodules: it is not in
+``parameters()`` (so not in the optimizer, nor
 wrapped by DDP), not in the checkpoint's state_dict, runs in eval mode without gradients, and is moved to the
 module's device at the start of fit.
 """

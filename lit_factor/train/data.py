@@ -470,8 +470,8 @@ class GLUEDataModule(L.LightningDataModule):
         # Resumable mid-epoch: Lightning saves a StatefulDataLoader's position and its sampler's generator in fit
         # checkpoints. Generators seeded once from the global seed keep the shuffle and the worker seeds off the
         # global RNG, which then drives only the model (dropout): a resumed run draws the same dropout masks as an
-        # uninterrupted one (lit_factor.train.callbacks.resume). The sampler gets a generator of its own: shared with the
-        # loader's worker-seed draw, the saved state would miss that draw and the epoch after a resume reshuffle.
+        # uninterrupted one (lit_factor.train.callbacks.resume). The sampler gets a generator of its own: shared with
+        # the loader's worker-seed draw, the saved state would miss that draw and the epoch after a resume reshuffle.
         dataset, seed = self.datasets[split], int(torch.randint(2**62, (), dtype=torch.int64))
         sampler = ResumableRandomSampler(dataset, generator=torch.Generator().manual_seed(seed)) if train else None
         with warnings.catch_warnings():  # torchdata 0.11 calls a torch API that torch >= 2.9 deprecates

@@ -8,7 +8,8 @@ checkpoint rebuilds the checkpoint's architecture from that plan before the weig
 nothing else.
 
 The interface callbacks rely on is :class:`~lit_factor.train.interface.Factorizable` (and nothing else of the
-module): ``factorized_model``, ``plan``, ``staged``, ``rel_errors``, ``dense_params``, ``factorized_params``, ``distilling``,
+module): ``factorized_model``, ``plan``, ``staged``, ``rel_errors``, ``dense_params``, ``factorized_params``,
+``distilling``,
 ``enable_staging()`` and ``factorize_stage(paths)``.
 """
 
