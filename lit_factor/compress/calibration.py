@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
+from lit_factor.compress.switchable import SwitchableLinear
 from lit_factor.factorize.base import ProjectionStats
 
 #: seed of the calibration subset (the same examples on every rank and in every run)
@@ -58,8 +59,7 @@ def calibration_loader(datamodule, samples: int, batch_size: int | None = None) 
 
 def _weight(module: nn.Module) -> Tensor:
     """The dense weight a layer's Fisher information is taken of (``SwitchableLinear``: its dense path)."""
-    dense = getattr(module, "dense", None)
-    return dense.weight if isinstance(dense, nn.Linear) else module.weight
+    return module.dense.weight if isinstance(module, SwitchableLinear) else module.weight
 
 
 class _Accumulator:
