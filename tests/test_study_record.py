@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import optuna
 import pytest
 import yaml
 
@@ -100,3 +101,49 @@ def test_a_legacy_sqlite_study_is_copied_into_a_record_never_over_one(tmp_path):
     assert [t.user_attrs["verdict"] for t in copied.get_trials()] == ["succeeded"]
     with pytest.raises(Exception, match="never overwritten"):
         st.journal_from(url, "old", record)
+
+
+def _ask_params(study, spec) -> dict:
+    trial = study.ask()
+    return {axis: trial.suggest_categorical(axis, values) for axis, values in spec.search_space().items()}
+
+
+def test_a_new_grid_runs_in_seed_rounds_so_a_partial_grid_holds_whole_rounds(tmp_path):
+    """A CPU session finishes a share of a GPU-sized grid: that share must be n seeds in every cell (the dense
+    arm included), not five seeds in some cells and none in others."""
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({"data": {"task": "sst2"}}))
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({
+        "name": "rounds", "base": str(tmp_path / "base.yaml"), "command": FAKE,
+        "axes": {"compression": ["dense", "lowrank", "monarch"], "staging": ["flat", "staged"]},
+        "seeds": [1, 2, 3]}))
+    spec = load_spec(tmp_path / "s.yaml")
+    store = st.storage(st.JOURNAL_SCHEME + str(tmp_path / "journal.log").lstrip("/"), heartbeat=1, grace=2)
+    study = st.create(spec, store)
+    assert study.user_attrs["grid_order"] == st.SEED_ROUNDS
+    first = [_ask_params(study, spec) for _ in range(12)]
+    cells = [(p["compression"], p["staging"]) for p in first]
+    assert [p["seed"] for p in first] == [1] * 6 + [2] * 6          # whole rounds first
+    assert cells[:6] == [(c, s) for c in ("dense", "lowrank", "monarch") for s in ("flat", "staged")]  # file order
+    assert cells[6:] == cells[:6]
+    reopened = st.create(spec, store)  # a second worker opening the same study continues the same order
+    rest = [_ask_params(reopened, spec) for _ in range(6)]
+    assert {(p["compression"], p["staging"], p["seed"]) for p in rest} == {
+        (c, s, 3) for c in ("dense", "lowrank", "monarch") for s in ("flat", "staged")}
+    assert st.grid_state(study).unstarted == set()
+    assert _ask_params(study, spec)["seed"] == 1  # past the grid: the worker's holder check prunes it as a duplicate
+
+
+def test_a_study_created_before_seed_rounds_keeps_optunas_order(tmp_path):
+    """Grid ids of an older study mean cells of Optuna's shuffled order: resuming it must not reinterpret them."""
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({"data": {"task": "sst2"}}))
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({
+        "name": "old", "base": str(tmp_path / "base.yaml"), "command": FAKE,
+        "axes": {"compression": ["dense", "lowrank"]}, "seeds": [1, 2, 3]}))
+    spec = load_spec(tmp_path / "s.yaml")
+    store = st.storage(st.JOURNAL_SCHEME + str(tmp_path / "journal.log").lstrip("/"), heartbeat=1, grace=2)
+    study = st.create(spec, store)
+    study.set_user_attr("grid_order", None)  # as recorded before grid_order existed
+    old = st.create(spec, store)
+    assert isinstance(old.sampler, optuna.samplers.GridSampler)
+    seen = {(p["compression"], p["seed"]) for p in (_ask_params(old, spec) for _ in range(6))}
+    assert len(seen) == 6  # Optuna's grid sampler still hands out every cell once

@@ -15,6 +15,7 @@ and many machines can run the same study against one database (``--storage postg
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
@@ -31,7 +32,7 @@ from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from lit_factor.errors import UserError
-from lit_factor.study.spec import StudySpec
+from lit_factor.study.spec import SEED, StudySpec
 
 # heartbeats with ask/tell (not Study.optimize) and fail_stale_trials are what a multi-process grid needs
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -158,10 +159,52 @@ class _GridSampler(optuna.samplers.GridSampler):
         return None
 
 
+class SeedRounds(optuna.samplers.BaseSampler):
+    """The grid handed out in rounds of seeds: every cell (file order) with the first seed, then every cell with the
+    second, and so on. A grid stopped part-way -- a CPU session's share of a GPU-sized study -- then holds whole
+    rounds, n seeds in every cell including the dense arm, where Optuna's ``GridSampler`` (a shuffled order) leaves
+    five seeds in some cells and none in others. Grid ids are positions in this order: trial ``k`` of a fresh grid
+    takes cell ``k`` (no two workers pick the same cell); a re-queued trial keeps its id; any later trial takes the
+    first cell nobody started."""
+
+    def __init__(self, space: dict[str, list], store: BaseStorage) -> None:
+        axes = [a for a in space if a != SEED]
+        self.grid = [{**dict(zip(axes, combo)), SEED: seed}
+                     for seed in space[SEED] for combo in itertools.product(*(space[a] for a in axes))]
+        self.store = store
+
+    def infer_relative_search_space(self, study, trial) -> dict:
+        return {}
+
+    def sample_relative(self, study, trial, search_space) -> dict:
+        return {}
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        if "grid_id" in trial.system_attrs or "fixed_params" in trial.system_attrs:  # a re-queued trial
+            return
+        unstarted = grid_state(study).unstarted
+        grid_id = trial.number if trial.number < len(self.grid) else min(unstarted, default=0)
+        trial_id = self.store.get_trial_id_from_study_id_trial_number(
+            self.store.get_study_id_from_name(study.study_name), trial.number)
+        self.store.set_trial_system_attr(trial_id, "grid_id", grid_id)
+
+    def sample_independent(self, study, trial: FrozenTrial, param_name: str, param_distribution):
+        return self.grid[trial.system_attrs["grid_id"]][param_name]
+
+
+#: ``grid_order`` of a study created since grids run in seed rounds (older studies keep Optuna's shuffled order:
+#: their grid ids mean cells of that order)
+SEED_ROUNDS = "seed rounds"
+
+
+def _sampler(spec: StudySpec, order: str | None, store: BaseStorage) -> optuna.samplers.BaseSampler:
+    return SeedRounds(spec.search_space(), store) if order == SEED_ROUNDS else _GridSampler(spec.search_space())
+
+
 def create(spec: StudySpec, store: RDBStorage) -> optuna.Study:
     """Create (or open) the study of ``spec``; the grid is recorded so that ``status``/``report`` need no file."""
     optuna.logging.set_verbosity(logging.ERROR)
-    sampler = _GridSampler(spec.search_space())
+    sampler = _sampler(spec, SEED_ROUNDS, store)
     try:
         study = optuna.create_study(study_name=spec.name, storage=store, sampler=sampler, direction="maximize",
                                     load_if_exists=True)
@@ -177,6 +220,7 @@ def create(spec: StudySpec, store: RDBStorage) -> optuna.Study:
         raise UserError(f"study {spec.name!r} ran with other settings ({', '.join(changed)} changed in "
                         f"{spec.source}); its trials would not be comparable: give the study another name")
     if saved is None:
+        study.set_user_attr("grid_order", SEED_ROUNDS)
         study.set_user_attr("settings", settings)
         study.set_user_attr("search_space", _jsonable(spec.search_space()))
         study.set_user_attr("axes", list(spec.axes))
@@ -187,6 +231,7 @@ def create(spec: StudySpec, store: RDBStorage) -> optuna.Study:
         if stored.get("search_space") != _jsonable(spec.search_space()) or stored.get("settings") != settings:
             raise UserError(f"study {spec.name!r} was created at the same moment from another file with other "
                             "settings; give the study another name, or use another --storage")
+    study.sampler = _sampler(spec, study.user_attrs.get("grid_order"), store)
     return study
 
 
