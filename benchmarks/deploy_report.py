@@ -95,22 +95,19 @@ def speed_section(path: Path) -> list[str]:
     return out
 
 
+def _fastest(rows: list[dict], name: str, precisions: tuple[str, ...]) -> dict | None:
+    """The row a user would deploy ``name`` from: the runtime (and precision) where the factorized model itself is
+    fastest in milliseconds -- not the one where its *ratio* is largest (a slow runtime flatters ratios)."""
+    mine = [r for r in rows if r["name"] == name and r.get("precision", "fp32") in precisions]
+    return min(mine, key=lambda r: r["factorized_ms"], default=None)
+
+
 def goals_table(rows: list[dict]) -> str:
     lines = ["| goal | target | measured | status |", "|---|---|---|---|"]
     for name, kind, against, target in GOALS:
-        if kind == "fp32":
-            mine = [r for r in rows if r["name"] == name and r.get("precision", "fp32") == "fp32"]
-            best = max(mine, key=lambda r: r["speedup"], default=None)
-            value = best["speedup"] if best else None
-        elif kind == "int8":
-            mine = [r for r in rows if r["name"] == name and r.get("precision") == "int8"]
-            best = max(mine, key=lambda r: r["speedup"], default=None)
-            value = best["speedup"] if best else None
-        else:
-            mine = [r for r in rows if r["name"] == name and r.get("precision") == "int8" and r.get(
-                "speedup_vs_dense_fp32")]
-            best = max(mine, key=lambda r: r["speedup_vs_dense_fp32"], default=None)
-            value = best["speedup_vs_dense_fp32"] if best else None
+        best = _fastest(rows, name, ("fp32",) if kind == "fp32" else ("int8",))
+        key = "speedup_vs_dense_fp32" if kind == "int8 vs fp32" else "speedup"
+        value = best.get(key) if best else None
         if value is None:
             lines.append(f"| {name} {kind} vs {against} | >= {target}x | not measured | - |")
             continue
@@ -118,6 +115,16 @@ def goals_table(rows: list[dict]) -> str:
         bound = f", bound {best['amdahl_bound']:.2f}x" if best.get("amdahl_bound") and kind != "int8 vs fp32" else ""
         lines.append(f"| {name} {kind} vs {against} | >= {target}x | {value:.2f}x ({label(best)}{bound}) | "
                      f"{'met' if value >= target else '**missed**'}{loaded} |")
+    for name in dict.fromkeys(r["name"] for r in rows):  # every variant near its bound where it runs fastest
+        best = _fastest(rows, name, ("fp32", "bf16", "int8", "int8-static"))
+        if best is None or not best.get("of_bound"):
+            continue
+        lines.append(f"| {name} within 95 % of its Amdahl bound, fastest runtime | >= 95% | {best['of_bound']:.0%} "
+                     f"({label(best)}: {best['speedup']:.2f}x of {best['amdahl_bound']:.2f}x) | "
+                     f"{'met' if best['of_bound'] >= 0.95 else '**missed**'}{' (loaded)' if best.get('loaded') else ''} |")
+    lines += ["", "\"Best runtime\" is where the factorized model runs fastest in milliseconds (what a user would deploy), "
+              "not where its ratio is largest: eager PyTorch fp32 shows the largest ratios only because its dense "
+              "model is about twice as slow as ONNX Runtime's."]
     return "\n".join(lines)
 
 
