@@ -163,7 +163,31 @@ def accuracy_section(path: Path) -> list[str]:
         lat = f"{r['latency_ms']:.0f}" if r.get("latency_ms") else "-"
         rel = f"{r['speedup_vs_dense_fp32']:.2f}x" if r.get("speedup_vs_dense_fp32") else "-"
         out.append(f"| {r['model']} | {r['export']} | {r['precision']} | {metric} | {lat} | {rel} |")
-    return out
+    return out + ["", ship_line(data["rows"])]
+
+
+def _primary(row: dict) -> float:
+    """The task's main dev metric of a row (``combined_score``: accuracy, F1/accuracy mean, Pearson/Spearman ...)."""
+    metrics = row["metrics"]
+    return next((v for k, v in metrics.items() if k.endswith("combined_score")), next(iter(metrics.values())))
+
+
+def ship_line(rows: list[dict]) -> str:
+    """The deploy choice the issue asks for: the fastest export within 1 point of the dense fp32 model's metric."""
+    reference = next((r for r in rows if r["model"] == "dense" and r["precision"] == "fp32"), None)
+    timed = [r for r in rows if r.get("speedup_vs_dense_fp32")]
+    if reference is None or not timed:
+        return "(no dense fp32 reference row: no deploy choice)"
+    ok = [r for r in timed if _primary(r) >= _primary(reference) - 0.01]
+    best = max(ok, key=lambda r: r["speedup_vs_dense_fp32"])
+    fastest = max(timed, key=lambda r: r["speedup_vs_dense_fp32"])
+    line = (f"**What to ship:** the fastest export within 1 point of dense fp32 ({_primary(reference):.4f}) is "
+            f"**{best['model']} {best['precision']}**: {_primary(best):.4f}, {best['speedup_vs_dense_fp32']:.2f}x "
+            "dense fp32's speed")
+    if fastest is not best:
+        line += (f"; the fastest of all, {fastest['model']} {fastest['precision']} "
+                 f"({fastest['speedup_vs_dense_fp32']:.2f}x), loses {_primary(reference) - _primary(fastest):.4f}")
+    return line + "."
 
 
 def render() -> str:
@@ -200,7 +224,8 @@ def render() -> str:
     sections = [("cpu_deploy_2threads_encoder_8x128*.json", speed_section),
                 ("cpu_deploy_2threads_encoder_8x128*_profile_ops.json", profile_section),
                 ("cpu_rank_multiple_2threads_encoder_8x128*.json", rank_section),
-                ("minilm_sst2_deploy_accuracy*.json", accuracy_section)]
+                ("minilm_sst2_deploy_accuracy*.json", accuracy_section),
+                ("minilm_mrpc_deploy_accuracy*.json", accuracy_section)]
     for pattern, section in sections:
         path = (_latest(pattern) if not pattern.endswith("_profile_ops.json") else
                 next(iter(sorted(RESULTS.glob(pattern), reverse=True)), None))  # the same file as the speed rows
