@@ -143,13 +143,40 @@ def profile_section(path: Path) -> list[str]:
 
 
 def rank_section(path: Path) -> list[str]:
+    """Rounding ranks to a multiple also changes the kept fraction, so each row is also shown per MAC: its
+    factorized time per multiply-add against the unaligned (x1) row's, in the same runtime (> 1: alignment made
+    each MAC cheaper). p90/median flags a noisy row."""
     rows = json.loads(path.read_text())
     out = [f"### CPU rank alignment ({path.name})", "",
            f"`--rank-multiple` (ranks rounded down to a multiple), {_load_note(rows)}; speedup against dense in the "
-           "same rounds and runtime.", "", "| variant | rank multiple | kept | runtime | speedup |", "|---|---|---|---|---|"]
+           "same rounds and runtime, and the cost per multiply-add against the unaligned row (x1) of the same "
+           "variant and runtime (> 1.00x: alignment made each MAC cheaper).", "",
+           "| variant | rank multiple | kept | runtime | speedup | per MAC vs x1 | p90 / median |",
+           "|---|---|---|---|---|---|---|"]
+    per_mac = {}
     for r in rows:
+        base = next((b for b in rows if b["method"] == r["method"] and b["budget"] == r["budget"]
+                     and label(b) == label(r) and b.get("rank_multiple") == 1), None)
+        gain = None
+        if base is not None:
+            gain = (base["factorized_ms"] / base["macs_per_token_factorized"]) / (
+                r["factorized_ms"] / r["macs_per_token_factorized"])
+            per_mac.setdefault((r["method"], label(r)), []).append((gain, r))
+        noise = r["factorized_p90_ms"] / r["factorized_ms"] if r.get("factorized_p90_ms") else None
         out.append(f"| {r['method']} @ {r['budget']} | {r.get('rank_multiple')} | {r['kept_fraction']:.1%} | "
-                   f"{label(r)} | {r['speedup']:.2f}x |")
+                   f"{label(r)} | {r['speedup']:.2f}x | {f'{gain:.2f}x' if gain else '-'} | "
+                   f"{f'{noise:.2f}' if noise else '-'} |")
+    clean = {k: [(g, r) for g, r in v if r["factorized_p90_ms"] / r["factorized_ms"] < 1.3] for k, v in per_mac.items()}
+    verdicts = []
+    for (method, lab), items in clean.items():
+        if len(items) < 2:
+            verdicts.append(f"{method} in {lab}: too noisy to judge (p90 over 1.3x the median)")
+            continue
+        gain, r = max(items, key=lambda x: x[0])
+        verdicts.append(f"{method} in {lab}: best x{r.get('rank_multiple')} at {gain:.2f}x per MAC of x1"
+                        if gain >= 1.05 else f"{method} in {lab}: no multiple beats x1 by 5 % per MAC")
+    out += ["", "Verdict per variant and runtime (rows with p90 within 1.3x of the median): " + "; ".join(verdicts)
+            + ". The CPU default of `rank_multiple` is 1 unless a verdict shows a gain."]
     return out
 
 
@@ -218,8 +245,8 @@ def render() -> str:
            "* **Accuracy of what is deployed**: `python -m lit_factor evaluate EXPORT_DIR` runs an export "
            "(hf, dense, onnx, onnx int8) over the dev split with `test`'s tokenization, batches and metrics; an "
            "fp32 export gives its checkpoint's `test` metric exactly (tests/test_deploy_int8.py).",
-           "* **Rank alignment on the CPU**: measured by `benchmarks/deploy.sh` (rank multiples 1-64); the CPU "
-           "default stays `rank_multiple: 1` until a quiet measurement in `benchmarks/results/` says otherwise.",
+           "* **Rank alignment on the CPU**: measured by `benchmarks/deploy.sh` (rank multiples 1-64), judged per "
+           "multiply-add since rounding changes the kept fraction (below).",
            "", "## Measured", ""]
     sections = [("cpu_deploy_2threads_encoder_8x128*.json", speed_section),
                 ("cpu_deploy_2threads_encoder_8x128*_profile_ops.json", profile_section),
