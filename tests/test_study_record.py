@@ -147,3 +147,29 @@ def test_a_study_created_before_seed_rounds_keeps_optunas_order(tmp_path):
     assert isinstance(old.sampler, optuna.samplers.GridSampler)
     seen = {(p["compression"], p["seed"]) for p in (_ask_params(old, spec) for _ in range(6))}
     assert len(seen) == 6  # Optuna's grid sampler still hands out every cell once
+
+
+def test_the_one_private_optuna_name_the_record_uses_still_fits(tmp_path, monkeypatch):
+    """JournalRecord's heartbeats implement ``optuna.storages._heartbeat.BaseHeartbeat``: Optuna has no public
+    heartbeat base (5.0), and ``fail_stale_trials`` recognizes a storage with heartbeats only through it. An
+    Optuna upgrade that moves or reshapes it fails here, naming what changed, instead of silently never
+    re-queueing a dead worker's trial."""
+    from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
+
+    ours = {"record_heartbeat", "_get_stale_trial_ids", "get_heartbeat_interval",
+            "get_heartbeat_stale_trial_callback"}
+    assert BaseHeartbeat.__abstractmethods__ <= ours, BaseHeartbeat.__abstractmethods__ - ours
+    clock = [time.time() + 1.0]  # just after the trial starts (its start time counts as a beat too)
+    monkeypatch.setattr(st.time, "time", lambda: clock[0])
+    record = st.storage(st.JOURNAL_SCHEME + str(tmp_path / "journal.log").lstrip("/"), heartbeat=1, grace=2)
+    assert isinstance(record, BaseHeartbeat) and is_heartbeat_enabled(record)
+    study = optuna.create_study(storage=record, study_name="beats")
+    trial = study.ask()
+    record.record_heartbeat(trial._trial_id)
+    clock[0] += 1.5  # within the grace period: alive
+    optuna.storages.fail_stale_trials(study)
+    assert study.get_trials()[0].state.name == "RUNNING"
+    clock[0] += 1.0  # 2.5 s since the last beat: stale, failed (and re-queued by the retry callback)
+    optuna.storages.fail_stale_trials(study)
+    states = sorted(t.state.name for t in study.get_trials())
+    assert states == ["FAIL", "WAITING"]
