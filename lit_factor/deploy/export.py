@@ -87,8 +87,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-data", default=None, metavar="GLUE_DIR",
                    help="static int8: GLUE directory whose training split of the checkpoint's task calibrates")
     p.add_argument("--calibration-samples", type=int, default=256, help="static int8: training sentences (256)")
-    p.add_argument("--int8-tolerance", type=float, default=0.25,
-                   help="int8: largest |logit difference| from the checkpoint accepted (0.25); labels must agree")
+    # The check batch is random token ids: a fine-tuned model's logits there are small and unsure, and dynamic int8
+    # moves them by about half a logit (dense MiniLM fine-tuned on SST-2: 0.45). The check is there for a broken
+    # int8 graph; what int8 costs in accuracy is measured on real data: `lit_factor evaluate EXPORT --file
+    # model.int8.onnx` (docs/deploy.md).
+    p.add_argument("--int8-tolerance", type=float, default=1.0,
+                   help="int8: largest |logit difference| from the checkpoint on the random check batch (1.0); "
+                        "labels must agree")
     return p
 
 
