@@ -419,17 +419,22 @@ def test_committed_study_files_parse_with_every_variant(path, monkeypatch):
             assert spec.fit_args(params, spec.task_of(params))[-2:] == ["--seed_everything", str(spec.seeds[0])]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("path", STUDY_FILES, ids=lambda p: p.stem)
-def test_committed_study_cell_is_accepted_by_fit(path, monkeypatch):
+def test_committed_study_cell_is_accepted_by_fit(path, monkeypatch, capsys):
+    """fit's own parser, in this process: a fresh interpreter per study file cost ~10 s of imports each (the grid
+    check in its own subprocess, as ``study run`` does it: test_study_run_refuses_a_grid_fit_would_refuse_...)."""
+    from lit_factor import cli
+
     monkeypatch.chdir(REPO)
+    monkeypatch.setattr(sys, "argv", ["cli.py"])  # else LightningCLI warns that pytest's arguments are ignored
     spec = load_spec(path)
     params = {**spec.cells()[-1], "seed": spec.seeds[0]}
-    fit = subprocess.run([sys.executable, "cli.py", "fit", *spec.fit_args(params, spec.task_of(params)),
-                          "--print_config"], cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert fit.returncode == 0, fit.stderr[-2000:]
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["fit", *spec.fit_args(params, spec.task_of(params)), "--print_config"])
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 0, err[-2000:]
     # a study with a stability section judges every fit; one without (compress: pure measurements) adds nothing
-    assert ("lit_factor.callbacks.StabilityMonitor" in fit.stdout) == (spec.stability is not None)
+    assert ("lit_factor.callbacks.StabilityMonitor" in out) == (spec.stability is not None)
 
 
 # the findings (the registered claims and their statistics) are tested in tests/test_claims.py
