@@ -364,8 +364,11 @@ def test_real_2x2_grid_2_seeds_2_workers_csv_and_report(tmp_path, tiny_base):
     path = write_study(tmp_path / "grid.yaml", base=str(tiny_base), stability={},
                        axes={"model.factorization.method": ["none", "lowrank"],
                              "model.factorization.budget": [0.5, 0.25]}, seeds=[1, 2])
-    proc = run_cli("run", str(path), "--workers", "2", "--threads", "1", "--root", "logs",
-                   "--data-dir", str(tmp_path / "glue"), cwd=tmp_path)
+    # --heartbeat 1: the worker that runs out of grid points first looks every heartbeat whether the other's last
+    # trial has ended (the default, 30 s, was idle time here); --grace 120 keeps the default's 4 x 30 s before a
+    # silent trial counts as dead, so a loaded machine cannot make a live trial look dead
+    proc = run_cli("run", str(path), "--workers", "2", "--threads", "1", "--heartbeat", "1", "--grace", "120",
+                   "--root", "logs", "--data-dir", str(tmp_path / "glue"), cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count("[worker ") == 8 and "8/8 finished" in proc.stdout
     out = tmp_path / "out"
