@@ -4,10 +4,18 @@ a synthetic learnable dataset and a quiet CPU Trainer (also used by the DDP work
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
-import pytest
-import torch
+# The suite never needs the network (models are random presets or packaged, hub datasets are stubbed). Without one,
+# a hub lookup (a name that is no folder or preset) retries for ~25 s before it fails; offline mode fails at once.
+# Set before anything imports huggingface_hub (it reads the variable on import); subprocesses inherit it.
+os.environ["HF_HUB_OFFLINE"] = "1"
+if "huggingface_hub.constants" in sys.modules:  # imported early (a plugin): the variable was read already
+    sys.modules["huggingface_hub.constants"].HF_HUB_OFFLINE = True
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 

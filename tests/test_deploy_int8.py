@@ -30,18 +30,34 @@ def session_logits(path: Path, inputs: dict) -> torch.Tensor:
     return torch.from_numpy(session.run(None, {k: v.numpy() for k, v in inputs.items()})[0])
 
 
+@pytest.fixture(scope="module")
+def int8_export(tmp_path_factory):
+    """``int8_export(method, budget, capsys)``: (module, export directory, what the export printed) of
+    :func:`trained_like`'s model exported to ONNX with int8, once per module (several tests read the same export)."""
+    made = {}
+
+    def export(method: str, budget: float | None, capsys) -> tuple:
+        if (method, budget) not in made:
+            module, root = trained_like(method, budget), tmp_path_factory.mktemp(f"int8-{method}")
+            ckpt, out = write_checkpoint(root / "m.ckpt", module), root / "onnx"
+            capsys.readouterr()
+            assert export_main(["--ckpt_path", str(ckpt), "--to", str(out), "--format", "onnx", "--quantize",
+                                "int8"]) == 0
+            made[method, budget] = module, out, capsys.readouterr().out
+        return made[method, budget]
+    return export
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method,budget", [("none", None), ("lowrank", 0.5), ("monarch", None)])
-def test_fused_attention_export_equals_pytorch_and_int8_round_trips(tmp_path, one_thread, capsys, method, budget):
-    module = trained_like(method, budget)
-    ckpt, out = write_checkpoint(tmp_path / "m.ckpt", module), tmp_path / "onnx"
-    assert export_main(["--ckpt_path", str(ckpt), "--to", str(out), "--format", "onnx", "--quantize", "int8"]) == 0
+def test_fused_attention_export_equals_pytorch_and_int8_round_trips(int8_export, one_thread, capsys, method, budget):
+    module, out, printed = int8_export(method, budget, capsys)
     manifest = json.loads((out / "lit_factor_export.json").read_text())
     layers = module.factorized_model.config.num_hidden_layers
     # counted from the written graph: one fused attention per layer, LayerNorm + residual fused twice per layer
     assert manifest["check"]["fusions"]["model.onnx"][FUSED[method]] == layers
     assert manifest["check"]["fusions"]["model.onnx"]["SkipLayerNormalization"] == 2 * layers
-    assert f"{FUSED[method]} x{layers}" in capsys.readouterr().out
+    assert f"{FUSED[method]} x{layers}" in printed
     inputs = model_inputs(module.factorized_model, 4, 9, seed=7)  # a padded row; a shape the export never saw
     want = reference_logits(module, inputs)
     torch.testing.assert_close(session_logits(out / "model.onnx", inputs), want, atol=1e-4, rtol=0)
@@ -53,14 +69,12 @@ def test_fused_attention_export_equals_pytorch_and_int8_round_trips(tmp_path, on
 
 
 @pytest.mark.slow
-def test_quantized_dense_attention_keeps_the_padding_mask(tmp_path, one_thread):
+def test_quantized_dense_attention_keeps_the_padding_mask(int8_export, one_thread, capsys):
     """ONNX Runtime's quantizer makes a fused Attention a QAttention, which has no attention-bias input: the mask
     would be dropped. The int8 graph must carry the mask into every attention instead."""
     import onnx
 
-    module = trained_like("none", None)
-    ckpt, out = write_checkpoint(tmp_path / "m.ckpt", module), tmp_path / "onnx"
-    assert export_main(["--ckpt_path", str(ckpt), "--to", str(out), "--format", "onnx", "--quantize", "int8"]) == 0
+    _, out, _ = int8_export("none", None, capsys)
     nodes = onnx.load(str(out / "model.int8.onnx")).graph.node
     attention = [n for n in nodes if n.op_type in ("Attention", "QAttention", "MultiHeadAttention")]
     assert attention and all(n.op_type == "MultiHeadAttention" for n in attention)
@@ -93,16 +107,18 @@ def checkpoint_test_metrics(module, glue_root: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_an_export_evaluates_to_its_checkpoints_test_metric(tmp_path, one_thread, glue_writer, capsys, monkeypatch):
+def test_an_export_evaluates_to_its_checkpoints_test_metric(tmp_path, int8_export, one_thread, glue_writer, capsys,
+                                                            monkeypatch):
     monkeypatch.setenv("LIT_FACTOR_CACHE", str(tmp_path / "cache"))
     root = glue_writer("SST-2", n_dev=24)
-    module = trained_like("lowrank")
+    module, onnx_out, _ = int8_export("lowrank", 0.5, capsys)  # the ONNX + int8 export of the fused-attention test
     want = checkpoint_test_metrics(module, root)
     ckpt = write_checkpoint(tmp_path / "m.ckpt", module)
     got = {}
-    for fmt, extra in (("hf", []), ("dense", []), ("onnx", ["--quantize", "int8"])):
-        out = tmp_path / fmt
-        assert export_main(["--ckpt_path", str(ckpt), "--to", str(out), "--format", fmt, *extra]) == 0
+    for fmt in ("hf", "dense", "onnx"):
+        out = onnx_out if fmt == "onnx" else tmp_path / fmt
+        if fmt != "onnx":
+            assert export_main(["--ckpt_path", str(ckpt), "--to", str(out), "--format", fmt]) == 0
         files = [None, "model.int8.onnx"] if fmt == "onnx" else [None]
         for file in files:
             target = tmp_path / f"{fmt}-{file}.json"

@@ -146,6 +146,25 @@ def fake_study(tmp_path, base_yaml, name="fk", **axes) -> Path:
     return write_study(tmp_path / f"{name}.yaml", base=str(base_yaml), command=FAKE, axes=axes, seeds=[1, 2])
 
 
+def test_run_ends_when_its_workers_do_not_at_its_next_progress_poll(tmp_path, base_yaml, monkeypatch, capsys):
+    """The runner prints progress every ``poll`` seconds; it ended only at such a tick (5 s after the workers, every
+    ``study run``). Here a tick is 2 minutes away: the run must end as soon as its worker does."""
+    from lit_factor.study.runner import RunOptions, run
+
+    path = fake_study(tmp_path, base_yaml, "prompt", **{"model.factorization.method": ["lowrank"]})
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PYTHONPATH", str(REPO))  # the worker: python -m lit_factor.study.worker
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}  # run() sets its own
+    start = time.time()
+    try:
+        assert run(load_spec(path), str(path), None, RunOptions(root=tmp_path / "logs", poll=120.0)) == 0
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert time.time() - start < 60  # ~3 s; a wide margin for a loaded machine (the old loop: 120 s at least)
+    assert "2/2 finished" in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_verdicts_failed_is_a_result_error_is_retried_once_invalid_is_not(tmp_path, base_yaml):
     path = fake_study(tmp_path, base_yaml, "verdicts", **{"fake.exit": [0, 3, 2, 1]})
@@ -345,8 +364,11 @@ def test_real_2x2_grid_2_seeds_2_workers_csv_and_report(tmp_path, tiny_base):
     path = write_study(tmp_path / "grid.yaml", base=str(tiny_base), stability={},
                        axes={"model.factorization.method": ["none", "lowrank"],
                              "model.factorization.budget": [0.5, 0.25]}, seeds=[1, 2])
-    proc = run_cli("run", str(path), "--workers", "2", "--threads", "1", "--root", "logs",
-                   "--data-dir", str(tmp_path / "glue"), cwd=tmp_path)
+    # --heartbeat 1: the worker that runs out of grid points first looks every heartbeat whether the other's last
+    # trial has ended (the default, 30 s, was idle time here); --grace 120 keeps the default's 4 x 30 s before a
+    # silent trial counts as dead, so a loaded machine cannot make a live trial look dead
+    proc = run_cli("run", str(path), "--workers", "2", "--threads", "1", "--heartbeat", "1", "--grace", "120",
+                   "--root", "logs", "--data-dir", str(tmp_path / "glue"), cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count("[worker ") == 8 and "8/8 finished" in proc.stdout
     out = tmp_path / "out"
@@ -400,17 +422,22 @@ def test_committed_study_files_parse_with_every_variant(path, monkeypatch):
             assert spec.fit_args(params, spec.task_of(params))[-2:] == ["--seed_everything", str(spec.seeds[0])]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("path", STUDY_FILES, ids=lambda p: p.stem)
-def test_committed_study_cell_is_accepted_by_fit(path, monkeypatch):
+def test_committed_study_cell_is_accepted_by_fit(path, monkeypatch, capsys):
+    """fit's own parser, in this process: a fresh interpreter per study file cost ~10 s of imports each (the grid
+    check in its own subprocess, as ``study run`` does it: test_study_run_refuses_a_grid_fit_would_refuse_...)."""
+    from lit_factor import cli
+
     monkeypatch.chdir(REPO)
+    monkeypatch.setattr(sys, "argv", ["cli.py"])  # else LightningCLI warns that pytest's arguments are ignored
     spec = load_spec(path)
     params = {**spec.cells()[-1], "seed": spec.seeds[0]}
-    fit = subprocess.run([sys.executable, "cli.py", "fit", *spec.fit_args(params, spec.task_of(params)),
-                          "--print_config"], cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert fit.returncode == 0, fit.stderr[-2000:]
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["fit", *spec.fit_args(params, spec.task_of(params)), "--print_config"])
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 0, err[-2000:]
     # a study with a stability section judges every fit; one without (compress: pure measurements) adds nothing
-    assert ("lit_factor.callbacks.StabilityMonitor" in fit.stdout) == (spec.stability is not None)
+    assert ("lit_factor.callbacks.StabilityMonitor" in out) == (spec.stability is not None)
 
 
 # the findings (the registered claims and their statistics) are tested in tests/test_claims.py

@@ -101,8 +101,8 @@ def run(spec: StudySpec, spec_path: str, variant: str | None, opts: RunOptions, 
     start, shown = time.time(), None
     finished0 = _finished(before)
     try:
-        while any(p.poll() is None for p in procs):
-            time.sleep(opts.poll)
+        while running := [p for p in procs if p.poll() is None]:
+            _wait(running[0], opts.poll)  # the run ends when its last worker does, not at the next poll
             shown = _show(study, start, finished0, shown)
     except KeyboardInterrupt:
         print("interrupted: stopping the workers (their trials go back to the queue)", file=sys.stderr, flush=True)
@@ -128,6 +128,14 @@ def stored(name: str, opts: RunOptions) -> bool:
     if opts.storage is None:
         return st.record_exists(name, opts.root) and st.exists(name, st.storage(st.default_storage(name, opts.root)))
     return st.exists(name, st.storage(opts.storage, opts.heartbeat, opts.grace))
+
+
+def _wait(proc: subprocess.Popen, timeout: float) -> None:
+    """Until ``proc`` ends or ``timeout`` seconds pass, whichever comes first."""
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pass
 
 
 def _finished(c) -> int:
