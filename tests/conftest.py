@@ -3,8 +3,11 @@ a synthetic learnable dataset and a quiet CPU Trainer (also used by the DDP work
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 # The suite never needs the network (models are random presets or packaged, hub datasets are stubbed). Without one,
@@ -13,6 +16,12 @@ from pathlib import Path
 os.environ["HF_HUB_OFFLINE"] = "1"
 if "huggingface_hub.constants" in sys.modules:  # imported early (a plugin): the variable was read already
     sys.modules["huggingface_hub.constants"].HF_HUB_OFFLINE = True
+
+# Tokenized splits and other cached files go to one folder of this session, never the user's ~/.cache/lit_factor
+# (study and CLI tests that give no --data.cache_dir would write there); subprocesses inherit it.
+_CACHE = tempfile.mkdtemp(prefix="lit_factor_test_cache_")
+os.environ["LIT_FACTOR_CACHE"] = _CACHE
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
