@@ -176,7 +176,10 @@ def rank_section(path: Path) -> list[str]:
         verdicts.append(f"{method} in {lab}: best x{r.get('rank_multiple')} at {gain:.2f}x per MAC of x1"
                         if gain >= 1.05 else f"{method} in {lab}: no multiple beats x1 by 5 % per MAC")
     out += ["", "Verdict per variant and runtime (rows with p90 within 1.3x of the median): " + "; ".join(verdicts)
-            + ". The CPU default of `rank_multiple` is 1 unless a verdict shows a gain."]
+            + ". A gain means: for a model to be deployed in that runtime, train with `--model.factorization."
+            "rank_multiple N`. The library default stays 1: the multiple is fixed when the model is factorized (it "
+            "changes the kept fraction, and with it every recorded recipe and study), before anyone knows where it "
+            "will be deployed."]
     return out
 
 
