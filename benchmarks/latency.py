@@ -166,7 +166,8 @@ def settings_list(args, skipped: list[str] | None = None) -> list[LatencySetting
                else list(dict.fromkeys(args.fusions)))
     base = LatencySettings(batch_sizes=args.batch_sizes, seq_lens=args.seq_lens, repeats=args.repeats,
                            warmup=args.warmup, dtype=args.dtype, device=args.device, threads=args.threads,
-                           part=args.part, pad_rank_to=args.pad_rank_to, export_cache=getattr(args, "export_cache", None))
+                           part=args.part, pad_rank_to=args.pad_rank_to,
+                           export_cache=getattr(args, "export_cache", None))
     out = []
     for runtime in args.runtime:
         for precision in dict.fromkeys(args.precision):

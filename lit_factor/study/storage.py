@@ -169,7 +169,7 @@ class SeedRounds(optuna.samplers.BaseSampler):
 
     def __init__(self, space: dict[str, list], store: BaseStorage) -> None:
         axes = [a for a in space if a != SEED]
-        self.grid = [{**dict(zip(axes, combo)), SEED: seed}
+        self.grid = [{**dict(zip(axes, combo, strict=True)), SEED: seed}
                      for seed in space[SEED] for combo in itertools.product(*(space[a] for a in axes))]
         self.store = store
 
