@@ -100,6 +100,14 @@ def test_fewer_than_three_runs_is_insufficient():
     assert c.verdict == st.INSUFFICIENT
 
 
+def test_a_row_with_too_few_runs_says_so_on_the_page():
+    from lit_factor.study.publish import claim_section
+
+    answer = claim1(DENSE + arm("lowrank", [0.80, 0.81]) + arm("monarch", [0.70, 0.71, 0.72]))
+    row = next(line for line in claim_section(answer, {}, None).splitlines() if "low rank vs Monarch" in line)
+    assert row.rstrip(" |").endswith("fewer than 3 runs in an arm")
+
+
 def test_a_task_that_did_not_train_is_insufficient_even_with_a_big_gap():
     # CoLA: dense MCC above 0 but accuracy at the majority class: a constant predictor, not a trained model
     dense = [run("none", m, s, task="cola", acc=0.69) for s, m in ((1, 0.08), (2, 0.07), (3, 0.09))]
