@@ -164,8 +164,9 @@ class SeedRounds(optuna.samplers.BaseSampler):
     second, and so on. A grid stopped part-way -- a CPU session's share of a GPU-sized study -- then holds whole
     rounds, n seeds in every cell including the dense arm, where Optuna's ``GridSampler`` (a shuffled order) leaves
     five seeds in some cells and none in others. Grid ids are positions in this order: trial ``k`` of a fresh grid
-    takes cell ``k`` (no two workers pick the same cell); a re-queued trial keeps its id; any later trial takes the
-    first cell nobody started."""
+    takes cell ``k`` (no two workers pick the same cell); a re-queued trial keeps its id and takes no position, so
+    trial ``k`` of a grid with re-queued trials takes the cell after the last one handed out; a trial whose position
+    is taken or past the grid takes the first cell nobody started."""
 
     def __init__(self, space: dict[str, list], store: BaseStorage) -> None:
         axes = [a for a in space if a != SEED]
@@ -183,13 +184,31 @@ class SeedRounds(optuna.samplers.BaseSampler):
         if "grid_id" in trial.system_attrs or "fixed_params" in trial.system_attrs:  # a re-queued trial
             return
         unstarted = grid_state(study).unstarted
-        grid_id = trial.number if trial.number < len(self.grid) else min(unstarted, default=0)
+        position = _fresh_before(study, trial.number)
+        grid_id = position if position in unstarted else min(unstarted, default=0)
         trial_id = self.store.get_trial_id_from_study_id_trial_number(
             self.store.get_study_id_from_name(study.study_name), trial.number)
         self.store.set_trial_system_attr(trial_id, "grid_id", grid_id)
 
     def sample_independent(self, study, trial: FrozenTrial, param_name: str, param_distribution):
         return self.grid[trial.system_attrs["grid_id"]][param_name]
+
+
+def _fresh_before(study: optuna.Study, number: int) -> int:
+    """How many trials numbered below ``number`` took a grid position: every one but the re-queued copies and
+    duplicates, which repeat the grid id of a lower-numbered trial (a trial still choosing has no id yet: it counts).
+    Each worker computes this from trials that all exist before its own, so two workers never get one position."""
+    seen, fresh = set(), 0
+    for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
+        if t.number >= number:
+            break
+        grid_id = t.system_attrs.get("grid_id")
+        if grid_id is None:
+            fresh += "fixed_params" not in t.system_attrs  # still choosing (a user's enqueued trial takes none)
+        elif grid_id not in seen:
+            fresh += 1
+            seen.add(grid_id)
+    return fresh
 
 
 #: ``grid_order`` of a study created since grids run in seed rounds (older studies keep Optuna's shuffled order:
