@@ -1,5 +1,5 @@
 """Shared test helpers: tiny GLUE-format task directories written per test, the real GLUE directory if present,
-a synthetic learnable dataset and a quiet CPU Trainer (also used by the DDP worker scripts), one thread."""
+a synthetic learnable dataset and a quiet CPU Trainer (also used by the DDP worker scripts); one thread everywhere."""
 
 from __future__ import annotations
 
@@ -23,8 +23,16 @@ _CACHE = tempfile.mkdtemp(prefix="lit_factor_test_cache_")
 os.environ["LIT_FACTOR_CACHE"] = _CACHE
 atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
+# One intra-op thread for the session and every subprocess it starts. The suite's models are tiny: a second thread
+# wins nothing on a quiet 2-core machine and, on a loaded one, makes each op wait for a descheduled thread (measured
+# 3-6x slower per forward). Thread-count behaviour is tested with explicit settings (tests/test_latency.py).
+os.environ["OMP_NUM_THREADS"] = "1"
+os.environ["MKL_NUM_THREADS"] = "1"
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -109,15 +117,6 @@ def glue_dir() -> Path:
     if not (path / "SST-2" / "dev.tsv").is_file():
         pytest.skip(f"no GLUE data at {path} (set GLUE_DIR)")
     return path
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny models: a second intra-op thread only adds contention on a 2-core machine (10-20x slower when loaded)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # --- synthetic token data and a quiet Trainer (no GLUE files, no tokenizer) ---------------------------------------

@@ -102,7 +102,7 @@ def test_the_rule_checker_sees_an_arrow_up_and_a_lazy_one(tmp_path, monkeypatch)
     assert floor("lit_factor.train.module") > floor("lit_factor.compress.surgery")
 
 
-def test_a_checkpoint_written_before_the_move_loads_and_predicts_the_same(one_thread):
+def test_a_checkpoint_written_before_the_move_loads_and_predicts_the_same():
     """A mid-staging low-rank checkpoint written by the flat-layout code (session 6): its plan rebuilds the
     switchable architecture and the logits on a fixed batch are those it gave then."""
     from lit_factor.train.module import FactorizedClassifier

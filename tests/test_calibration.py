@@ -36,7 +36,7 @@ def _batches(n=3, seed=0):
     return out
 
 
-def test_second_moment_over_real_tokens_only(one_thread):
+def test_second_moment_over_real_tokens_only():
     torch.manual_seed(0)
     model = _TwoLayer().train()
     batches = _batches()
@@ -49,7 +49,7 @@ def test_second_moment_over_real_tokens_only(one_thread):
     assert model.training  # mode restored
 
 
-def test_fisher_row_weights_match_squared_gradients(one_thread):
+def test_fisher_row_weights_match_squared_gradients():
     torch.manual_seed(1)
     model = _TwoLayer()
     batches = _batches()
@@ -64,7 +64,7 @@ def test_fisher_row_weights_match_squared_gradients(one_thread):
     assert stats["b"].row_weights.shape == (3,)
 
 
-def test_unused_layer_is_named(one_thread):
+def test_unused_layer_is_named():
     model = _TwoLayer()
     model.c = nn.Linear(3, 3)
     with pytest.raises(RuntimeError, match="'c' never ran"):

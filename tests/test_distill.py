@@ -98,7 +98,7 @@ def _fit_module(steps=2, callbacks=(), **kwargs):
     return module, trainer
 
 
-def test_teacher_is_frozen_outside_the_optimizer_and_checkpoint(one_thread, tmp_path):
+def test_teacher_is_frozen_outside_the_optimizer_and_checkpoint(tmp_path):
     from lit_factor.train.module import Factorization
 
     probe = _TeacherProbe()
@@ -116,7 +116,7 @@ def test_teacher_is_frozen_outside_the_optimizer_and_checkpoint(one_thread, tmp_
     assert set(keys) == set(module.state_dict()) and not any("teacher" in k for k in keys)
 
 
-def test_compress_after_fine_tuning(one_thread, tmp_path):
+def test_compress_after_fine_tuning(tmp_path):
     from lit_factor.train.module import Factorization
 
     dense, trainer = _fit_module(steps=3)
@@ -152,7 +152,7 @@ class _StageProbe(L.Callback):
             self.before_stage = {k: v.clone() for k, v in dense_copy(pl_module.model).state_dict().items()}
 
 
-def test_staged_self_teacher_is_the_dense_model_fine_tuned_until_the_first_stage_and_resumes(one_thread, tmp_path):
+def test_staged_self_teacher_is_the_dense_model_fine_tuned_until_the_first_stage_and_resumes(tmp_path):
     from lit_factor.callbacks import StagingCallback
     from lit_factor.train.module import TEACHER_KEY, Factorization
 

@@ -81,7 +81,7 @@ def export_and_compare(tmp_path: Path, module, fmt: str, *extra: str) -> tuple[P
 
 @pytest.mark.parametrize("method, budget", [("lowrank", 0.5), ("monarch", None), ("blockwise", None)])
 @pytest.mark.parametrize("fmt", ["hf", "dense"])
-def test_round_trip_hf_and_dense(tmp_path, one_thread, fmt, method, budget):
+def test_round_trip_hf_and_dense(tmp_path, fmt, method, budget):
     module = trained_like(method, budget)
     out, _ = export_and_compare(tmp_path, module, fmt)
     if fmt == "hf":
@@ -95,12 +95,12 @@ def test_round_trip_hf_and_dense(tmp_path, one_thread, fmt, method, budget):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method, budget", [("lowrank", 0.5), ("monarch", None), ("blockwise", None)])
-def test_round_trip_onnx(tmp_path, one_thread, method, budget):
+def test_round_trip_onnx(tmp_path, method, budget):
     export_and_compare(tmp_path, trained_like(method, budget), "onnx")
 
 
 @pytest.mark.slow
-def test_onnx_with_fusions_and_inference_rewrites(tmp_path, one_thread, capsys):
+def test_onnx_with_fusions_and_inference_rewrites(tmp_path, capsys):
     out, _ = export_and_compare(tmp_path, trained_like("monarch", None), "onnx", "--ort-fusions", "--optimize")
     manifest = json.loads((out / "lit_factor_export.json").read_text())
     assert manifest["check"]["rewrites"]["ffn_chunk_order"] == 2
@@ -109,7 +109,7 @@ def test_onnx_with_fusions_and_inference_rewrites(tmp_path, one_thread, capsys):
 
 
 @pytest.mark.parametrize("fmt", ["hf", "dense", pytest.param("onnx", marks=pytest.mark.slow)])
-def test_mid_staging_checkpoint_exports_what_it_is(tmp_path, one_thread, capsys, fmt):
+def test_mid_staging_checkpoint_exports_what_it_is(tmp_path, capsys, fmt):
     module = trained_like("lowrank", 0.5, staged_switches=3)
     out, _ = export_and_compare(tmp_path, module, fmt)
     printed = capsys.readouterr().out
@@ -120,7 +120,7 @@ def test_mid_staging_checkpoint_exports_what_it_is(tmp_path, one_thread, capsys,
         assert len(json.loads((out / "config.json").read_text())["lit_factor"]["plan"]["entries"]) == 3
 
 
-def test_dense_checkpoint_exports_too(tmp_path, one_thread):
+def test_dense_checkpoint_exports_too(tmp_path):
     export_and_compare(tmp_path, trained_like("none"), "hf")
 
 
@@ -147,7 +147,7 @@ def test_refuses_missing_and_foreign_checkpoints(tmp_path, capsys):
     assert not Path(out).exists()  # nothing written
 
 
-def test_refuses_a_non_empty_directory_without_overwrite(tmp_path, one_thread, capsys):
+def test_refuses_a_non_empty_directory_without_overwrite(tmp_path, capsys):
     ckpt = write_checkpoint(tmp_path / "model.ckpt", trained_like("lowrank"))
     out = tmp_path / "taken"
     out.mkdir()

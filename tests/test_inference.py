@@ -43,7 +43,7 @@ def outputs(model, inputs):
     ("lowrank", 0.5, {"shared_qkv_gemm": 2}),
     ("monarch", None, {"ffn_chunk_order": 2, "attention_chunk_order": 2}),
 ])
-def test_rewritten_model_computes_the_same_function(one_thread, method, budget, expected, arch):
+def test_rewritten_model_computes_the_same_function(method, budget, expected, arch):
     model = model_with(method, budget, arch=arch)
     fast = optimize_for_inference(copy.deepcopy(model))
     assert {k: v for k, v in fast.inference_rewrites.items() if v} == expected
@@ -54,7 +54,7 @@ def test_rewritten_model_computes_the_same_function(one_thread, method, budget, 
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-def test_fused_qkv_runs_one_gemm_and_keeps_no_activations(one_thread):
+def test_fused_qkv_runs_one_gemm_and_keeps_no_activations():
     fast = optimize_for_inference(model_with("lowrank", 0.5))
     attention = fast.bert.encoder.layer[0].attention.self
     assert all(isinstance(getattr(attention, n), SharedInputBranch) for n in ("query", "key", "value"))
@@ -69,7 +69,7 @@ def test_fused_qkv_runs_one_gemm_and_keeps_no_activations(one_thread):
     assert shared.__dict__.get("_cache") is None  # ... one product, dropped after the last consumer
 
 
-def test_mid_staging_mix_rewrites_only_what_is_exact(one_thread):
+def test_mid_staging_mix_rewrites_only_what_is_exact():
     # only the FFN input layers factorized (the rest dense), as in a checkpoint between stages
     model = model_with("monarch", None, targets=r"intermediate\.dense$")
     fast = optimize_for_inference(copy.deepcopy(model))
@@ -86,7 +86,7 @@ def test_chunk_order_keeps_rows_inside_their_group():
     assert ((perm // 6) == (torch.arange(12) // 6)).all()
 
 
-def test_chunk_ordered_monarch_is_the_monarch_with_permuted_rows(one_thread):
+def test_chunk_ordered_monarch_is_the_monarch_with_permuted_rows():
     torch.manual_seed(1)
     plain = MonarchLinear(32, 64, nblocks=4)
     chunked = ChunkOrderMonarchLinear.from_monarch(plain, chunk=4)
@@ -97,7 +97,7 @@ def test_chunk_ordered_monarch_is_the_monarch_with_permuted_rows(one_thread):
         torch.testing.assert_close(chunked(x), x @ chunked.to_dense().T + chunked.bias)
 
 
-def test_permute_input_is_exact_for_every_reader_and_refuses_a_cross_block_permutation(one_thread):
+def test_permute_input_is_exact_for_every_reader_and_refuses_a_cross_block_permutation():
     torch.manual_seed(2)
     x = torch.randn(4, 32)
     within = torch.cat([torch.randperm(8) + 8 * j for j in range(4)])  # stays inside 8-column blocks

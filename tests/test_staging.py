@@ -23,7 +23,6 @@ from tests.conftest import quiet_trainer, synthetic_loader
 BATCH = 4
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _module(method: str = "lowrank", lr: float = 1e-3, **kw) -> FactorizedClassifier:

@@ -18,8 +18,6 @@ import torch
 from lit_factor.compress.surgery import build_plan
 from lit_factor.compress.switchable import SwitchableLinear
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 @pytest.mark.parametrize("method", ["lowrank", "monarch"])
 def test_a_factor_switched_at_step_k_starts_like_a_fresh_adamw(method):

@@ -14,8 +14,6 @@ from lit_factor.errors import UserError
 from lit_factor.train.module import Factorization, FactorizedClassifier
 from tests.conftest import quiet_trainer, synthetic_loader
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def _fit(tmp_path, max_epochs: int, ckpt_path=None, **stability):
     module = FactorizedClassifier("random:tiny-bert", task="sst2", learning_rate=1e-3, warmup_ratio=0.0,

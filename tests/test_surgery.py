@@ -16,7 +16,6 @@ ARCHS = ["random:tiny-bert", "random:tiny-roberta", "random:tiny-t5", "random:ti
 METHOD_ARGS = {"lowrank": {"budget": 0.5}, "monarch": {"budget": None, "nblocks": 4},
                "blockwise": {"budget": 0.5, "nblocks": 2}}
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(name, seed=0):

@@ -11,7 +11,6 @@ from lit_factor.models import load_model
 
 METHODS = ["lowrank", "monarch", "blockwise"]
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
