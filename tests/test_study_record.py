@@ -134,29 +134,29 @@ def test_a_new_grid_runs_in_seed_rounds_so_a_partial_grid_holds_whole_rounds(tmp
 
 
 def test_a_requeued_trial_takes_no_position_so_no_cell_is_skipped(tmp_path):
-    """Two trials of round 2 die and are re-queued (new trial numbers, same cells). Round 3 must still start with
-    its first cell, the dense arm: re-queued copies used to take positions, and round 3's dense run was skipped to
-    the end of the grid (claim2_mrpc-lowrank, 2026-12-02)."""
+    """Both trials of round 2 die with their workers and are re-queued (new trial numbers, same cells). Round 3 must
+    still start with its first cell, the dense arm: re-queued copies used to take positions, and round 3 was skipped
+    until the trial numbers ran past the grid (claim2_mrpc-lowrank lost round 3's dense run so, 2026-12-02)."""
     (tmp_path / "base.yaml").write_text(yaml.safe_dump({"data": {"task": "sst2"}}))
     (tmp_path / "s.yaml").write_text(yaml.safe_dump({
         "name": "requeue", "base": str(tmp_path / "base.yaml"), "command": FAKE,
-        "axes": {"compression": ["dense", "lowrank"]}, "seeds": [1, 2, 3]}))
+        "axes": {"compression": ["dense", "lowrank"]}, "seeds": [1, 2, 3, 4]}))
     spec = load_spec(tmp_path / "s.yaml")
     store = st.storage(st.JOURNAL_SCHEME + str(tmp_path / "journal.log").lstrip("/"), heartbeat=1, grace=2)
     study = st.create(spec, store)
-    for _ in range(4):  # rounds 1 and 2; both round-2 trials die with their worker
-        trial = study.ask()
-        _ = {axis: trial.suggest_categorical(axis, values) for axis, values in spec.search_space().items()}
-        if trial.number < 2:
-            study.tell(trial, 0.5)
-        else:
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            st.requeue(study, study.trials[trial.number])
+    trials = []
+    for _ in range(4):  # rounds 1 and 2 start on four workers
+        trials.append(study.ask())
+        _ = {axis: trials[-1].suggest_categorical(axis, values) for axis, values in spec.search_space().items()}
+    for trial in trials[:2]:
+        study.tell(trial, 0.5)
+    for trial in trials[2:]:  # round 2 dies with its workers
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        st.requeue(study, study.trials[trial.number])
     retried = [_ask_params(study, spec) for _ in range(2)]  # the queue first: the same round-2 cells
     assert [(p["compression"], p["seed"]) for p in retried] == [("dense", 2), ("lowrank", 2)]
     assert [(p["compression"], p["seed"]) for p in (_ask_params(study, spec) for _ in range(2))] == [
         ("dense", 3), ("lowrank", 3)]
-    assert st.grid_state(study).unstarted == set()
 
 
 def test_a_study_created_before_seed_rounds_keeps_optunas_order(tmp_path):
