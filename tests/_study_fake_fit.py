@@ -3,9 +3,12 @@ fit (config.yaml, summary.json per docs/studies/README.md) and behaves as told b
 
   --fake.exit N       exit with status N (3: a failed run, 2: bad settings, 1: a crash)
   --fake.sleep S      train for S seconds (so that a test can kill a worker mid-trial)
+  --fake.checkpoint_step N   first save ``checkpoints/epoch=0-step=N.ckpt`` (a real torch.save checkpoint)
+  --ckpt_path FILE    go on from a checkpoint (recorded, as fit would)
   --model.factorization.method / budget, --data.task, --seed_everything: recorded as a real fit would
 
-Every start appends a line to ``<save_dir>/../invocations.txt`` so a test can count how often a point ran.
+Every start appends a line ``method budget seed version ckpt_path|-`` to ``<save_dir>/../invocations.txt`` so a test
+can count how often a point ran, and from where.
 """
 
 import json
@@ -26,7 +29,13 @@ def main(argv: list[str]) -> int:
     method, budget = opts.get("model.factorization.method", "lowrank"), float(opts.get("model.factorization.budget", 1))
     seed, task = int(opts["seed_everything"]), opts.get("data.task", "sst2")
     with open(save_dir.parent / "invocations.txt", "a") as f:
-        f.write(f"{method} {budget} {seed} {version}\n")
+        f.write(f"{method} {budget} {seed} {version} {opts.get('ckpt_path', '-')}\n")
+    if "fake.checkpoint_step" in opts:
+        import torch
+
+        step = int(opts["fake.checkpoint_step"])
+        (run_dir / "checkpoints").mkdir(exist_ok=True)
+        torch.save({"state_dict": {}, "global_step": step}, run_dir / "checkpoints" / f"epoch=0-step={step}.ckpt")
     time.sleep(float(opts.get("fake.sleep", 0)))
     code = int(opts.get("fake.exit", 0))
     if code in (1, 2):

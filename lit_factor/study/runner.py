@@ -76,7 +76,7 @@ def run(spec: StudySpec, spec_path: str, variant: str | None, opts: RunOptions, 
     if not stored(spec.name, opts):  # a new study: its whole grid is checked before anything is stored
         tr.check_grid(spec, opts.data_dir)
     url = opts.storage or st.default_storage(spec.name, opts.root)
-    study = st.create(spec, st.storage(url, opts.heartbeat, opts.grace, spec.retries))  # before workers race to it
+    study = st.create(spec, st.storage(url, opts.heartbeat, opts.grace))  # before workers race to it
     if command and command not in study.user_attrs.get("commands", []):
         study.set_user_attr("commands", [*study.user_attrs.get("commands", []), command])
     machine = describe_machine(visible_gpus() if opts.gpus is None else opts.gpus)

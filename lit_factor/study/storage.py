@@ -108,9 +108,11 @@ class JournalRecord(JournalStorage, BaseHeartbeat):
 OPEN_ATTEMPTS = 5
 
 
-def storage(url: str, heartbeat: int = 30, grace: int | None = None, retries: int = 1) -> BaseStorage:
-    """A storage with heartbeats: a RUNNING trial silent for ``grace`` s is failed and re-queued. ``url``: a
-    journal file (``journal:///path``) or any SQLAlchemy URL.
+def storage(url: str, heartbeat: int = 30, grace: int | None = None) -> BaseStorage:
+    """A storage with heartbeats: a RUNNING trial silent for ``grace`` s is failed and re-queued, however often
+    that happens (its worker died: a preempted machine, an ended session; the fit, a subprocess, is not to blame --
+    crashes are counted against ``retries`` by the worker). ``url``: a journal file (``journal:///path``) or any
+    SQLAlchemy URL.
 
     Opening a fresh database creates Optuna's tables. Two workers doing that at the same instant against one
     PostgreSQL server collide (one gets an IntegrityError or "relation already exists": PostgreSQL's DDL takes no
@@ -119,14 +121,14 @@ def storage(url: str, heartbeat: int = 30, grace: int | None = None, retries: in
         raise UserError(f"--heartbeat {heartbeat} / --grace {grace}: both must be at least 1 (seconds)")
     if url.startswith(JOURNAL_SCHEME):
         return JournalRecord("/" + url.removeprefix(JOURNAL_SCHEME), heartbeat, grace,
-                             RetryHeartbeatStaleTrialCallback(max_retry=retries))
+                             RetryHeartbeatStaleTrialCallback())
 
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
     for attempt in range(OPEN_ATTEMPTS):
         try:
             return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat,
                               grace_period=grace or 4 * heartbeat,
-                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=retries))
+                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback())
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as err:
             if attempt == OPEN_ATTEMPTS - 1:  # not a race after all
                 raise UserError(f"--storage {masked(url)!r}: cannot open ({_short(err)})") from None

@@ -26,8 +26,13 @@ from optuna.trial import TrialState
 from lit_factor.errors import UserError, fail
 from lit_factor.study import storage as st
 from lit_factor.study import trial as tr
+from lit_factor.study.carry_on import carry_on_point
 from lit_factor.study.results import read_run
 from lit_factor.study.spec import SEED, StudySpec, cell_label, excluded, load_spec
+
+#: lit-factor fits also keep their newest checkpoint (a link when it is the best one): what a copy of the trial
+#: goes on from when the worker dies (carry_on.py); the best-only default can be epochs behind
+KEEP_LAST = ["--checkpoint.save_last", "link"]
 
 
 @dataclass
@@ -88,11 +93,18 @@ class Worker:
 
     def run(self, trial: optuna.Trial, params: dict) -> None:
         spec, number = self.spec, trial.number
-        run_dir = self.root / spec.name / f"trial_{number:04d}"
+        # a copy of a trial whose worker died goes on from the dead fit's checkpoint, in its run directory
+        carry = carry_on_point(self.study, number, self.frozen(number).system_attrs.get("grid_id"))
+        run_dir = carry.run_dir if carry else self.root / spec.name / f"trial_{number:04d}"
         task = spec.task_of(params) if spec.stability is not None else None  # the monitor needs the task
         cmd = (spec.command or tr.fit_command()) + spec.fit_args(params, task) + self.run_dir_args(run_dir)
+        cmd += ([] if spec.command else KEEP_LAST) + (carry.fit_args() if carry else [])
         log_file = run_dir / "fit.log"
         start = time.time()
+        if carry:
+            print(f"[worker {self.index}] trial {number} goes on from trial {carry.trial}'s checkpoint at step "
+                  f"{carry.step} ({carry.checkpoint})", flush=True)
+        trial.set_user_attr("carried_on", carry.as_attr() if carry else None)  # a copy inherits its original's
         trial.set_user_attr("run_dir", str(run_dir))
         trial.set_user_attr("host", os.uname().nodename)
         trial.set_user_attr("worker", self.index)
@@ -121,9 +133,17 @@ class Worker:
         value = value if isinstance(value, float | int) and math.isfinite(value) else -math.inf
         self.study.tell(trial, value if verdict in tr.RESULTS else None,
                         state=TrialState.COMPLETE if verdict in tr.RESULTS else TrialState.FAIL)
-        if verdict == tr.ERROR:
-            RetryHeartbeatStaleTrialCallback(max_retry=self.spec.retries)(self.study, self.frozen(trial.number))
+        if verdict == tr.ERROR and self.crashes(trial.number) <= self.spec.retries:
+            RetryHeartbeatStaleTrialCallback()(self.study, self.frozen(trial.number))  # a copy, its history extended
         print(progress_line(trial.number, params, verdict, result, wall, self.index), flush=True)
+
+    def crashes(self, number: int) -> int:
+        """How many tries of this trial's grid point crashed, it included. Its tries cut short by a dead worker or a
+        Ctrl-C do not count: those are the machine's doing, and re-queued however often they happen."""
+        frozen = self.frozen(number)
+        tries = set(frozen.system_attrs.get("retry_history", [])) | {number}
+        return sum(t.user_attrs.get("verdict") == tr.ERROR for t in self.study.get_trials(deepcopy=False)
+                   if t.number in tries)
 
     def interrupted(self, trial) -> None:
         """Ctrl-C or SIGTERM: the trial fails as ``interrupted`` and a copy goes back to the queue (not a retry)."""
@@ -192,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, signal.default_int_handler)  # the running trial goes back to the queue
     try:
         spec = load_spec(args.spec, args.variant)
-        store = st.storage(args.storage, int(args.heartbeat), args.grace and int(args.grace), spec.retries)
+        store = st.storage(args.storage, int(args.heartbeat), args.grace and int(args.grace))
         if not st.exists(spec.name, store):  # started by hand as the study's first worker: check the grid first
             tr.check_grid(spec, args.data_dir)
         worker = Worker(spec, st.create(spec, store), store, Path(args.root), args.index, args.threads, args.gpu,
