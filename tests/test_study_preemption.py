@@ -17,7 +17,7 @@ from optuna.trial import TrialState
 from lit_factor.study import storage as st
 from lit_factor.study.carry_on import carry_on_point
 from lit_factor.study.spec import load_spec
-from lit_factor.study.worker import KEEP_LAST, Worker
+from lit_factor.study.worker import KEEP_LATEST, Worker
 from tests.test_study import FAKE, _declare_dead, write_study
 
 HOST = os.uname().nodename
@@ -111,7 +111,7 @@ def test_copy_goes_on_from_the_newest_readable_checkpoint_in_the_dead_runs_direc
     assert copy.user_attrs["carried_on"] == {"trial": dead, "checkpoint": str(older), "step": 5}
     command = (run_dir / "fit.log").read_text().splitlines()[0]
     assert f"--ckpt_path {older} --trainer.logger.init_args.purge_step 5" in command
-    assert " ".join(KEEP_LAST) not in command  # a custom command is not given lit-factor's checkpoint options
+    assert KEEP_LATEST[0] not in command  # a custom command is not given lit-factor's checkpoint options
 
 
 @pytest.mark.parametrize("case", ["crashed", "other_host", "fit_alive", "no_checkpoint", "finished_elsewhere"])
@@ -163,6 +163,9 @@ def test_real_trial_carried_on_from_an_epoch_checkpoint_ends_as_the_whole_run(tm
     study = {"base": str(base), "args": {"checkpoint.save_top_k": -1}, "keep_checkpoints": True,
              "axes": {"model.factorization.budget": [0.5]}, "seeds": [1]}
     monkeypatch.chdir(tmp_path)  # run directories are recorded relative to where the study runs, as in a checkout
+    from lit_factor.study import worker as wk  # the latest state saved every 10 ms instead of 5 min: at every step
+
+    monkeypatch.setattr(wk, "KEEP_LATEST", [wk.KEEP_LATEST[0].replace("0:05:00", "0:00:00.010")])
 
     def worker(name: str):
         spec = load_spec(write_study(tmp_path / f"{name}.yaml", **study))
@@ -176,6 +179,7 @@ def test_real_trial_carried_on_from_an_epoch_checkpoint_ends_as_the_whole_run(tm
     whole_dir = Path(whole.user_attrs["run_dir"])
     assert sorted(p.name for p in (whole_dir / "checkpoints").glob("epoch=*.ckpt")) == [
         "epoch=0-step=2.ckpt", "epoch=1-step=4.ckpt"]
+    assert [p.name for p in (whole_dir / "checkpoints").glob("latest-*.ckpt")] == ["latest-epoch=1-step=4.ckpt"]
 
     dead_dir = Path("logs/cut/trial_0000")
     shutil.copytree(whole_dir, dead_dir)

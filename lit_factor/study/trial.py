@@ -118,12 +118,18 @@ def execute(cmd: list[str], env: dict[str, str], log_file: Path, on_start: Calla
         raise
 
 
-def stop(proc: subprocess.Popen) -> None:
-    """Terminate a fit, then kill it if it does not stop within 10 s."""
+#: seconds a fit told to stop (SIGTERM) gets before it is killed: it saves a checkpoint at its next optimizer step
+#: (CheckpointOnSigterm), which the trial's re-queued copy goes on from (carry_on.py). On one CPU core a step of an
+#: MRPC fit takes ~10 s and the save of a MiniLM checkpoint (~200 MB) a few more.
+STOP_GRACE = 60.0
+
+
+def stop(proc: subprocess.Popen, grace: float = STOP_GRACE) -> None:
+    """Terminate a fit, then kill it if it does not stop within ``grace`` seconds."""
     if proc.poll() is None:
         proc.terminate()
         try:
-            proc.wait(timeout=10)
+            proc.wait(timeout=grace)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()

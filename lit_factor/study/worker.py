@@ -7,6 +7,7 @@ other machines against the same ``--storage``. Prints one line per finished tria
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import shutil
@@ -30,9 +31,12 @@ from lit_factor.study.carry_on import carry_on_point
 from lit_factor.study.results import read_run
 from lit_factor.study.spec import SEED, StudySpec, cell_label, excluded, load_spec
 
-#: lit-factor fits also keep their newest checkpoint (a link when it is the best one): what a copy of the trial
-#: goes on from when the worker dies (carry_on.py); the best-only default can be epochs behind
-KEEP_LAST = ["--checkpoint.save_last", "link"]
+#: lit-factor fits also save their latest state every 5 minutes of training (``latest-epoch=E-step=S.ckpt``, one
+#: kept): what a copy of the trial goes on from when the worker dies (carry_on.py). The CLI's own checkpoint keeps
+#: only the best epoch, which can be epochs behind; a time interval costs a GPU fit of a few minutes nothing.
+KEEP_LATEST = ["--trainer.callbacks+=" + json.dumps({
+    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+    "init_args": {"filename": "latest-{epoch}-{step}", "train_time_interval": "0:05:00", "save_top_k": 1}})]
 
 
 @dataclass
@@ -98,7 +102,7 @@ class Worker:
         run_dir = carry.run_dir if carry else self.root / spec.name / f"trial_{number:04d}"
         task = spec.task_of(params) if spec.stability is not None else None  # the monitor needs the task
         cmd = (spec.command or tr.fit_command()) + spec.fit_args(params, task) + self.run_dir_args(run_dir)
-        cmd += ([] if spec.command else KEEP_LAST) + (carry.fit_args() if carry else [])
+        cmd += ([] if spec.command else KEEP_LATEST) + (carry.fit_args() if carry else [])
         log_file = run_dir / "fit.log"
         start = time.time()
         if carry:
