@@ -39,11 +39,12 @@ def save_checkpoint(run_dir: Path, step: int, mtime: float, truncated: bool = Fa
     return path
 
 
-def make_study(tmp_path: Path, name: str, **study):
+def make_study(tmp_path: Path, name: str, url: str | None = None, **study):
     path = write_study(tmp_path / f"{name}.yaml", base=str(write_study(tmp_path / "base.yaml", data={"task": "sst2"})),
                        command=FAKE, axes={"model.factorization.method": ["lowrank", "monarch"]}, seeds=[1], **study)
     spec = load_spec(path)
-    store = st.storage(st.default_storage(name, tmp_path / "logs"), heartbeat=3600)  # stale only when a test says
+    url = url or st.default_storage(name, tmp_path / "logs")  # the journal record, or a database
+    store = st.storage(url, heartbeat=3600)  # stale only when a test says
     return spec, st.create(spec, store), store
 
 
@@ -66,8 +67,10 @@ def copy_of(study, number: int):
                key=lambda t: t.number)
 
 
-def test_a_grid_point_preempted_again_and_again_is_requeued_every_time(tmp_path):
-    spec, study, store = make_study(tmp_path, "again")
+@pytest.mark.parametrize("record", ["journal", "database"])
+def test_a_grid_point_preempted_again_and_again_is_requeued_every_time(tmp_path, record):
+    url = f"sqlite:///{tmp_path / 'again.db'}" if record == "database" else None
+    spec, study, store = make_study(tmp_path, "again", url)
     number = died(study, store, None)
     for _ in range(3):  # its copy's worker dies too, three times
         copy = study.ask()
