@@ -270,15 +270,7 @@ class GLUEDataModule(L.LightningDataModule):
         """
         super().__init__()
         self.task = get_task(task)
-        data_dir = data_dir or os.environ.get(GLUE_DIR_ENV) or None
-        if data_dir is not None:
-            task_dir = Path(data_dir) / self.task.dir_name
-            if not Path(data_dir).is_dir():
-                raise GLUEDataError(f"data_dir {data_dir!r} is not a directory (expected the GLUE TSV layout "
-                                    f"<data_dir>/{self.task.dir_name}/train.tsv; omit it to use the HF hub)")
-            if not task_dir.is_dir():
-                raise GLUEDataError(f"data_dir {data_dir!r} has no {self.task.dir_name}/ directory for task "
-                                    f"{self.task.name!r}")
+        data_dir = self._local_dir(data_dir or os.environ.get(GLUE_DIR_ENV) or None)
         _check_sizes(max_seq_length=max_seq_length, batch_size=batch_size, eval_batch_size=eval_batch_size,
                      max_train_samples=max_train_samples, max_eval_samples=max_eval_samples, num_workers=num_workers)
         if split_dev_for_train is not None:
@@ -298,6 +290,17 @@ class GLUEDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self._tokenizer = None
         self.datasets: dict[str, object] = {}
+
+    def _local_dir(self, data_dir: str | None) -> str | None:
+        """``data_dir`` when it holds this task's directory in the GLUE TSV layout; None: the HF hub."""
+        if data_dir is not None:
+            if not Path(data_dir).is_dir():
+                raise GLUEDataError(f"data_dir {data_dir!r} is not a directory (expected the GLUE TSV layout "
+                                    f"<data_dir>/{self.task.dir_name}/train.tsv; omit it to use the HF hub)")
+            if not (Path(data_dir) / self.task.dir_name).is_dir():
+                raise GLUEDataError(f"data_dir {data_dir!r} has no {self.task.dir_name}/ directory for task "
+                                    f"{self.task.name!r}")
+        return data_dir
 
     def _check_dev_split(self, data_dir: str | None, fraction: float) -> None:
         """``split_dev_for_train`` only where it is needed and meaningful: a local task directory without
