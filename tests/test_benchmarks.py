@@ -110,3 +110,28 @@ def test_readme_projection_table_is_the_generated_one(capsys):
     assert match, "docs/guide.md has no generated projection table"
     module.main(["--table", str(ROOT / match.group(1))])
     assert match.group(2).strip() == capsys.readouterr().out.strip()
+
+
+def test_train_step_benchmark_times_every_method_and_precision(tmp_path):
+    spec = importlib.util.spec_from_file_location("train_step", ROOT / "benchmarks" / "train_step.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "step.json"
+    rows = module.main(["--model", "tiny-bert", "--methods", "none", "lowrank", "--batch", "2", "--seq-len", "8",
+                        "--rounds", "2", "--json", str(out)])
+    assert [(r["method"], r["precision"]) for r in rows] == [
+        ("none", "fp32"), ("none", "bf16-autocast"), ("lowrank", "fp32"), ("lowrank", "bf16-autocast")]
+    assert all(len(r["rounds_s"]) == 2 and r["median_s"] > 0 for r in rows) and rows[0]["speedup"] == 1.0
+    assert json.loads(out.read_text())["rows"] == rows
+
+
+def test_speed_train_step_table_is_the_generated_one(capsys):
+    """docs/speed.md's training-step table is printed from its recorded file, not copied by hand."""
+    spec = importlib.util.spec_from_file_location("train_step", ROOT / "benchmarks" / "train_step.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    speed = (ROOT / "docs" / "speed.md").read_text()
+    match = re.search(r"<!-- train-step-table: (\S+) -->\n(.*?)\n<!-- /train-step-table -->", speed, re.S)
+    assert match, "docs/speed.md has no generated training-step table"
+    module.main(["--table", str(ROOT / match.group(1))])
+    assert match.group(2).strip() == capsys.readouterr().out.strip()
