@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from lit_factor.study import storage as st
@@ -117,7 +118,8 @@ def test_copy_goes_on_from_the_newest_readable_checkpoint_in_the_dead_runs_direc
     assert KEEP_LATEST[0] not in command  # a custom command is not given lit-factor's checkpoint options
 
 
-@pytest.mark.parametrize("case", ["crashed", "other_host", "fit_alive", "no_checkpoint", "finished_elsewhere"])
+@pytest.mark.parametrize("case", ["crashed", "other_host", "fit_alive", "no_checkpoint", "finished_elsewhere",
+                                  "carried_on_then_crashed"])
 def test_a_run_that_was_not_cut_short_here_is_not_carried_on(tmp_path, case):
     spec, study, store = make_study(tmp_path, "fresh")
     run_dir = tmp_path / "logs" / "fresh" / "trial_0000"
@@ -127,6 +129,14 @@ def test_a_run_that_was_not_cut_short_here_is_not_carried_on(tmp_path, case):
                 host="elsewhere" if case == "other_host" else HOST, pid=os.getpid() if case == "fit_alive" else None)
     if case == "finished_elsewhere":  # the record came from another clone: the dead run's directory is not here
         shutil.rmtree(run_dir)
+    if case == "carried_on_then_crashed":  # the copy went on from that checkpoint and crashed: the line is broken
+        crashed = study.ask()
+        for axis, values in study.user_attrs["search_space"].items():
+            crashed.suggest_categorical(axis, values)
+        crashed.set_user_attr("verdict", "error")
+        study.tell(crashed, state=TrialState.FAIL)
+        RetryHeartbeatStaleTrialCallback()(study, next(t for t in study.get_trials() if t.number == crashed.number))
+        dead = crashed.number
     copy = copy_of(study, dead)
     assert carry_on_point(study, copy.number, copy.system_attrs["grid_id"]) is None
 

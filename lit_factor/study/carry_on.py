@@ -9,7 +9,8 @@ newest readable checkpoint, and purges the TensorBoard events the dead fit logge
 
 Only a run that was *cut short* is carried on: a trial failed while running (its worker died: verdict still
 ``running``) or stopped by Ctrl-C/SIGTERM (``interrupted``: the fit saved a checkpoint on SIGTERM). A crash
-(``error``) is retried from scratch, since its checkpoint may carry the cause. The run must be on this host (the
+(``error``) is retried from scratch, since its checkpoint may carry the cause -- and so is a copy whose line of
+tries holds one (a try carried on from a checkpoint that then crashed). The run must be on this host (the
 record travels between machines, run directories do not) and its fit process gone: a trial declared dead while
 its fit still trains (late heartbeats) leaves the copy to start afresh in its own directory, never in the same one.
 """
@@ -46,14 +47,19 @@ class CarryOn:
 
 
 def carry_on_point(study: optuna.Study, number: int, grid_id: int | None, host: str | None = None) -> CarryOn | None:
-    """The newest checkpoint left by an earlier, cut-short trial of the same grid cell on this host; None if none."""
+    """The newest checkpoint left by an unbroken line of cut-short tries of the same grid cell on this host, the
+    latest first; None if there is none. A try that ended otherwise (a crash, refused settings) breaks the line:
+    whatever it went on from may be the cause, so the copy starts afresh."""
     host = host or os.uname().nodename
     earlier = sorted((t for t in study.get_trials(deepcopy=False)
                       if t.number < number and grid_id is not None and t.system_attrs.get("grid_id") == grid_id
-                      and t.state == TrialState.FAIL and t.user_attrs.get("verdict") in CUT_SHORT
-                      and t.user_attrs.get("host") == host and t.user_attrs.get("run_dir")),
+                      and t.state == TrialState.FAIL and "duplicate_of" not in t.user_attrs),
                      key=lambda t: t.number, reverse=True)
     for t in earlier:  # the latest try first: a continued run only ever moves forward
+        if t.user_attrs.get("verdict") not in CUT_SHORT:
+            return None
+        if t.user_attrs.get("host") != host or not t.user_attrs.get("run_dir"):
+            continue  # its run directory is elsewhere: an older try's, here, may still be there
         if _alive(t.user_attrs.get("pid")):
             return None  # its fit still writes to that directory
         found = newest_checkpoint(Path(t.user_attrs["run_dir"]))
