@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -209,3 +210,31 @@ def test_real_trial_carried_on_from_an_epoch_checkpoint_ends_as_the_whole_run(tm
     ran, ref = copy.user_attrs["result"], whole.user_attrs["result"]
     assert ran["final"] == ref["final"] and ran["best"] == ref["best"]
     assert ran["train_loss"] == ref["train_loss"] and [s for s, _ in ran["train_loss"]] == [0, 1, 2, 3]
+
+
+def taken_by_a_dead_worker(study) -> int:
+    """A trial RUNNING in the record whose worker process on this machine is gone (a session that ended)."""
+    trial = study.ask()
+    for axis, values in study.user_attrs["search_space"].items():
+        trial.suggest_categorical(axis, values)
+    for key, value in {"verdict": "running", "host": HOST, "worker_pid": dead_pid()}.items():
+        trial.set_user_attr(key, value)
+    return trial.number
+
+
+def test_a_restarted_study_takes_up_its_dead_workers_trials_at_once(tmp_path):
+    spec, study, store = make_study(tmp_path, "restart")
+    dead = taken_by_a_dead_worker(study)
+    time.sleep(0.3)  # older than the worker's heartbeat below: no longer "just taken"
+    worker = Worker(spec, study, store, tmp_path / "logs", heartbeat=0.2,
+                    sleep=lambda s: pytest.fail("waited for the grace period"))
+    assert worker.loop() == 2
+    first = min((t for t in study.get_trials() if t.state == TrialState.COMPLETE), key=lambda t: t.number)
+    assert first.system_attrs["retry_history"] == [dead]  # the dead worker's cell ran first, then the free one
+
+
+def test_a_trial_just_taken_is_not_reaped_for_its_inherited_dead_pid(tmp_path):
+    spec, study, store = make_study(tmp_path, "young")
+    dead = taken_by_a_dead_worker(study)  # as a copy looks between its ask and its worker writing its own pid
+    Worker(spec, study, store, tmp_path / "logs", heartbeat=3600).reap_dead(study)
+    assert next(t for t in study.get_trials() if t.number == dead).state == TrialState.RUNNING

@@ -60,7 +60,7 @@ def carry_on_point(study: optuna.Study, number: int, grid_id: int | None, host: 
             return None
         if t.user_attrs.get("host") != host or not t.user_attrs.get("run_dir"):
             continue  # its run directory is elsewhere: an older try's, here, may still be there
-        if _alive(t.user_attrs.get("pid")):
+        if process_alive(t.user_attrs.get("pid")):
             return None  # its fit still writes to that directory
         found = newest_checkpoint(Path(t.user_attrs["run_dir"]))
         if found is not None:
@@ -83,7 +83,8 @@ def newest_checkpoint(run_dir: Path) -> tuple[Path, int] | None:
     return None
 
 
-def _alive(pid: object) -> bool:
+def process_alive(pid: object) -> bool:
+    """Whether process ``pid`` of this machine exists (a reused pid reads as alive: the safe side)."""
     if not isinstance(pid, int):
         return False
     try:

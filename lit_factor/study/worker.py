@@ -7,6 +7,7 @@ other machines against the same ``--storage``. Prints one line per finished tria
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import math
 import os
@@ -27,7 +28,7 @@ from optuna.trial import TrialState
 from lit_factor.errors import UserError, fail
 from lit_factor.study import storage as st
 from lit_factor.study import trial as tr
-from lit_factor.study.carry_on import carry_on_point
+from lit_factor.study.carry_on import carry_on_point, process_alive
 from lit_factor.study.results import read_run
 from lit_factor.study.spec import SEED, StudySpec, cell_label, excluded, load_spec
 
@@ -52,14 +53,14 @@ class Worker:
     heartbeat: float = 30.0
     #: waits between looks at a grid whose last trials are running elsewhere (tests: an event, not a clock)
     sleep: Callable[[float], None] = time.sleep
-    #: fails and re-queues trials whose worker stopped sending heartbeats (tests: an explicit event)
-    reap: Callable[[optuna.Study], None] = fail_stale_trials
+    #: fails and re-queues trials of dead workers (default: :meth:`reap_dead`; tests: an explicit event)
+    reap: Callable[[optuna.Study], None] | None = None
 
     def loop(self) -> int:
         """Run trials until the grid is done; the number run."""
         done = 0
         while True:
-            self.reap(self.study)  # a dead worker's trial is failed and re-queued here
+            (self.reap or self.reap_dead)(self.study)  # a dead worker's trial is failed and re-queued here
             state = st.grid_state(self.study)
             if not state.waiting and not state.unstarted:
                 if not state.running:
@@ -67,6 +68,8 @@ class Worker:
                 self.sleep(self.heartbeat)  # a running trial may still turn out stale: wait and see
                 continue
             trial = self.study.ask()
+            trial.set_user_attr("host", os.uname().nodename)  # whose it is, at once: a copy inherits its
+            trial.set_user_attr("worker_pid", os.getpid())   # original's, whose worker is dead (reap_dead)
             try:
                 with Heartbeat(self.store, self.trial_id(trial), self.heartbeat):  # silent = dead worker
                     done += self.take(trial)
@@ -110,9 +113,7 @@ class Worker:
                   f"{carry.step} ({carry.checkpoint})", flush=True)
         trial.set_user_attr("carried_on", carry.as_attr() if carry else None)  # a copy inherits its original's
         trial.set_user_attr("run_dir", str(run_dir))
-        trial.set_user_attr("host", os.uname().nodename)
         trial.set_user_attr("worker", self.index)
-        trial.set_user_attr("worker_pid", os.getpid())
         trial.set_user_attr("verdict", "running")
         rc = tr.execute(cmd, tr.trial_env(self.threads, self.gpu), log_file,
                         on_start=lambda pid: trial.set_user_attr("pid", pid))
@@ -140,6 +141,30 @@ class Worker:
         if verdict == tr.ERROR and self.crashes(trial.number) <= self.spec.retries:
             RetryHeartbeatStaleTrialCallback()(self.study, self.frozen(trial.number))  # a copy, its history extended
         print(progress_line(trial.number, params, verdict, result, wall, self.index), flush=True)
+
+    def reap_dead(self, study: optuna.Study) -> None:
+        """Fail and re-queue the trials of dead workers: those silent past the grace period (on any machine:
+        Optuna's ``fail_stale_trials``), and at once those whose worker process on this machine is gone. So a
+        study restarted after its session ended takes up its cut-short trials first (carry_on.py), instead of
+        starting new cells while they wait out the grace."""
+        fail_stale_trials(study)
+        here = os.uname().nodename
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            pid = t.user_attrs.get("worker_pid")
+            if t.user_attrs.get("host") != here or not isinstance(pid, int) or process_alive(pid):
+                continue
+            started = t.datetime_start  # aware (journal) or naive local time (databases), as the storage keeps it
+            if started is None or (datetime.datetime.now(started.tzinfo) - started).total_seconds() < self.heartbeat:
+                continue  # just taken: its worker may not have written its own pid over its original's yet
+            trial_id = self.trial_id(t)
+            try:
+                if not self.store.set_trial_state_values(trial_id, state=TrialState.FAIL):
+                    continue
+            except UpdateFinishedTrialError:  # another worker here got there first
+                continue
+            callback = self.store.get_heartbeat_stale_trial_callback()
+            if callback is not None:
+                callback(study, self.store.get_trial(trial_id))
 
     def crashes(self, number: int) -> int:
         """How many tries of this trial's grid point crashed, it included. Its tries cut short by a dead worker or a
