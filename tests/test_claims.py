@@ -108,6 +108,13 @@ def test_a_row_with_too_few_runs_says_so_on_the_page():
     assert row.rstrip(" |").endswith("fewer than 3 runs in an arm")
 
 
+def test_a_findings_line_with_too_few_runs_says_so():
+    from lit_factor.study.findings import comparison_line
+
+    c = only(claim1(DENSE + arm("lowrank", [0.80, 0.81]) + arm("monarch", [0.70, 0.71, 0.72])))
+    assert "**insufficient** (fewer than 3 runs in an arm);" in comparison_line(c)
+
+
 def test_a_task_that_did_not_train_is_insufficient_even_with_a_big_gap():
     # CoLA: dense MCC above 0 but accuracy at the majority class: a constant predictor, not a trained model
     dense = [run("none", m, s, task="cola", acc=0.69) for s, m in ((1, 0.08), (2, 0.07), (3, 0.09))]

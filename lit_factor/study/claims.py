@@ -195,6 +195,14 @@ class Comparison:
     def row_label(self) -> str:
         return f"{self.task} {self.label} ({self.study})"
 
+    @property
+    def why(self) -> str:
+        """Why an insufficient comparison cannot speak (the statistics leave ``reason`` empty when an arm simply has
+        too few runs); '' for an informative one unless a reason was given."""
+        if self.verdict != st.INSUFFICIENT:
+            return self.reason
+        return self.reason or f"fewer than {st.MIN_N} runs in an arm"
+
 
 @dataclass(frozen=True)
 class Claim:

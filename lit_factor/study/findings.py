@@ -28,7 +28,7 @@ def load_majority(path: Path = MAJORITY) -> dict:
 
 
 def comparison_line(c: cl.Comparison) -> str:
-    why = f" ({c.reason})" if c.reason else ""
+    why = f" ({c.why})" if c.why else ""
     note = f"; {c.note}" if c.note else ""
     return (f"  - {c.task}, {c.label}: {fmt_test(c.test)} -- **{c.verdict}**{why}; {c.detail}{note}")
 

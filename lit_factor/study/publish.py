@@ -31,7 +31,7 @@ from lit_factor.study import claims as cl
 from lit_factor.study.figures import forest
 from lit_factor.study.findings import answer_lines, load_majority
 from lit_factor.study.spectra import NEAR_FULL_RANK, rank_needed
-from lit_factor.study.stats import INSUFFICIENT, MIN_N, VERDICTS, fmt_p, fmt_test
+from lit_factor.study.stats import INSUFFICIENT, VERDICTS, fmt_p, fmt_test
 from lit_factor.study.tables import task_tables
 
 STUDIES = Path("docs") / "studies"
@@ -201,18 +201,11 @@ def _reasons(answer: cl.Answer) -> str:
     for c in answer.comparisons:
         if c.verdict != INSUFFICIENT:
             continue
-        why = _why(c)
+        why = c.why
         kinds["task did not train" if why.startswith("task did not train") else
               "no dense arm" if why.startswith("no dense arm") else
               "dense arm too small" if why.startswith("dense arm has") else why] += 1
     return "; ".join(f"{k}: {n}" for k, n in kinds.most_common()) or "no comparison at all"
-
-
-def _why(c: cl.Comparison) -> str:
-    """Why a comparison cannot speak; the statistics leave the reason empty when an arm simply has too few runs."""
-    if c.verdict != INSUFFICIENT:
-        return c.reason or ""
-    return c.reason or f"fewer than {MIN_N} runs in an arm"
 
 
 def _table(comps: list[cl.Comparison]) -> list[str]:
@@ -222,7 +215,7 @@ def _table(comps: list[cl.Comparison]) -> list[str]:
         t = c.test
         effect = fmt_test(t).split(", p")[0]
         p = fmt_p(t.p) + (f" (Holm {fmt_p(t.p_adj)})" if t.p_adj is not None else "")
-        note = "; ".join(x for x in (_why(c), c.note) if x).replace("|", "/")
+        note = "; ".join(x for x in (c.why, c.note) if x).replace("|", "/")
         out.append(f"| {c.task}, {c.label} | `{c.study}` | {effect} | {p} | {c.verdict} | "
                    f"{c.detail.replace('|', '/')} | {note} |")
     return out
