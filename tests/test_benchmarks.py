@@ -24,11 +24,26 @@ FAST = ["--model", "tiny-bert", "--batch-sizes", "2", "--seq-lens", "8", "--repe
         "--init", "random", "--threads", "1"]
 
 
-def bench():
-    spec = importlib.util.spec_from_file_location("latency_benchmark", ROOT / "benchmarks" / "latency.py")
+def load_benchmark(name: str):
+    """A script of benchmarks/ (not a package) as a module."""
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def bench():
+    return load_benchmark("latency")
+
+
+def assert_generated_table(doc: str, marker: str, module, capsys) -> None:
+    """The table between ``<!-- marker: FILE -->`` and ``<!-- /marker -->`` in ``doc`` is what ``module.main(
+    ["--table", FILE])`` prints: generated, not copied by hand."""
+    text = (ROOT / doc).read_text()
+    match = re.search(rf"<!-- {marker}: (\S+) -->\n(.*?)\n<!-- /{marker} -->", text, re.S)
+    assert match, f"{doc} has no generated {marker}"
+    module.main(["--table", str(ROOT / match.group(1))])
+    assert match.group(2).strip() == capsys.readouterr().out.strip()
 
 
 @pytest.mark.slow
@@ -100,25 +115,13 @@ def test_readme_deploy_table_is_the_generated_one(capsys):
 
 def test_readme_projection_table_is_the_generated_one(capsys):
     """The guide's "right after projection" table is printed from its CSV, not copied by hand."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("projection_quality", ROOT / "benchmarks" / "projection_quality.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    guide = (ROOT / "docs" / "guide.md").read_text()
-    match = re.search(r"<!-- projection-table: (\S+) -->\n(.*?)\n<!-- /projection-table -->", guide, re.S)
-    assert match, "docs/guide.md has no generated projection table"
-    module.main(["--table", str(ROOT / match.group(1))])
-    assert match.group(2).strip() == capsys.readouterr().out.strip()
+    assert_generated_table("docs/guide.md", "projection-table", load_benchmark("projection_quality"), capsys)
 
 
 def test_train_step_benchmark_times_every_method_and_precision(tmp_path):
-    spec = importlib.util.spec_from_file_location("train_step", ROOT / "benchmarks" / "train_step.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     out = tmp_path / "step.json"
-    rows = module.main(["--model", "tiny-bert", "--methods", "none", "lowrank", "--batch", "2", "--seq-len", "8",
-                        "--rounds", "2", "--json", str(out)])
+    rows = load_benchmark("train_step").main(["--model", "tiny-bert", "--methods", "none", "lowrank", "--batch", "2",
+                                              "--seq-len", "8", "--rounds", "2", "--json", str(out)])
     assert [(r["method"], r["precision"]) for r in rows] == [
         ("none", "fp32"), ("none", "bf16-autocast"), ("lowrank", "fp32"), ("lowrank", "bf16-autocast")]
     assert all(len(r["rounds_s"]) == 2 and r["median_s"] > 0 for r in rows) and rows[0]["speedup"] == 1.0
@@ -127,11 +130,4 @@ def test_train_step_benchmark_times_every_method_and_precision(tmp_path):
 
 def test_speed_train_step_table_is_the_generated_one(capsys):
     """docs/speed.md's training-step table is printed from its recorded file, not copied by hand."""
-    spec = importlib.util.spec_from_file_location("train_step", ROOT / "benchmarks" / "train_step.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    speed = (ROOT / "docs" / "speed.md").read_text()
-    match = re.search(r"<!-- train-step-table: (\S+) -->\n(.*?)\n<!-- /train-step-table -->", speed, re.S)
-    assert match, "docs/speed.md has no generated training-step table"
-    module.main(["--table", str(ROOT / match.group(1))])
-    assert match.group(2).strip() == capsys.readouterr().out.strip()
+    assert_generated_table("docs/speed.md", "train-step-table", load_benchmark("train_step"), capsys)
