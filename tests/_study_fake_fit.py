@@ -5,6 +5,7 @@ fit (config.yaml, summary.json per docs/studies/README.md) and behaves as told b
   --fake.sleep S      train for S seconds (so that a test can kill a worker mid-trial)
   --fake.checkpoint_step N   first save ``checkpoints/epoch=0-step=N.ckpt`` (a real torch.save checkpoint)
   --ckpt_path FILE    go on from a checkpoint (recorded, as fit would)
+  --fake.exit_resumed N   exit with status N when going on from a checkpoint (one that no longer fits the model)
   --model.factorization.method / budget, --data.task, --seed_everything: recorded as a real fit would
 
 Every start appends a line ``method budget seed version ckpt_path|-`` to ``<save_dir>/../invocations.txt`` so a test
@@ -37,7 +38,7 @@ def main(argv: list[str]) -> int:
         (run_dir / "checkpoints").mkdir(exist_ok=True)
         torch.save({"state_dict": {}, "global_step": step}, run_dir / "checkpoints" / f"epoch=0-step={step}.ckpt")
     time.sleep(float(opts.get("fake.sleep", 0)))
-    code = int(opts.get("fake.exit", 0))
+    code = int(opts.get("fake.exit_resumed" if "ckpt_path" in opts else "fake.exit", 0))
     if code in (1, 2):
         print("Traceback: something broke" if code == 1 else "error: bad setting")
         return code

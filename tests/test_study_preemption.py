@@ -142,6 +142,22 @@ def test_a_run_that_was_not_cut_short_here_is_not_carried_on(tmp_path, case):
     assert carry_on_point(study, copy.number, copy.system_attrs["grid_id"]) is None
 
 
+def test_a_carried_on_try_refused_by_fit_is_retried_afresh_not_ended(tmp_path):
+    spec, study, store = make_study(tmp_path, "refused", args={"fake.exit_resumed": 2}, retries=1)
+    run_dir = tmp_path / "logs" / "refused" / "trial_0000"
+    checkpoint = save_checkpoint(run_dir, 5, mtime=1_000)
+    dead = died(study, store, run_dir)
+    worker = Worker(spec, study, store, tmp_path / "logs", sleep=lambda s: pytest.fail("nothing to wait for"))
+    worker.loop()
+    lines = [ln.split() for ln in (tmp_path / "logs" / "invocations.txt").read_text().splitlines()]
+    assert sorted((ln[0], ln[4]) for ln in lines) == [("lowrank", "-"), ("lowrank", str(checkpoint)), ("monarch", "-")]
+    carried, afresh = sorted((t for t in study.get_trials() if dead in t.system_attrs.get("retry_history", [])),
+                             key=lambda t: t.number)
+    assert carried.user_attrs["carried_on"]["checkpoint"] == str(checkpoint)
+    assert carried.user_attrs["verdict"] == "error"  # not "invalid": that would have ended the cell
+    assert afresh.state == TrialState.COMPLETE and afresh.user_attrs["carried_on"] is None
+
+
 def test_the_latest_try_with_a_checkpoint_is_carried_on(tmp_path):
     spec, study, store = make_study(tmp_path, "chain")
     first, second = tmp_path / "runs" / "first", tmp_path / "runs" / "second"

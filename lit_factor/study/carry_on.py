@@ -10,7 +10,9 @@ newest readable checkpoint, and purges the TensorBoard events the dead fit logge
 Only a run that was *cut short* is carried on: a trial failed while running (its worker died: verdict still
 ``running``) or stopped by Ctrl-C/SIGTERM (``interrupted``: the fit saved a checkpoint on SIGTERM). A crash
 (``error``) is retried from scratch, since its checkpoint may carry the cause -- and so is a copy whose line of
-tries holds one (a try carried on from a checkpoint that then crashed). The run must be on this host (the
+tries holds one (a try carried on from a checkpoint that then crashed). A carried-on try that ``fit`` refuses (exit
+status 2: say the code changed and the checkpoint no longer fits the model) counts as a crash too, not as bad
+settings -- its settings passed the grid check -- so its cell is retried afresh instead of ending. The run must be on this host (the
 record travels between machines, run directories do not) and its fit process gone: a trial declared dead while
 its fit still trains (late heartbeats) leaves the copy to start afresh in its own directory, never in the same one.
 """

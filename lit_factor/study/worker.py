@@ -119,6 +119,8 @@ class Worker:
                         on_start=lambda pid: trial.set_user_attr("pid", pid))
         result = read_run(run_dir) if run_dir.is_dir() else {}
         verdict = tr.verdict(rc, result)
+        if carry and verdict == tr.INVALID:  # its settings passed the grid check, so what fit refused is what it went
+            verdict = tr.ERROR  # on from (a checkpoint the code no longer fits): a crash, retried afresh (carry_on.py)
         self.record(trial, params, verdict, rc, result, time.time() - start, log_file)
         if not spec.keep_checkpoints:
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
