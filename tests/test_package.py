@@ -50,3 +50,13 @@ def test_a_non_editable_install_runs_a_study(tmp_path, glue_writer):
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "2/2 finished" in proc.stdout, proc.stdout
+
+
+def test_ci_runs_exactly_the_readmes_test_command():
+    """CI (``.ci/run``) must run what the README tells a user to run, so that the README's timing and its promise
+    ("the whole suite, as CI runs it") stay true."""
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("## Test\n", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    command = block.strip().splitlines()[0].split("#")[0].strip()
+    ci_lines = [ln.strip() for ln in (REPO / ".ci" / "run").read_text().splitlines() if ln.strip()]
+    assert command.startswith("python -m pytest") and ci_lines[-1] == command
