@@ -5,6 +5,7 @@ on from a checkpoint ends exactly as the same trial run whole."""
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -226,6 +227,28 @@ def test_real_trial_carried_on_from_an_epoch_checkpoint_ends_as_the_whole_run(tm
     ran, ref = copy.user_attrs["result"], whole.user_attrs["result"]
     assert ran["final"] == ref["final"] and ran["best"] == ref["best"]
     assert ran["train_loss"] == ref["train_loss"] and [s for s, _ in ran["train_loss"]] == [0, 1, 2, 3]
+
+
+def test_a_carried_on_runs_events_read_as_one_curve_without_a_warning(tmp_path, caplog):
+    """A carried-on fit logs again from its checkpoint's step with ``purge_step``: the reader drops the dead try's
+    later events (one curve, each step once), and the study's output does not warn of a "TensorFlow restart"."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from lit_factor.study.results import read_scalars
+
+    dead = SummaryWriter(str(tmp_path))
+    for step in range(5):
+        dead.add_scalar("train/loss", 10.0 + step, step)
+    dead.close()
+    # (event files are named by the second they were opened in, then a per-process counter: this one sorts after)
+    carried = SummaryWriter(str(tmp_path), purge_step=2)
+    for step in range(2, 5):
+        carried.add_scalar("train/loss", float(step), step)
+    carried.close()
+    with caplog.at_level(logging.WARNING):
+        loss = read_scalars(tmp_path)["train/loss"]
+    assert [(s, v) for s, v, _ in loss] == [(0, 10.0), (1, 11.0), (2, 2.0), (3, 3.0), (4, 4.0)]
+    assert not [r for r in caplog.records if "restart" in r.getMessage()]
 
 
 def taken_by_a_dead_worker(study) -> int:

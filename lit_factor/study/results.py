@@ -9,6 +9,7 @@ result (the loss curve downsampled), so that a report works from the study datab
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,14 @@ def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float, float]]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    acc.Reload()
+    # a run carried on from a checkpoint (study/carry_on.py) logs again from that step: the reader purges the dead
+    # try's later events as meant, and warns about a "TensorFlow restart" in the study's output unless told not to
+    quiet = logging.getLogger("tensorboard")
+    level, quiet.level = quiet.level, logging.ERROR
+    try:
+        acc.Reload()
+    finally:
+        quiet.setLevel(level)
     return {tag: [(e.step, float(e.value), e.wall_time) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
