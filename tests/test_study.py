@@ -113,6 +113,16 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, capsys):
     assert exc.value.code == 2 and "missing.yaml: no such file" in capsys.readouterr().err
 
 
+def test_recorded_command_masks_the_storage_and_names_no_machine_path(tmp_path, monkeypatch):
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    monkeypatch.chdir(checkout)
+    typed = ["run", "studies/x.yaml", "--storage", "postgresql://me:secret@db/x", "--data-dir", str(tmp_path / "glue")]
+    assert study_cli._command(typed) == ("python cli.py study run studies/x.yaml --storage URL "
+                                         "--data-dir ../glue")
+    assert study_cli._command(["run", "x.yaml", "--data-dir", "../glue"]).endswith("--data-dir ../glue")
+
+
 def test_exclude_leaves_out_the_matching_cells(tmp_path, base_yaml):
     spec = load_spec(write_study(
         tmp_path / "x.yaml", base=str(base_yaml), seeds=[1, 2],

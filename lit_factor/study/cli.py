@@ -7,6 +7,7 @@ machines), what counts as failed or errored, and what the report contains.
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -77,13 +78,17 @@ def check_run_options(args) -> None:
 
 
 def _command(argv: list[str] | None) -> str:
-    """The command as typed, for the report; a --storage URL may hold a password, so it is masked."""
+    """The command as typed, for the report; a --storage URL may hold a password, so it is masked, and an absolute
+    --data-dir is written relative to the working directory (the checkout it ran in), so that the report's commands
+    name no machine's paths and run in any checkout laid out alike."""
     words = list(sys.argv[1:] if argv is None else argv)
     for i, word in enumerate(words):
         if word == "--storage" and i + 1 < len(words):
             words[i + 1] = "URL"
         elif word.startswith("--storage="):
             words[i] = "--storage=URL"
+        elif word == "--data-dir" and i + 1 < len(words) and os.path.isabs(words[i + 1]):
+            words[i + 1] = os.path.relpath(words[i + 1])
     return "python cli.py study " + shlex.join(words)
 
 
