@@ -12,9 +12,10 @@ Only a run that was *cut short* is carried on: a trial failed while running (its
 (``error``) is retried from scratch, since its checkpoint may carry the cause -- and so is a copy whose line of
 tries holds one (a try carried on from a checkpoint that then crashed). A carried-on try that ``fit`` refuses (exit
 status 2: say the code changed and the checkpoint no longer fits the model) counts as a crash too, not as bad
-settings -- its settings passed the grid check -- so its cell is retried afresh instead of ending. The run must be on this host (the
-record travels between machines, run directories do not) and its fit process gone: a trial declared dead while
-its fit still trains (late heartbeats) leaves the copy to start afresh in its own directory, never in the same one.
+settings -- its settings passed the grid check -- so its cell is retried afresh instead of ending. The run must
+be on this host (the record travels between machines, run directories do not) and its fit process gone: a trial
+declared dead while its fit still trains (late heartbeats) leaves the copy to start afresh in its own directory,
+never in the same one.
 """
 
 from __future__ import annotations
