@@ -131,3 +131,35 @@ def test_train_step_benchmark_times_every_method_and_precision(tmp_path):
 def test_speed_train_step_table_is_the_generated_one(capsys):
     """docs/speed.md's training-step table is printed from its recorded file, not copied by hand."""
     assert_generated_table("docs/speed.md", "train-step-table", load_benchmark("train_step"), capsys)
+
+
+def _trials(path: Path, cell: str, finals: list[float]) -> str:
+    """A hand-made trials.csv of one cell's finished runs (accuracy = F1 - 0.06); its ``FILE:compression=CELL``."""
+    lines = ["trial,verdict,compression,seed,final,val/accuracy"]
+    lines += [f"{i},succeeded,{cell},{i + 1},{v},{v - 0.06}" for i, v in enumerate(finals)]
+    lines.append(f"9,error,{cell},9,,")  # a crash is no run
+    path.write_text("\n".join(lines) + "\n")
+    return f"{path}:compression={cell}"
+
+
+@pytest.mark.parametrize("bf16, verdict", [
+    ([0.8705, 0.8695, 0.8700], "equivalent within ±0.01"),
+    ([0.800, 0.805, 0.810], "different"),
+    ([0.85, 0.87, 0.89], "indistinguishable, not shown equivalent within ±0.01"),
+    ([0.8705, 0.8695], "insufficient"),
+])
+def test_precision_check_verdicts_on_hand_made_arms(tmp_path, capsys, bf16, verdict):
+    fp32 = _trials(tmp_path / "fp32.csv", "dense", [0.870, 0.871, 0.869])
+    rows = load_benchmark("precision_check").main(["--fp32", fp32, "--bf16", _trials(tmp_path / "bf16.csv",
+                                                                                     "dense-bf16", bf16)])
+    assert [r["verdict"] for r in rows] == [verdict, verdict]  # accuracy moves with F1 here
+    assert rows[0]["difference"].effect == pytest.approx(sum(bf16) / len(bf16) - 0.870)
+    assert f"| final | {rows[0]['bf16']} | " in capsys.readouterr().out
+
+
+def test_precision_check_refuses_a_missing_file_in_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        load_benchmark("precision_check").main(["--fp32", f"{tmp_path}/none.csv:compression=dense", "--bf16", "x"])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.strip() == (f"error: {tmp_path}/none.csv: no such trials.csv (write it with "
+                                               "`study report ... --out DIR`)")
