@@ -245,7 +245,7 @@ def render() -> str:
            "unpacked into its Q/K/V `MatMul` + `MultiHeadAttention`: ONNX Runtime's quantizer would make it a "
            "`QAttention`, which has no attention-bias input and silently drops the padding mask.",
            "* **bf16** (benchmark `--precision bf16`): eager / `torch.compile` in bfloat16 where the CPU has "
-           "AVX-512 BF16 or AMX (`lit_factor.deploy.latency.cpu_bf16`); skipped, saying so, elsewhere and in ONNX "
+           "AVX-512 BF16 or AMX (`lit_factor.hardware.cpu_bf16`); skipped, saying so, elsewhere and in ONNX "
            "Runtime.",
            "* **Amdahl bound** of each row: from the dense model's own profile in that runtime and precision -- "
            "its GEMM time (a fused `Attention`'s packed Q/K/V GEMM estimated at the other GEMMs' per-MAC rate) "

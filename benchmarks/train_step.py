@@ -22,6 +22,7 @@ import time
 import torch
 
 from lit_factor.compress.surgery import apply_plan, build_plan
+from lit_factor.hardware import cpu_description
 from lit_factor.models import RANDOM_PREFIX, RANDOM_PRESETS, load_model
 
 PRECISIONS = {"fp32": None, "bf16-autocast": torch.bfloat16}
@@ -90,13 +91,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = [{"method": method, "precision": precision, "median_s": round(statistics.median(ts), 3),
              "speedup": round(reference / statistics.median(ts), 2), "rounds_s": [round(t, 3) for t in ts]}
             for (method, precision), ts in times.items()]
+    machine = cpu_description()  # bf16's speed depends on it: native on AVX-512 BF16 / AMX, emulated elsewhere
     print(f"model {args.model}, budget {args.budget}, batch {args.batch} x {args.seq_len} tokens, "
           f"{args.threads} thread(s), {args.rounds} rounds; speedup vs {args.methods[0]} {args.precisions[0]}")
+    print(f"  on {machine['cpu']} ({machine['vector']}, native bf16: {machine['native_bf16'] or 'no'})")
     for row in rows:
         print(f"  {row['method']:>8} {row['precision']:>14}: {row['median_s']:.3f} s/step  {row['speedup']:.2f}x")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"settings": vars(args), "rows": rows}, f, indent=1)
+            json.dump({"settings": vars(args), "machine": machine, "rows": rows}, f, indent=1)
     return rows
 
 

@@ -331,6 +331,7 @@ class LitFactorCLI(LightningCLI):
 
     def _before_run(self) -> None:
         self.datamodule.check(self.subcommand)  # bad data stops here, before a run directory exists
+        runs.warn_emulated_bf16(self.trainer)
         if self.subcommand == "fit":
             runs.check_fit_limits(self.trainer)
             runs.add_fit_callbacks(self.trainer)

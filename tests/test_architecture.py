@@ -17,7 +17,7 @@ FIXTURE = REPO / "tests" / "fixtures" / "staged_lowrank_tiny_bert.ckpt"
 
 #: floor of each module of lit_factor (by its dotted prefix; the longest prefix decides)
 FLOORS = {
-    "lit_factor.errors": 0, "lit_factor.models": 0,
+    "lit_factor.errors": 0, "lit_factor.models": 0, "lit_factor.hardware": 0,
     "lit_factor.factorize": 1,
     "lit_factor.compress": 2,
     "lit_factor.train": 3,

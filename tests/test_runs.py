@@ -106,6 +106,20 @@ def test_successful_run_exits_0(in_tmp, glue_writer):
     assert run.trainer.global_step == 2
 
 
+@pytest.mark.parametrize("precision, native, warned", [
+    ("bf16-mixed", None, True), ("bf16-mixed", "avx512_bf16", False), ("32-true", None, False)])
+def test_bf16_on_a_cpu_without_native_bf16_is_one_warning_line(in_tmp, glue_writer, capsys, monkeypatch, precision,
+                                                               native, warned):
+    """Emulated bf16 is an order of magnitude slower than fp32 (docs/speed.md): the fit says so, once, and runs."""
+    monkeypatch.setattr("lit_factor.train.runs.cpu_bf16", lambda: native)
+    root = glue_writer("SST-2", n_train=8, n_dev=4)
+    run = cli.main(["fit", *data_args(root, in_tmp), "--trainer.max_steps", "1", "--trainer.precision", precision])
+    assert run.trainer.global_step == 1
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "without native bf16" in ln]
+    assert len(lines) == int(warned)
+    assert not warned or lines[0].startswith(f"warning: trainer.precision={precision!r}")
+
+
 def test_run_stopped_by_sigterm_is_not_a_success(in_tmp, glue_writer, capsys):
     # Lightning stops gracefully on SIGTERM by raising a bare SystemExit (status 0); the CLI must say 143.
     root = glue_writer("SST-2", n_train=16, n_dev=8)

@@ -123,6 +123,20 @@ def test_recorded_command_masks_the_storage_and_names_no_machine_path(tmp_path, 
     assert study_cli._command(["run", "x.yaml", "--data-dir", "../glue"]).endswith("--data-dir ../glue")
 
 
+def test_bf16_cells_on_a_cpu_without_native_bf16_are_named_at_the_start(tmp_path, base_yaml, monkeypatch):
+    """A bf16 study on a CPU that emulates bf16 runs ~10x slower than in fp32 (docs/speed.md): ``study run`` says
+    so where it is seen, not only in each fit's log. A GPU, or native bf16, is no reason to warn."""
+    from lit_factor.study import runner
+
+    spec = load_spec(write_study(tmp_path / "p.yaml", base=str(base_yaml), axes={"precision": {
+        "fp32": {"trainer.precision": "32-true"}, "bf16": {"trainer.precision": "bf16-mixed"}}}, seeds=[1]))
+    monkeypatch.setattr(runner, "cpu_bf16", lambda: None)
+    assert runner.emulated_bf16(spec, gpus=[]) == ["precision=bf16"]
+    assert runner.emulated_bf16(spec, gpus=["0"]) == []
+    monkeypatch.setattr(runner, "cpu_bf16", lambda: "amx_bf16")
+    assert runner.emulated_bf16(spec, gpus=[]) == []
+
+
 def test_exclude_leaves_out_the_matching_cells(tmp_path, base_yaml):
     spec = load_spec(write_study(
         tmp_path / "x.yaml", base=str(base_yaml), seeds=[1, 2],

@@ -42,6 +42,7 @@ from torch import nn
 
 from lit_factor.compress.surgery import count_params
 from lit_factor.factorize import FactorizedLinear
+from lit_factor.hardware import cpu_bf16
 
 #: PyTorch execution modes, then the other runtimes; dense and factorized always run in the same one
 MODES = ("eager", "compile", "cudagraph", "compile-cudagraph")
@@ -162,24 +163,6 @@ class LatencySettings:
             if (self.device or "cpu") == "cpu" and not cpu_bf16():
                 raise LatencyError("precision='bf16' skipped: this CPU has neither AVX-512 BF16 nor AMX (bf16 would "
                                    "be emulated, slower than fp32)")
-
-
-def cpu_bf16() -> str | None:
-    """The CPU's native bf16 instructions (``amx_bf16``, ``avx512_bf16``) as one string, or None without them
-    (read from /proc/cpuinfo, and oneDNN must agree)."""
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return None
-    have = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
-    if not have or not torch.backends.mkldnn.is_available():
-        return None
-    try:
-        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-            return None
-    except (AttributeError, RuntimeError):
-        pass
-    return "+".join(have)
 
 
 @dataclass

@@ -15,10 +15,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from lit_factor.hardware import cpu_bf16
 from lit_factor.study import status as stat
 from lit_factor.study import storage as st
 from lit_factor.study import trial as tr
-from lit_factor.study.spec import StudySpec
+from lit_factor.study.spec import StudySpec, cell_label
 from lit_factor.study.trial import die_with_parent
 
 
@@ -56,6 +57,15 @@ def describe_machine(gpus: list[str]) -> str:
     return f"CPU only, {cores}"
 
 
+def emulated_bf16(spec: StudySpec, gpus: list[str]) -> list[str]:
+    """The cells that train in bf16 where that is emulated: on a CPU without native bf16, a step takes about ten
+    times longer than in fp32 (docs/speed.md). Each fit warns in its own log; the study says it where it is seen."""
+    if gpus or cpu_bf16():
+        return []
+    return [cell_label(cell) for cell in spec.cells()
+            if str(spec.overrides(cell).get("trainer.precision", "")).startswith("bf16")]
+
+
 def worker_commands(spec_path: str, variant: str | None, url: str, opts: RunOptions) -> list[list[str]]:
     gpus = visible_gpus() if opts.gpus is None else opts.gpus
     threads = opts.threads or max(1, (os.cpu_count() or 1) // opts.workers)
@@ -79,7 +89,8 @@ def run(spec: StudySpec, spec_path: str, variant: str | None, opts: RunOptions, 
     study = st.create(spec, st.storage(url, opts.heartbeat, opts.grace))  # before workers race to it
     if command and command not in study.user_attrs.get("commands", []):
         study.set_user_attr("commands", [*study.user_attrs.get("commands", []), command])
-    machine = describe_machine(visible_gpus() if opts.gpus is None else opts.gpus)
+    gpus = visible_gpus() if opts.gpus is None else opts.gpus
+    machine = describe_machine(gpus)
     if machine not in study.user_attrs.get("machines", []):
         study.set_user_attr("machines", [*study.user_attrs.get("machines", []), machine])
     if opts.retry_errors:  # after a fix: the grid points whose every try crashed get one more
@@ -93,6 +104,10 @@ def run(spec: StudySpec, spec_path: str, variant: str | None, opts: RunOptions, 
           f"{before['succeeded'] + before['failed']} already finished; storage {st.masked(url)}; "
           f"{opts.workers} worker(s) on {machine}",
           flush=True)
+    if slow := emulated_bf16(spec, gpus):
+        print(f"warning: {len(slow)} of {len(spec.cells())} cells train in bf16 (first: {slow[0]}) on a CPU without "
+              f"native bf16 (AVX-512 BF16 or AMX): emulated, about ten times slower than fp32 (docs/speed.md)",
+              file=sys.stderr, flush=True)
     # workers die with this process (as their fits die with them): a killed run leaves nothing training
     cmds = worker_commands(spec_path, variant, url, opts)
     for sig in (signal.SIGINT, signal.SIGTERM):  # `kill` stops the study like Ctrl-C

@@ -30,11 +30,13 @@ from dataclasses import asdict
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lit_factor.errors import EXIT_RUN_FAILED, UserError
+from lit_factor.hardware import cpu_bf16
 from lit_factor.train.callbacks.resume import CheckpointOnSigterm, ExactResume
 from lit_factor.train.callbacks.stability import run_failed
 from lit_factor.train.callbacks.staging import StagingCallback
@@ -102,6 +104,18 @@ def check_fit_limits(trainer: pl.Trainer) -> None:
     if trainer.max_steps == -1 and trainer.max_epochs == -1:
         raise UserError("trainer.max_epochs=-1 with trainer.max_steps=-1 never ends, and the linear warm-up/decay "
                         "schedule needs a finite run: set trainer.max_epochs >= 1 or trainer.max_steps >= 1")
+
+
+def warn_emulated_bf16(trainer: pl.Trainer) -> None:
+    """One warning line when bf16 runs on a CPU without native bf16 (AVX-512 BF16 or AMX): PyTorch emulates it
+    there, and a training step is an order of magnitude slower than in fp32 (docs/speed.md). A warning, not an
+    error: the results are valid, and a run that must match a bf16 study's other arms may need it."""
+    precision = str(trainer.precision)
+    if precision.startswith("bf16") and isinstance(trainer.accelerator, CPUAccelerator) \
+            and cpu_bf16() is None:
+        _warn(f"trainer.precision={precision!r} on a CPU without native bf16 (AVX-512 BF16 or AMX): PyTorch emulates "
+              f"it, and a step takes about ten times longer than in fp32 (docs/speed.md); use --trainer.precision "
+              f"32-true on this machine unless the run must match bf16 runs")
 
 
 class DiscardNewRunDir(Callback):

@@ -1,0 +1,48 @@
+"""What the CPU can do natively, for the choices that depend on it (bf16 on a CPU; docs/speed.md).
+
+bf16 on a CPU is fast only with native bf16 instructions (AVX-512 BF16 or AMX); without them PyTorch emulates it,
+and a bf16 training step is several times *slower* than fp32 (measured: benchmarks/train_step.py's files, one per
+machine, in docs/speed.md). The latency benchmark skips bf16 there; ``fit`` says so in one warning line.
+"""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+import torch
+
+#: /proc/cpuinfo flags of native bf16 arithmetic, fastest first
+NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def _cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: no flags to read, so no claim of native bf16
+        return ""
+
+
+def cpu_bf16() -> str | None:
+    """The CPU's native bf16 instructions (``amx_bf16``, ``avx512_bf16``) as one string, or None without them
+    (read from /proc/cpuinfo, and oneDNN must agree)."""
+    flags = set(_cpuinfo().split())
+    have = [f for f in NATIVE_BF16_FLAGS if f in flags]
+    if not have or not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return None
+    except (AttributeError, RuntimeError):
+        pass
+    return "+".join(have)
+
+
+def cpu_description() -> dict[str, str | None]:
+    """The CPU a measurement ran on, for its result file: model name, widest vector extension, native bf16."""
+    info = _cpuinfo()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                platform.processor() or platform.machine())
+    flags = set(info.split())
+    vector = next((f for f in ("avx512f", "avx2", "avx", "neon", "asimd") if f in flags), None)
+    return {"cpu": name, "vector": vector, "native_bf16": cpu_bf16()}
