@@ -164,6 +164,33 @@ def test_success_rates_decide_by_fishers_exact_test():
     assert claim2(0, 5).verdict == st.CONTRADICTED
 
 
+def test_one_informative_comparison_is_its_own_answer_not_a_normal_approximation():
+    """4/5 vs 1/5: Fisher's p is 0.21, but the normal reading of its (asymmetric, tiny-sample) Newcombe interval
+    said p = 0.005 and made the claim "supported" (docs/results.md, claim 2 on MRPC, before the fix)."""
+    staged = [run("lowrank", 0.8 if i < 4 else 0.5, i, staged=True, schedule="spread=0.5",
+                  verdict="succeeded" if i < 4 else "failed") for i in range(5)]
+    flat = [run("lowrank", 0.8 if i < 1 else 0.5, i, verdict="succeeded" if i < 1 else "failed") for i in range(5)]
+    answer = cl.judge(cl.CLAIMS["2"], DENSE + staged + flat, MAJORITY)
+    (c,) = answer.informative
+    assert answer.pooled.p == pytest.approx(sps.fisher_exact([[4, 1], [1, 4]])[1]) == pytest.approx(0.2063, abs=1e-4)
+    assert (answer.pooled.effect, answer.pooled.low, answer.pooled.high) == (c.test.effect, c.test.low, c.test.high)
+    assert answer.verdict == c.verdict == st.SAME
+
+
+def test_pooling_is_never_surer_than_each_comparisons_own_test():
+    """k independent comparisons alike, each with exact p: the pooled z is each one's z (from its p) times sqrt(k);
+    a comparison of p 1 still weighs, by its interval."""
+    one = st.rates(4, 5, 1, 5)
+    z = sps.norm.isf(one.p / 2)
+    for k in (2, 3):
+        pooled = st.pooled([one] * k)
+        assert pooled.effect == pytest.approx(0.6) and pooled.extra["tau2"] == 0
+        assert pooled.p == pytest.approx(2 * sps.norm.sf(z * math.sqrt(k)))
+    flat = st.rates(2, 5, 1, 5)  # Fisher p = 1: no test-based error, the interval's stands
+    assert flat.p == 1.0 and st.standard_error(flat) == pytest.approx((flat.high - flat.low) / (2 * 1.959964))
+    assert st.pooled([one, flat]).extra["k"] == 2
+
+
 def test_a_success_must_beat_the_majority_class_on_accuracy():
     fake = run("lowrank", 0.85, 1, task="mrpc", acc=0.68)  # F1 above the baseline, accuracy at the majority class
     assert not cl.succeeded(fake, MAJORITY)

@@ -258,7 +258,7 @@ def _signed(c: Comparison) -> st.Test:
     """The comparison's test with the claim's direction positive (for pooling)."""
     t = c.test
     lo, hi = sorted((c.sign * t.low, c.sign * t.high))
-    return st.Test(c.sign * t.effect, lo, hi, t.p, t.method, t.n)
+    return st.Test(c.sign * t.effect, lo, hi, t.p, t.method, t.n, t.p_adj)
 
 
 def _unanimous(comparisons: list[Comparison]) -> str:

@@ -58,9 +58,12 @@ runs in an arm; a task that did not train -- its dense arm does not beat the maj
 above zero on the task's metric *and* on accuracy, or the study has no dense arm to show it; success rates both
 at 0 % or both at 100 %). A run *succeeded* only when it also beats the majority class on accuracy. A claim's
 answer is its pooled effect (random effects over its informative comparisons, in points of each task's metric)
-judged the same way; comparisons that share an arm (low rank against Monarch and against block-wise) enter the
-pooling once. The pooled effect mixes tasks, metrics, schedules and machines: it answers "which way, and how
-surely", the per-comparison rows say by how much where.
+judged the same way; comparisons that share an arm (low rank against Monarch and against block-wise; two
+staging schedules against one all-at-once arm) enter the pooling once, by the upper of their rows in the table.
+Each comparison is weighted by the larger of the standard errors its interval and its own test imply, so that
+pooling is never surer than a comparison's exact test (Fisher's at 5 runs an arm is far from normal); a claim with
+one informative comparison is answered by that comparison's own test. The pooled effect mixes tasks, metrics,
+schedules and machines: it answers "which way, and how surely", the per-comparison rows say by how much where.
 """
 
 _SECTION = re.compile(r"<!-- begin (study|analyze) (\S+) \(generated\) -->\n(.*?)<!-- end \1 \2 -->", re.S)
@@ -187,9 +190,13 @@ def _answer_sentence(answer: cl.Answer) -> str:
         return (f"**{answer.verdict}**: the goal is met -- some recipe significantly within the margin of the dense "
                 f"model trained alike, on the task's metric and on accuracy, Holm over every recipe of every cell -- "
                 f"in {met} of {len(informative)} informative cells ({len(answer.comparisons)} cells in all).")
-    pooled = (f"pooled over {p.extra['k']} independent comparisons (one per shared arm) the effect is {fmt_test(p)} "
-              f"(random effects, tau^2 = {p.extra['tau2']:.2g})" if p is not None else "no comparison has a variance "
-              "to pool")
+    if p is None:
+        pooled = "no comparison has a variance to pool"
+    elif p.extra["k"] == 1:
+        pooled = f"one independent comparison (one per shared arm), by its own test: {fmt_test(p)}"
+    else:
+        pooled = (f"pooled over {p.extra['k']} independent comparisons (one per shared arm) the effect is "
+                  f"{fmt_test(p)} (random effects, tau^2 = {p.extra['tau2']:.2g})")
     return (f"**{answer.verdict}**: {pooled}; per comparison (Holm over {len(informative)} informative ones): "
             + ", ".join(f"{answer.counts.get(v, 0)} {v}" for v in VERDICTS) + ".")
 
