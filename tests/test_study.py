@@ -314,7 +314,7 @@ def test_report_table_equals_hand_computation_and_figures_decode(tmp_path, base_
     text = page.read_text()
     assert "<!-- begin study rep (generated) -->" in text and "](../out/metric_vs_kept.png)" in text
     assert "python cli.py study run" in text and "python cli.py study report rep" in text
-    assert re.search(r"\*\*Ran on:\*\* (CPU only|\d+ x .+), \d+ CPU cores\.", text)  # the machine, recorded by run
+    assert re.search(r"\*\*Ran on:\*\* (CPU only \(.+\)|\d+ x .+), \d+ CPU cores\.", text)  # recorded by run
     # rerunning the report replaces its section rather than adding one; re-reading the run dirs changes nothing
     table = (out / "trials.csv").read_text()
     assert run_cli("report", "rep", "--root", "logs", "--out", str(out), "--publish", str(page), "--reread",

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lit_factor.hardware import cpu_bf16
+from lit_factor.hardware import cpu_bf16, cpu_description
 from lit_factor.study import status as stat
 from lit_factor.study import storage as st
 from lit_factor.study import trial as tr
@@ -54,7 +54,10 @@ def describe_machine(gpus: list[str]) -> str:
     cores = f"{os.cpu_count()} CPU cores"
     if gpus and torch.cuda.is_available():
         return f"{len(gpus)} x {torch.cuda.get_device_name(0)}, {cores}"
-    return f"CPU only, {cores}"
+    # two 2-core machines differed 4.5x in an fp32 step, and bf16 is native on one only (docs/speed.md)
+    cpu = cpu_description()
+    native = f", native bf16 ({cpu['native_bf16']})" if cpu["native_bf16"] else ""
+    return f"CPU only ({cpu['cpu']}, {cpu['vector'] or 'no AVX'}{native}), {cores}"
 
 
 def emulated_bf16(spec: StudySpec, gpus: list[str]) -> list[str]:
