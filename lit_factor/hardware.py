@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-#: /proc/cpuinfo flags of native bf16 arithmetic, fastest first
-NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+#: /proc/cpuinfo flags of native bf16 arithmetic: x86's AMX and AVX-512 BF16, Arm's FEAT_BF16 ("bf16" in Features)
+NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16", "bf16")
 
 
 def _cpuinfo() -> str:
@@ -24,8 +24,8 @@ def _cpuinfo() -> str:
 
 
 def cpu_bf16() -> str | None:
-    """The CPU's native bf16 instructions (``amx_bf16``, ``avx512_bf16``) as one string, or None without them
-    (read from /proc/cpuinfo, and oneDNN must agree)."""
+    """The CPU's native bf16 instructions (``amx_bf16``, ``avx512_bf16``, Arm's ``bf16``) as one string, or None
+    without them or where they cannot be read (read from /proc/cpuinfo, and oneDNN must agree)."""
     flags = set(_cpuinfo().split())
     have = [f for f in NATIVE_BF16_FLAGS if f in flags]
     if not have or not torch.backends.mkldnn.is_available():
@@ -36,6 +36,12 @@ def cpu_bf16() -> str | None:
     except (AttributeError, RuntimeError):
         pass
     return "+".join(have)
+
+
+def emulates_bf16() -> bool:
+    """Whether this CPU is known to lack native bf16 (its flags were read and show none, or oneDNN says so): the
+    case worth a warning. Where the flags cannot be read (not Linux), nothing is known and nothing is claimed."""
+    return bool(_cpuinfo()) and cpu_bf16() is None
 
 
 def cpu_description() -> dict[str, str | None]:

@@ -111,7 +111,7 @@ def test_successful_run_exits_0(in_tmp, glue_writer):
 def test_bf16_on_a_cpu_without_native_bf16_is_one_warning_line(in_tmp, glue_writer, capsys, monkeypatch, precision,
                                                                native, warned):
     """Emulated bf16 is an order of magnitude slower than fp32 (docs/speed.md): the fit says so, once, and runs."""
-    monkeypatch.setattr("lit_factor.train.runs.cpu_bf16", lambda: native)
+    monkeypatch.setattr("lit_factor.train.runs.emulates_bf16", lambda: native is None)
     root = glue_writer("SST-2", n_train=8, n_dev=4)
     run = cli.main(["fit", *data_args(root, in_tmp), "--trainer.max_steps", "1", "--trainer.precision", precision])
     assert run.trainer.global_step == 1

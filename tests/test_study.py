@@ -130,10 +130,10 @@ def test_bf16_cells_on_a_cpu_without_native_bf16_are_named_at_the_start(tmp_path
 
     spec = load_spec(write_study(tmp_path / "p.yaml", base=str(base_yaml), axes={"precision": {
         "fp32": {"trainer.precision": "32-true"}, "bf16": {"trainer.precision": "bf16-mixed"}}}, seeds=[1]))
-    monkeypatch.setattr(runner, "cpu_bf16", lambda: None)
+    monkeypatch.setattr(runner, "emulates_bf16", lambda: True)
     assert runner.emulated_bf16(spec, gpus=[]) == ["precision=bf16"]
     assert runner.emulated_bf16(spec, gpus=["0"]) == []
-    monkeypatch.setattr(runner, "cpu_bf16", lambda: "amx_bf16")
+    monkeypatch.setattr(runner, "emulates_bf16", lambda: False)
     assert runner.emulated_bf16(spec, gpus=[]) == []
 
 

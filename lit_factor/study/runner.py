@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lit_factor.hardware import cpu_bf16, cpu_description
+from lit_factor.hardware import cpu_description, emulates_bf16
 from lit_factor.study import status as stat
 from lit_factor.study import storage as st
 from lit_factor.study import trial as tr
@@ -57,13 +57,13 @@ def describe_machine(gpus: list[str]) -> str:
     # two 2-core machines differed 4.5x in an fp32 step, and bf16 is native on one only (docs/speed.md)
     cpu = cpu_description()
     native = f", native bf16 ({cpu['native_bf16']})" if cpu["native_bf16"] else ""
-    return f"CPU only ({cpu['cpu']}, {cpu['vector'] or 'no AVX'}{native}), {cores}"
+    return f"CPU only ({cpu['cpu']}, {cpu['vector'] or 'vector extensions unknown'}{native}), {cores}"
 
 
 def emulated_bf16(spec: StudySpec, gpus: list[str]) -> list[str]:
     """The cells that train in bf16 where that is emulated: on a CPU without native bf16, a step takes about ten
     times longer than in fp32 (docs/speed.md). Each fit warns in its own log; the study says it where it is seen."""
-    if gpus or cpu_bf16():
+    if gpus or not emulates_bf16():
         return []
     return [cell_label(cell) for cell in spec.cells()
             if str(spec.overrides(cell).get("trainer.precision", "")).startswith("bf16")]

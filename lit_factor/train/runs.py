@@ -36,7 +36,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lit_factor.errors import EXIT_RUN_FAILED, UserError
-from lit_factor.hardware import cpu_bf16
+from lit_factor.hardware import emulates_bf16
 from lit_factor.train.callbacks.resume import CheckpointOnSigterm, ExactResume
 from lit_factor.train.callbacks.stability import run_failed
 from lit_factor.train.callbacks.staging import StagingCallback
@@ -112,7 +112,7 @@ def warn_emulated_bf16(trainer: pl.Trainer) -> None:
     error: the results are valid, and a run that must match a bf16 study's other arms may need it."""
     precision = str(trainer.precision)
     if precision.startswith("bf16") and isinstance(trainer.accelerator, CPUAccelerator) \
-            and cpu_bf16() is None:
+            and emulates_bf16():
         _warn(f"trainer.precision={precision!r} on a CPU without native bf16 (AVX-512 BF16 or AMX): PyTorch emulates "
               f"it, and a step takes about ten times longer than in fp32 (docs/speed.md); use --trainer.precision "
               f"32-true on this machine unless the run must match bf16 runs")
