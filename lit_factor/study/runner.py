@@ -109,7 +109,7 @@ def run(spec: StudySpec, spec_path: str, variant: str | None, opts: RunOptions, 
           flush=True)
     if slow := emulated_bf16(spec, gpus):
         print(f"warning: {len(slow)} of {len(spec.cells())} cells train in bf16 (first: {slow[0]}) on a CPU without "
-              f"native bf16 (AVX-512 BF16 or AMX): emulated, about ten times slower than fp32 (docs/speed.md)",
+              f"native bf16 (AVX-512 BF16, AMX, Arm BF16): emulated, about ten times slower than fp32 (docs/speed.md)",
               file=sys.stderr, flush=True)
     # workers die with this process (as their fits die with them): a killed run leaves nothing training
     cmds = worker_commands(spec_path, variant, url, opts)

@@ -107,15 +107,14 @@ def check_fit_limits(trainer: pl.Trainer) -> None:
 
 
 def warn_emulated_bf16(trainer: pl.Trainer) -> None:
-    """One warning line when bf16 runs on a CPU without native bf16 (AVX-512 BF16 or AMX): PyTorch emulates it
+    """One warning line when bf16 runs on a CPU known to lack native bf16 (lit_factor.hardware): PyTorch emulates it
     there, and a training step is an order of magnitude slower than in fp32 (docs/speed.md). A warning, not an
     error: the results are valid, and a run that must match a bf16 study's other arms may need it."""
     precision = str(trainer.precision)
-    if precision.startswith("bf16") and isinstance(trainer.accelerator, CPUAccelerator) \
-            and emulates_bf16():
-        _warn(f"trainer.precision={precision!r} on a CPU without native bf16 (AVX-512 BF16 or AMX): PyTorch emulates "
-              f"it, and a step takes about ten times longer than in fp32 (docs/speed.md); use --trainer.precision "
-              f"32-true on this machine unless the run must match bf16 runs")
+    if precision.startswith("bf16") and isinstance(trainer.accelerator, CPUAccelerator) and emulates_bf16():
+        _warn(f"trainer.precision={precision!r} on a CPU without native bf16 (AVX-512 BF16, AMX, Arm BF16): PyTorch "
+              f"emulates it, and a step takes about ten times longer than in fp32 (docs/speed.md); use "
+              f"--trainer.precision 32-true on this machine unless the run must match bf16 runs")
 
 
 class DiscardNewRunDir(Callback):
