@@ -253,6 +253,28 @@ def test_the_page_starts_with_one_row_per_claim_then_a_section_per_claim_then_th
     assert build_page(studies, tmp_path / "results.md").read_text() == text  # regenerated: the same page
 
 
+def test_a_study_joined_into_another_report_counts_once(tmp_path):
+    """``report_with``: the joined report's trials.csv holds the first study's trials too. Both folders are
+    published; counted twice, the one claim-2 comparison pooled with itself (p 0.21 became 0.07)."""
+    import json
+
+    from lit_factor.study.publish import build_page
+
+    staged = [run("lowrank", 0.8 if i < 4 else 0.5, i, staged=True, schedule="spread=0.5",
+                  verdict="succeeded" if i < 4 else "failed") for i in range(5)]
+    flat = [run("lowrank", 0.8 if i < 1 else 0.5, i, verdict="succeeded" if i < 1 else "failed") for i in range(5)]
+    own = DENSE + staged + flat
+    studies = tmp_path / "studies"
+    _write(studies / "a", own)
+    _write(studies / "b", own + [{**r, "study": "m"} for r in arm("monarch", [0.70, 0.71, 0.72])])
+    (studies / "majority.json").write_text(json.dumps({"tasks": MAJORITY}))
+    text = build_page(studies, tmp_path / "results.md").read_text()
+    claim2 = next(line for line in text.splitlines() if line.startswith("| [Claim 2:"))
+    assert "p = 0.206" in claim2 and "| 0 / 1 / 0 / 0 /" in claim2  # one comparison, Fisher's own p
+    section = text[text.index("<!-- begin study a (generated) -->"):text.index("<!-- end study a -->")]
+    assert "reported with `b`'s" in section and "#### Findings" not in section
+
+
 def test_goal_reference_is_the_dense_model_trained_alike_once_per_seed_never_distilled():
     dense = arm("none", [0.900, 0.904, 0.908], recipe="svd")
     again = [{**r, "recipe": "whitened"} for r in dense]  # the same dense runs under a projection-only recipe

@@ -279,9 +279,9 @@ def _anchor(answer: cl.Answer) -> str:
 
 
 def study_section(folder: Path, name: str, headers: dict, rows_of: dict, answers: list[cl.Answer],
-                  page: Path | None, majority: dict) -> str:
+                  page: Path | None, majority: dict, within: str | None = None) -> str:
     """A study's Markdown: its header, its findings, its tables, its figures (links relative to ``page``; None:
-    the study's own report.md)."""
+    the study's own report.md). ``within``: the joined study whose report holds its trials and their findings."""
     import os
 
     prefix = "" if page is None else os.path.relpath(folder, page.parent).replace(os.sep, "/") + "/"
@@ -289,6 +289,9 @@ def study_section(folder: Path, name: str, headers: dict, rows_of: dict, answers
     found = [line for a in answers for line in answer_lines(a, name)]
     success = (lambda r: cl.succeeded(r, majority)) if majority else None
     parts = [header.strip(), ""]
+    if within:
+        parts += [f"Its trials are reported with `{within}`'s (`report_with`): the findings are there, and the "
+                  f"claims count each trial once.", ""]
     if found:
         parts += ["#### Findings (generated)", "",
                   "Effect [95 % interval], p (Holm over the claim's comparisons, all studies) -- verdict; the arms.",
@@ -296,6 +299,20 @@ def study_section(folder: Path, name: str, headers: dict, rows_of: dict, answers
     parts += [task_tables(rows, _axes(rows), success), f"Every trial: [trials.csv]({prefix}trials.csv).", ""]
     parts += [f"![{png.stem}]({prefix}{png.name})" for png in sorted(folder.glob("*.png"))]
     return "\n".join(parts)
+
+
+def superseded(rows_of: dict[str, list[dict]]) -> dict[str, str]:
+    """Study -> the published study whose trials.csv holds every trial of it (a report with ``report_with``): its
+    trials count once, there (counted twice, one comparison would pool with itself). Of two folders holding the same
+    trials, the first by name stays."""
+    ids = {name: {(r.get("study"), r.get("trial")) for r in rows} for name, rows in rows_of.items()}
+    out = {}
+    for name, own in ids.items():
+        holders = [other for other, theirs in ids.items()
+                   if other != name and own and own <= theirs and (own != theirs or other < name)]
+        if holders:
+            out[name] = max(holders, key=lambda other: (len(ids[other]), other))
+    return out
 
 
 def build_page(studies: Path = STUDIES, page: Path = PAGE) -> Path:
@@ -312,7 +329,8 @@ def build_page(studies: Path = STUDIES, page: Path = PAGE) -> Path:
         name = names[folder] = name_of(folder, header)
         headers[name], machines[name] = header, machine_of(header)
         rows_of[name] = cl.read_trials(folder / "trials.csv", name)
-    rows = [r for name in rows_of for r in rows_of[name]]
+    within = superseded(rows_of)
+    rows = [r for name in rows_of if name not in within for r in rows_of[name]]
     answers = cl.answers(rows, majority, {"3": claim3_text(studies)})
     figures_dir = studies / "claims"
     figures_dir.mkdir(parents=True, exist_ok=True)
@@ -330,11 +348,11 @@ def build_page(studies: Path = STUDIES, page: Path = PAGE) -> Path:
         sections.append(claim_section(a, machines, figure))
     old = page.read_text(encoding="utf-8") if page.is_file() else ""
     carried = [_block(f"{kind} {name}", body) for kind, name, body in _SECTION.findall(old) if kind == "analyze"]
-    appendix = [_block(f"study {names[f]}", study_section(f, names[f], headers, rows_of, answers, page, majority))
-                for f in folders]
+    appendix = [_block(f"study {names[f]}", study_section(f, names[f], headers, rows_of, answers, page, majority,
+                                                          within.get(names[f]))) for f in folders]
     for f in folders:  # each study's own report.md says what the page says of it
-        (f / "report.md").write_text(study_section(f, names[f], headers, rows_of, answers, None, majority),
-                                     encoding="utf-8")
+        (f / "report.md").write_text(study_section(f, names[f], headers, rows_of, answers, None, majority,
+                                                   within.get(names[f])), encoding="utf-8")
     text = "\n".join([HEADER, _block(ANSWERS, "\n".join(["## Answers at a glance", "",
                                                          answers_table(answers, machines), "", *sections])),
                       "", "# Appendix: the studies", "",
