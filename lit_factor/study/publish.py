@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-from collections.abc import Sequence
 from pathlib import Path
 
 from lit_factor.errors import UserError, fail
@@ -88,24 +87,10 @@ def _replace(text: str, key: str, markdown: str) -> str:
     return text.rstrip("\n") + "\n\n" + _block(key, markdown) + "\n"
 
 
-def _supersede(text: str, key: str, old: str) -> str:
-    """Section ``old`` gives way to ``key``: ``key`` takes its place when new to the page, else ``old`` goes."""
-    (old_begin, old_end), (begin, end) = _markers(old), _markers(key)
-    if old_begin not in text or old_end not in text:
-        return text
-    if begin not in text:
-        return text.replace(old_begin, begin).replace(old_end, end)
-    head, rest = text.split(old_begin, 1)
-    tail = rest.split(old_end, 1)[1].lstrip("\n")
-    return head.rstrip("\n") + "\n\n" + tail if tail else head.rstrip("\n") + "\n"
-
-
-def publish_section(page: Path, key: str, markdown: str, supersedes: Sequence[str] = ()) -> Path:
+def publish_section(page: Path, key: str, markdown: str) -> Path:
     """Write ``markdown`` as the section ``key`` of ``page`` (replacing that section, keeping the others); used by
     ``analyze --publish``, whose section the next ``build_page`` carries into the appendix."""
     text = page.read_text(encoding="utf-8") if page.is_file() else HEADER
-    for old in supersedes:
-        text = _supersede(text, key, old)
     text = _replace(text, key, markdown)
     page.parent.mkdir(parents=True, exist_ok=True)
     page.write_text(text, encoding="utf-8")
