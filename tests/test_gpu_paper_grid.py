@@ -55,7 +55,8 @@ def test_prepare_receive_assemble_round_trip(grid, tmp_path, glue_writer, monkey
         glue = glue_writer(task)
     (glue / "QNLI" / "train.tsv").unlink()
     out = grid.prepare(argparse.Namespace(
-        model_dir=str(src), glue=str(glue), wheels=False, chunk_mb=0.5, limit_mib=64.0, studies=["x.yaml:paper"]))
+        model="mpnet", model_dir=str(src), glue=str(glue), wheels=False, chunk_mb=0.5, limit_mib=64.0,
+        studies=["x.yaml:paper"]))
     manifest = json.loads((out / "base" / "manifest.json").read_text())
     assert len(manifest["chunks"]) >= 2 and 0 < manifest["weights"]["max_relative_rounding_error"] < 1e-3
     assert "device calls, in order" in capsys.readouterr().out
@@ -85,6 +86,50 @@ def test_prepare_receive_assemble_round_trip(grid, tmp_path, glue_writer, monkey
     monkeypatch.setenv("LIT_FACTOR_MPNET_DIR", str(tmp_path))
     with pytest.raises(ValueError, match="lacks config.json, model.safetensors, tokenizer.json"):
         load_model("mpnet")
+
+
+@needs_minilm
+def test_minilm_travels_too_and_its_grids_resume_from_the_committed_journals(grid, tmp_path, glue_writer,
+                                                                              monkeypatch, capsys):
+    """Issue 21's grids: the packaged MiniLM (88 MB) cannot install on the GPU machine, so it travels like MPNet;
+    the studies' records are the committed journals, which travel with the tree and come back under $OUT."""
+    src = tmp_path / "minilm"
+    torch.manual_seed(0)
+    model = load_model("random:tiny-bert")
+    model.save_pretrained(src)
+    load_tokenizer("random:tiny-bert").save_pretrained(src)
+    glue = None
+    for task in grid.GLUE_FILES:
+        glue = glue_writer(task)
+    out = grid.prepare(argparse.Namespace(model="minilm", model_dir=str(src), glue=str(glue), wheels=False,
+                                          chunk_mb=None, limit_mib=64.0, studies=None))
+    manifest = json.loads((out / "base" / "manifest.json").read_text())
+    assert manifest["model"] == "minilm" and manifest["studies"] == list(grid.ISSUE21)
+    for k in range(1, len(manifest["chunks"]) + 1):
+        assert grid.main(["receive", str(k)]) == 0
+    assert grid.main(["assemble"]) == 0
+    assert grid.study_env()["LIT_FACTOR_MINILM_DIR"] == str(out / "minilm" / "all-MiniLM-L6-v2")
+    monkeypatch.setenv("LIT_FACTOR_MINILM_DIR", grid.study_env()["LIT_FACTOR_MINILM_DIR"])
+    loaded = load_model("minilm")
+    assert all(torch.equal(loaded.state_dict()[k], v.to(torch.float16).to(torch.float32))
+               for k, v in model.state_dict().items() if "classifier" not in k)
+
+    started = []
+
+    class Done:  # a study run that ends at once
+        def __init__(self, cmd, **kwargs):
+            started.append(cmd)
+
+        def wait(self, timeout=None):
+            return 0
+    monkeypatch.setattr(grid, "preflight", lambda: True)
+    monkeypatch.setattr(grid.subprocess, "Popen", Done)
+    monkeypatch.setattr(grid.subprocess, "run", lambda *a, **k: None)
+    monkeypatch.setenv("OUT", str(tmp_path / "back"))
+    assert grid.main(["run", "--studies", "studies/claim2_mrpc.yaml:monarch"]) == 0
+    assert "--storage" not in started[0] and started[0][started[0].index("--variant") + 1] == "monarch"
+    back = tmp_path / "back" / "claim2_mrpc-monarch.journal.log"
+    assert back.read_bytes() == (REPO / "docs" / "studies" / "claim2_mrpc-monarch" / "journal.log").read_bytes()
 
 
 # --- the study variants the script runs ---------------------------------------------------------------------------
