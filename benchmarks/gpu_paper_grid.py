@@ -208,6 +208,8 @@ def prepare(args) -> Path:
     if absent:
         raise TransferError(f"{model_dir} lacks {', '.join(absent)}")
     shutil.rmtree(out, ignore_errors=True)
+    if out == ROOT / TRANSFER:  # first: else the working tree measured below would count the transfer folder too
+        exclude_transfer(ROOT)
     base = out / "base"
     (base / "model").mkdir(parents=True)
     for name in MODEL_FILES:
@@ -223,12 +225,13 @@ def prepare(args) -> Path:
     rounding = to_float16(model_dir / "model.safetensors", half)
     tree = tree_size(ROOT)
     chunk_mib = args.chunk_mb or int((args.limit_mib - MARGIN_MIB - mib(tree)) * 10) / 10  # the most a call takes
+    if chunk_mib <= 0:
+        raise TransferError(f"the working tree ({mib(tree):.1f} MiB of tracked and untracked-not-ignored files) leaves "
+                            f"no room in a {args.limit_mib} MiB call: ignore or remove what need not travel")
     chunks = split_file(half, out, int(chunk_mib * 2**20))
     manifest = {"weights": {"file": "model.fp16.safetensors", "bytes": half.stat().st_size, "sha256": sha256(half),
                             **rounding}, "chunks": chunks, "studies": studies, "model": args.model}
     (base / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    if out == ROOT / TRANSFER:
-        exclude_transfer(ROOT)
     calls = plan_calls(folder_size(base), chunks, tree, args.limit_mib)
     manifest["calls"] = calls
     (base / "manifest.json").write_text(json.dumps(manifest, indent=1))

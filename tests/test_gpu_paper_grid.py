@@ -132,6 +132,32 @@ def test_minilm_travels_too_and_its_grids_resume_from_the_committed_journals(gri
     assert back.read_bytes() == (REPO / "docs" / "studies" / "claim2_mrpc-monarch" / "journal.log").read_bytes()
 
 
+@needs_minilm
+def test_the_transfer_folder_is_ignored_before_the_tree_is_measured(grid, tmp_path, glue_writer, monkeypatch,
+                                                                    capsys):
+    """In a checkout (no GPU_TRANSFER_DIR), the first prepare measured the tree with its own new folder in it:
+    the float16 weights counted twice, and the chunk size came out negative."""
+    import subprocess
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    (repo / "code.py").write_text("x = 1\n")
+    monkeypatch.delenv(grid.TRANSFER_ENV)
+    monkeypatch.setattr(grid, "ROOT", repo)
+    src = tmp_path / "minilm"
+    load_model("random:tiny-bert").save_pretrained(src)
+    load_tokenizer("random:tiny-bert").save_pretrained(src)
+    glue = None
+    for task in grid.GLUE_FILES:
+        glue = glue_writer(task)
+    grid.prepare(argparse.Namespace(model="minilm", model_dir=str(src), glue=str(glue), wheels=False, chunk_mb=None,
+                                    limit_mib=64.0, studies=None))
+    assert "working tree 0.0 MiB" in capsys.readouterr().out  # code.py alone, not the transfer folder
+    calls = json.loads((repo / ".gpu_transfer" / "calls.json").read_text())
+    assert calls[0]["carry"] == [".gpu_transfer/base", ".gpu_transfer/w01"]  # tiny: base and weights in one call
+
+
 # --- the study variants the script runs ---------------------------------------------------------------------------
 def test_paper_variants(monkeypatch):
     monkeypatch.chdir(REPO)
