@@ -43,16 +43,22 @@ def test_call_plan_fits_the_device_limit(grid):
                         tree_bytes=8 * 2**20, limit_mib=64)
 
 
-@needs_minilm
-def test_prepare_receive_assemble_round_trip(grid, tmp_path, glue_writer, monkeypatch, capsys):
-    src = tmp_path / "mpnet"
+def tiny_sources(grid, tmp_path, glue_writer, preset: str):
+    """A tiny random model saved as a model folder (seed 0), and a GLUE root with every task the grids read."""
+    src = tmp_path / preset
     torch.manual_seed(0)
-    model = load_model("random:tiny-mpnet")
+    model = load_model(f"random:{preset}")
     model.save_pretrained(src)
-    load_tokenizer("random:tiny-mpnet").save_pretrained(src)
+    load_tokenizer(f"random:{preset}").save_pretrained(src)
     glue = None
     for task in grid.GLUE_FILES:
         glue = glue_writer(task)
+    return model, src, glue
+
+
+@needs_minilm
+def test_prepare_receive_assemble_round_trip(grid, tmp_path, glue_writer, monkeypatch, capsys):
+    model, src, glue = tiny_sources(grid, tmp_path, glue_writer, "tiny-mpnet")
     (glue / "QNLI" / "train.tsv").unlink()
     out = grid.prepare(argparse.Namespace(
         model="mpnet", model_dir=str(src), glue=str(glue), wheels=False, chunk_mb=0.5, limit_mib=64.0,
@@ -93,14 +99,7 @@ def test_minilm_travels_too_and_its_grids_resume_from_the_committed_journals(gri
                                                                               monkeypatch, capsys):
     """Issue 21's grids: the packaged MiniLM (88 MB) cannot install on the GPU machine, so it travels like MPNet;
     the studies' records are the committed journals, which travel with the tree and come back under $OUT."""
-    src = tmp_path / "minilm"
-    torch.manual_seed(0)
-    model = load_model("random:tiny-bert")
-    model.save_pretrained(src)
-    load_tokenizer("random:tiny-bert").save_pretrained(src)
-    glue = None
-    for task in grid.GLUE_FILES:
-        glue = glue_writer(task)
+    model, src, glue = tiny_sources(grid, tmp_path, glue_writer, "tiny-bert")
     out = grid.prepare(argparse.Namespace(model="minilm", model_dir=str(src), glue=str(glue), wheels=False,
                                           chunk_mb=None, limit_mib=64.0, studies=None))
     manifest = json.loads((out / "base" / "manifest.json").read_text())
@@ -145,12 +144,7 @@ def test_the_transfer_folder_is_ignored_before_the_tree_is_measured(grid, tmp_pa
     (repo / "code.py").write_text("x = 1\n")
     monkeypatch.delenv(grid.TRANSFER_ENV)
     monkeypatch.setattr(grid, "ROOT", repo)
-    src = tmp_path / "minilm"
-    load_model("random:tiny-bert").save_pretrained(src)
-    load_tokenizer("random:tiny-bert").save_pretrained(src)
-    glue = None
-    for task in grid.GLUE_FILES:
-        glue = glue_writer(task)
+    _, src, glue = tiny_sources(grid, tmp_path, glue_writer, "tiny-bert")
     grid.prepare(argparse.Namespace(model="minilm", model_dir=str(src), glue=str(glue), wheels=False, chunk_mb=None,
                                     limit_mib=64.0, studies=None))
     assert "working tree 0.0 MiB" in capsys.readouterr().out  # code.py alone, not the transfer folder
