@@ -1,8 +1,9 @@
 """What the CPU can do natively, for the choices that depend on it (bf16 on a CPU; docs/speed.md).
 
-bf16 on a CPU is fast only with native bf16 instructions (AVX-512 BF16 or AMX); without them PyTorch emulates it,
-and a bf16 training step is several times *slower* than fp32 (measured: benchmarks/train_step.py's files, one per
-machine, in docs/speed.md). The latency benchmark skips bf16 there; ``fit`` says so in one warning line.
+bf16 on a CPU is fast only with native bf16 instructions (AVX-512 BF16, AMX, Arm BF16); without them PyTorch
+emulates it, and a bf16 training step is about ten times *slower* than fp32 (measured: benchmarks/train_step.py's
+files, one per machine, in docs/speed.md). The latency benchmark skips bf16 there; ``fit`` and ``study run`` say so
+in one warning line.
 """
 
 from __future__ import annotations
