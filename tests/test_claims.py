@@ -143,6 +143,17 @@ def test_holm_runs_over_the_whole_claim():
     assert [c.test.p_adj for c in answer.comparisons] == [pytest.approx(2 * c.test.p) for c in answer.comparisons]
 
 
+def test_holm_counts_only_the_comparisons_that_are_tests():
+    """A comparison with fewer than 3 runs in an arm is insufficient, not performed: it must not enlarge Holm's
+    family (claim 2 on MRPC read Holm 0.83 instead of 0.41 while its Monarch arm had two runs a cell)."""
+    rows = DENSE + arm("lowrank", [0.80, 0.81, 0.83]) + arm("monarch", [0.76, 0.78, 0.79]) + \
+        arm("blockwise", [0.70, 0.75])
+    answer = claim1(rows)
+    monarch, blockwise = only(answer), only(answer, "block-wise")
+    assert blockwise.verdict == st.INSUFFICIENT and blockwise.test.p_adj is None
+    assert monarch.test.p_adj == pytest.approx(monarch.test.p)
+
+
 # --- claim 2: success rates ----------------------------------------------------------------------------------------
 def claim2(staged_ok, flat_ok, n=5, dense=DENSE):
     staged = [run("lowrank", 0.8 if i < staged_ok else 0.5, i, staged=True, schedule="spread=0.5",
@@ -189,6 +200,38 @@ def test_pooling_is_never_surer_than_each_comparisons_own_test():
     flat = st.rates(2, 5, 1, 5)  # Fisher p = 1: no test-based error, the interval's stands
     assert flat.p == 1.0 and st.standard_error(flat) == pytest.approx((flat.high - flat.low) / (2 * 1.959964))
     assert st.pooled([one, flat]).extra["k"] == 2
+
+
+def staged_runs(ok, schedule, n=5):
+    return [run("lowrank", 0.8 if i < ok else 0.5, i, staged=True, schedule=schedule,
+                verdict="succeeded" if i < ok else "failed") for i in range(n)]
+
+
+def test_two_schedules_against_one_all_at_once_arm_pool_their_runs_not_the_best_row():
+    """Staged a (4/5) and staged b (1/5) share the all-at-once arm (1/5): the claim's one independent test is
+    staged (both schedules, 5/10) vs all at once (1/5), Fisher's exact -- not the row that happened to come first
+    (or looked best), which said 4/5 vs 1/5. A schedule both at 0 % with the flat arm still counts its runs."""
+    flat = [run("lowrank", 0.8 if i < 1 else 0.5, i, verdict="succeeded" if i < 1 else "failed") for i in range(5)]
+    rows = DENSE + staged_runs(4, "spread=0.25") + staged_runs(1, "spread=0.5") + flat
+    answer = cl.judge(cl.CLAIMS["2"], rows, MAJORITY)
+    assert answer.pooled.extra["k"] == 1 and answer.pooled.effect == pytest.approx(0.5 - 0.2)
+    assert answer.pooled.p == pytest.approx(sps.fisher_exact([[5, 5], [1, 4]])[1])
+    flat0 = [run("lowrank", 0.5, i, verdict="failed") for i in range(5)]
+    answer = cl.judge(cl.CLAIMS["2"], DENSE + staged_runs(4, "spread=0.25") + staged_runs(0, "spread=0.5") + flat0,
+                      MAJORITY)
+    assert [c.verdict for c in answer.comparisons].count(st.INSUFFICIENT) == 1  # 0/5 vs 0/5: uninformative
+    assert answer.pooled.p == pytest.approx(sps.fisher_exact([[4, 6], [0, 5]])[1])
+
+
+def test_low_rank_against_monarch_and_block_wise_pools_by_the_weaker_comparison():
+    """Claim 1 says low rank beats each: its unit (one low-rank arm, two others) enters the pooling by the
+    comparison least favourable to the claim, whichever row comes first."""
+    lowrank = arm("lowrank", [0.80, 0.81, 0.83])
+    for near, far in (("monarch", "blockwise"), ("blockwise", "monarch")):
+        rows = DENSE + lowrank + arm(near, [0.79, 0.80, 0.82]) + arm(far, [0.70, 0.71, 0.72])
+        answer = claim1(rows)
+        weaker = only(answer, {"monarch": "Monarch", "blockwise": "block-wise"}[near])
+        assert answer.pooled.extra["k"] == 1 and answer.pooled.effect == pytest.approx(weaker.test.effect)
 
 
 def test_a_success_must_beat_the_majority_class_on_accuracy():

@@ -5,7 +5,8 @@ check that turns trial rows into comparisons with an effect, a 95 % interval, a 
 
 A check sees the rows of one study or of many (each row names its ``study``); every comparison is made within
 one study and one setting (task, data, schedule, learning rate, recipe ...), never across studies, and Holm's
-correction runs over all comparisons of the claim. Two gates come before any test:
+correction runs over the comparisons of the claim that are tests (not insufficient). Two gates come before any
+test:
 
 * **the task trained**: the dense arm of the same study and setting beats the majority-class score (the
   constant predictor of the most frequent dev label, ``MAJORITY``: docs/studies/majority.json) with a 95 %
@@ -187,8 +188,9 @@ class Comparison:
     detail: str = ""  #: the arms' numbers (mean ± sd (n), or successes / runs)
     note: str = ""  #: e.g. unequal parameters
     verdict: str = ""
-    #: comparisons with the same ``unit`` share an arm (low rank vs Monarch and vs block-wise): not independent,
-    #: so the pooled effect takes only the first of each unit
+    #: comparisons with the same ``unit`` share an arm (low rank vs Monarch and vs block-wise; two staging
+    #: schedules vs one all-at-once arm): not independent, so the pooled effect takes one test per unit, made by
+    #: the claim's ``combine``
     unit: str = ""
 
     @property
@@ -213,6 +215,9 @@ class Claim:
     check: Callable[[list[dict], dict], list[Comparison]]
     sign_word: tuple[str, str] = ("ahead", "behind")
     margin: float = 0.0  #: a line on the forest plot (the compression goal's margins are per comparison)
+    #: one test for the comparisons that share an arm (signed: the claim's direction positive), from the informative
+    #: ones of the unit and all of them (see :func:`weakest`, :func:`staged_together`); never the one that looked best
+    combine: Callable[[list[Comparison], list[Comparison]], st.Test] | None = None
 
 
 @dataclass
@@ -240,18 +245,49 @@ def register(claim: Claim) -> Claim:
 
 
 def judge(claim: Claim, rows: list[dict], majority: dict) -> Answer:
-    """Run a claim's check, correct its p-values (Holm over all its comparisons), classify each, and pool."""
+    """Run a claim's check, correct its p-values (Holm over its judgeable comparisons), classify each, and pool."""
     comparisons = claim.check(rows, majority)
-    st.holm([c.test for c in comparisons if not c.reason])
+    st.holm([c.test for c in comparisons if st.judgeable(c.test, c.reason)])
     for c in comparisons:
         c.verdict = st.classify(c.test, c.sign, c.reason)
     informative = [c for c in comparisons if c.verdict != st.INSUFFICIENT]
-    independent = list({c.unit or id(c): c for c in reversed(informative)}.values())  # the first of each unit
-    pooled = st.pooled([_signed(c) for c in independent])
+    pooled = st.pooled(per_unit(claim, informative, comparisons))
     counts = {v: sum(c.verdict == v for c in comparisons) for v in st.VERDICTS}
     verdict = st.classify(pooled, 1, min_n=0) if pooled is not None and informative else (
         _unanimous(informative) if informative else st.INSUFFICIENT)
     return Answer(claim, comparisons, pooled, verdict, counts)
+
+
+def per_unit(claim: Claim, informative: list[Comparison], comparisons: list[Comparison]) -> list[st.Test]:
+    """One signed test per unit of shared arms that has an informative comparison, in first-seen order."""
+    units: dict = defaultdict(list)
+    for c in informative:
+        units[c.unit or id(c)].append(c)
+    combine = claim.combine or weakest
+    every = {unit: [c for c in comparisons if c.unit == unit] if isinstance(unit, str) else cs
+             for unit, cs in units.items()}
+    return [_signed(cs[0]) if len(every[unit]) == 1 else combine(cs, every[unit]) for unit, cs in units.items()]
+
+
+def weakest(informative: list[Comparison], _all: list[Comparison]) -> st.Test:
+    """The unit's least favourable comparison (smallest signed z): for a claim that says one arm beats *each* of
+    the others (low rank beats Monarch *and* block-wise), a unit supports it only as much as its weakest comparison
+    does -- the intersection-union reading. Taking the first (or the best) would pick by name (or by luck)."""
+    def z(t: st.Test) -> float:
+        se = st.standard_error(t)
+        return t.effect / se if se > 0 else math.copysign(math.inf, t.effect)
+    return min((_signed(c) for c in informative), key=z)
+
+
+def staged_together(informative: list[Comparison], every: list[Comparison]) -> st.Test:
+    """Claim 2's unit: the staging schedules are versions of one treatment against one all-at-once arm, so their
+    runs pool into "staged (as tested) vs all at once" -- Fisher's exact on the summed successes of every schedule
+    of the unit (those both at 0 % or 100 % included, so a schedule is never dropped for failing)."""
+    counted = [c for c in every if "successes" in c.test.extra]
+    sa, na = (sum(c.test.extra["successes"][i] for c in counted) for i in (0, 1))
+    sb, nb = counted[0].test.extra["successes"][2:]
+    t = st.rates(sa, na, sb, nb)
+    return st.Test(t.effect, t.low, t.high, t.p, f"{t.method}, {len(counted)} schedules together", t.n)
 
 
 def _signed(c: Comparison) -> st.Test:
@@ -360,6 +396,8 @@ def check_claim2(rows: list[dict], majority: dict) -> list[Comparison]:
         for (schedule,), staged in sorted(group([r for r in cell if r.get("staged")], ("schedule",)).items(), key=str):
             sa, sb = sum(succeeded(r, majority) for r in staged), sum(succeeded(r, majority) for r in flat)
             test = st.rates(sa, len(staged), sb, len(flat))
+            if gate.ok:  # what staged_together sums over the schedules of the cell
+                test.extra["successes"] = (sa, len(staged), sb, len(flat))
             reason = "" if gate.ok else gate.reason
             if not reason and sa + sb in (0, len(staged) + len(flat)):
                 reason = f"both arms at {'0' if sa + sb == 0 else '100'} % success: uninformative"
@@ -460,7 +498,7 @@ def classify_goal(c: Comparison) -> str:
     wholly beyond the margin (contradicted), else the point estimate decides between 'same direction' (within the
     margin) and 'indistinguishable'."""
     margin = c.test.extra.get("margin", 0.0)
-    if c.reason or min(c.test.n) < st.MIN_N or math.isnan(c.test.p):
+    if not st.judgeable(c.test, c.reason):
         return st.INSUFFICIENT
     p = c.test.p if c.test.p_adj is None else c.test.p_adj
     if p < st.ALPHA:
@@ -472,7 +510,7 @@ def classify_goal(c: Comparison) -> str:
 
 def judge_goal(claim: Claim, rows: list[dict], majority: dict) -> Answer:
     comparisons = claim.check(rows, majority)
-    st.holm([c.test for c in comparisons if not c.reason])
+    st.holm([c.test for c in comparisons if st.judgeable(c.test, c.reason)])
     for c in comparisons:
         c.verdict = classify_goal(c)
     # one comparison per cell: the recipe with the smallest corrected p (the others stay in the per-study text)
@@ -498,7 +536,8 @@ register(Claim("1", "Low rank beats Monarch and block-wise low rank at equal par
 register(Claim("2", "Staged factorization makes compression reliable",
                "Factorizing a pretrained model stage by stage during fine-tuning avoids the instability of naive "
                "all-at-once projection, above all with little data.",
-               "difference of success rates (staged minus all at once; Fisher's exact)", check_claim2))
+               "difference of success rates (staged minus all at once; Fisher's exact)", check_claim2,
+               combine=staged_together))
 register(Claim("3", "Pretrained weight matrices are close to full rank",
                "The weight matrices of pretrained transformers are close to full rank, so a low-rank "
                "approximation alone loses much of them.", "rank fraction for a 10 % error (analyze)",

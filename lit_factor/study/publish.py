@@ -50,15 +50,16 @@ Factorization Methods for Pre-trained Transformers", arXiv 2406.11307) and this 
 registered check (`lit_factor/study/claims.py`) that compares two arms within one study and one setting. Every
 comparison shows the difference (the claimed direction positive), its 95 % interval and a p-value: Welch's t-test
 for metrics (an exact permutation test where both arms are constant), Fisher's exact test for success rates; the
-p-values of a claim are Holm-corrected together. Verdicts: **supported** (the claimed direction, significant at
+p-values of a claim's comparisons that are tests (not insufficient) are Holm-corrected together. Verdicts: **supported** (the claimed direction, significant at
 0.05 after Holm), **same direction, not significant**, **indistinguishable** (not significant and not leaning the
 claimed way: a tie is not a loss), **contradicted** (significant, the other way), **insufficient** (fewer than 3
 runs in an arm; a task that did not train -- its dense arm does not beat the majority class with a 95 % interval
 above zero on the task's metric *and* on accuracy, or the study has no dense arm to show it; success rates both
 at 0 % or both at 100 %). A run *succeeded* only when it also beats the majority class on accuracy. A claim's
 answer is its pooled effect (random effects over its informative comparisons, in points of each task's metric)
-judged the same way; comparisons that share an arm (low rank against Monarch and against block-wise; two
-staging schedules against one all-at-once arm) enter the pooling once, by the upper of their rows in the table.
+judged the same way; comparisons that share an arm enter the pooling once, never by the row that looked best:
+low rank against Monarch and against block-wise by the weaker of the two (the claim is that low rank beats each),
+two staging schedules against one all-at-once arm by their runs together (staged as tested vs all at once).
 Each comparison is weighted by the larger of the standard errors its interval and its own test imply, so that
 pooling is never surer than a comparison's exact test (Fisher's at 5 runs an arm is far from normal); a claim with
 one informative comparison is answered by that comparison's own test. The pooled effect mixes tasks, metrics,
@@ -178,9 +179,10 @@ def _answer_sentence(answer: cl.Answer) -> str:
     if p is None:
         pooled = "no comparison has a variance to pool"
     elif p.extra["k"] == 1:
-        pooled = f"one independent comparison (one per shared arm), by its own test: {fmt_test(p)}"
+        pooled = (f"one independent comparison (one per set of shared arms), by its own test "
+                  f"({p.extra['test']}): {fmt_test(p)}")
     else:
-        pooled = (f"pooled over {p.extra['k']} independent comparisons (one per shared arm) the effect is "
+        pooled = (f"pooled over {p.extra['k']} independent comparisons (one per set of shared arms) the effect is "
                   f"{fmt_test(p)} (random effects, tau^2 = {p.extra['tau2']:.2g})")
     return (f"**{answer.verdict}**: {pooled}; per comparison (Holm over {len(informative)} informative ones): "
             + ", ".join(f"{answer.counts.get(v, 0)} {v}" for v in VERDICTS) + ".")
