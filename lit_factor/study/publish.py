@@ -50,14 +50,14 @@ Factorization Methods for Pre-trained Transformers", arXiv 2406.11307) and this 
 registered check (`lit_factor/study/claims.py`) that compares two arms within one study and one setting. Every
 comparison shows the difference (the claimed direction positive), its 95 % interval and a p-value: Welch's t-test
 for metrics (an exact permutation test where both arms are constant), Fisher's exact test for success rates; the
-p-values of a claim's comparisons that are tests (not insufficient) are Holm-corrected together. Verdicts: **supported** (the claimed direction, significant at
-0.05 after Holm), **same direction, not significant**, **indistinguishable** (not significant and not leaning the
-claimed way: a tie is not a loss), **contradicted** (significant, the other way), **insufficient** (fewer than 3
-runs in an arm; a task that did not train -- its dense arm does not beat the majority class with a 95 % interval
-above zero on the task's metric *and* on accuracy, or the study has no dense arm to show it; success rates both
-at 0 % or both at 100 %). A run *succeeded* only when it also beats the majority class on accuracy. A claim's
-answer is its pooled effect (random effects over its informative comparisons, in points of each task's metric)
-judged the same way; comparisons that share an arm enter the pooling once, never by the row that looked best:
+p-values of a claim's comparisons that are tests (not insufficient) are Holm-corrected together. Verdicts:
+**supported** (the claimed direction, significant at 0.05 after Holm), **same direction, not significant**,
+**indistinguishable** (not significant and not leaning the claimed way: a tie is not a loss), **contradicted**
+(significant, the other way), **insufficient** (fewer than 3 runs in an arm; a task that did not train -- its dense
+arm does not beat the majority class with a 95 % interval above zero on the task's metric *and* on accuracy, or the
+study has no dense arm to show it; success rates both at 0 % or both at 100 %). A run *succeeded* only when it also
+beats the majority class on accuracy. A claim's answer is its pooled effect (random effects over its informative
+comparisons, in points of each task's metric) judged the same way; comparisons that share an arm enter the pooling once, never by the row that looked best:
 low rank against Monarch and against block-wise by the weaker of the two (the claim is that low rank beats each),
 two staging schedules against one all-at-once arm by their runs together (staged as tested vs all at once).
 Each comparison is weighted by the larger of the standard errors its interval and its own test imply, so that
