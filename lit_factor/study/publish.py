@@ -59,7 +59,8 @@ study has no dense arm to show it; success rates both at 0 % or both at 100 %). 
 beats the majority class on accuracy. A claim's answer is its pooled effect (random effects over its informative
 comparisons, in points of each task's metric) judged the same way; comparisons that share an arm enter the
 pooling once, never by the row that looked best: low rank against Monarch and against block-wise by the weaker of
-the two (the claim is that low rank beats each), two staging schedules against one all-at-once arm by their runs together (staged as tested vs all at once).
+the two (the claim is that low rank beats each), two staging schedules against one all-at-once arm by their runs
+together (staged as tested vs all at once).
 Each comparison is weighted by the larger of the standard errors its interval and its own test imply, so that
 pooling is never surer than a comparison's exact test (Fisher's at 5 runs an arm is far from normal); a claim with
 one informative comparison is answered by that comparison's own test. The pooled effect mixes tasks, metrics,
