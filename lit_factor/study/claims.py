@@ -147,6 +147,8 @@ def one_per_seed(rows: list[dict]) -> list[dict]:
 class Trained:
     ok: bool
     reason: str  #: why not, or the evidence (dense - majority on each metric)
+    #: metric -> dense minus the majority-class score (one-sample t), for each metric tested
+    tests: dict[str, st.Test] = field(default_factory=dict)
 
 
 def trained(rows: list[dict], setting: tuple, majority: dict) -> Trained:
@@ -160,18 +162,19 @@ def trained(rows: list[dict], setting: tuple, majority: dict) -> Trained:
     if floors is None:
         return Trained(False, f"no majority-class score for task {task!r}")
     metric = metric_of(dense[0])
-    evidence = []
+    tests, evidence, why = {}, [], ""
     for m in dict.fromkeys([metric, "accuracy"]):
         if m not in floors:
             continue
         values = [v for r in dense if (v := number(r, f"val/{m}") if m != metric else number(r, "final")) is not None]
         if len(values) < st.MIN_N:
-            return Trained(False, f"dense arm has {len(values)} run(s) on {m} (fewer than {st.MIN_N})")
-        t = st.one_sample(values, floors[m])
+            why = why or f"dense arm has {len(values)} run(s) on {m} (fewer than {st.MIN_N})"
+            continue
+        t = tests[m] = st.one_sample(values, floors[m])
         evidence.append(f"{m} {t.effect:+.4f} [{t.low:+.4f}, {t.high:+.4f}] over the majority class")
         if not t.low > 0:
-            return Trained(False, f"task did not train: dense {', '.join(evidence)}")
-    return Trained(True, "dense " + "; ".join(evidence))
+            why = why or f"task did not train: dense {', '.join(evidence)}"
+    return Trained(False, why, tests) if why else Trained(True, "dense " + "; ".join(evidence), tests)
 
 
 # --- comparisons and answers ----------------------------------------------------------------------------------------

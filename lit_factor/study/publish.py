@@ -8,7 +8,9 @@ header its report wrote -- study file, grid, progress, machine, commands), judge
    the studies and machines it rests on);
 2. a section per claim: what the paper says, the answer in one sentence, a forest plot (one row per task x
    budget x study; ``docs/studies/claims/<claim>.png``) and every comparison with its numbers;
-3. the appendix: per study its header, its share of the findings, its tables (recomputed from trials.csv), its
+3. where the dense model trains: every study setting with a dense arm, its margins over the majority class and
+   each task's calibrated schedule (lit_factor/study/calibration.py);
+4. the appendix: per study its header, its share of the findings, its tables (recomputed from trials.csv), its
    figures; ``analyze`` sections (written by ``analyze --publish``) are carried as they are.
 
 Nothing on the page is typed by hand: rerun ``python -m lit_factor.study.publish`` (``study report ...
@@ -26,6 +28,7 @@ import re
 from pathlib import Path
 
 from lit_factor.errors import UserError, fail
+from lit_factor.study import calibration
 from lit_factor.study import claims as cl
 from lit_factor.study.figures import forest
 from lit_factor.study.findings import answer_lines, load_majority
@@ -341,6 +344,7 @@ def build_page(studies: Path = STUDIES, page: Path = PAGE) -> Path:
     for f in folders:  # each study's own report.md says what the page says of it
         (f / "report.md").write_text(study_section(f, names[f], headers, rows_of, answers, None, majority,
                                                    within.get(names[f])), encoding="utf-8")
+    sections.append(calibration.section(rows, majority))
     text = "\n".join([HEADER, _block(ANSWERS, "\n".join(["## Answers at a glance", "",
                                                          answers_table(answers, machines), "", *sections])),
                       "", "# Appendix: the studies", "",
