@@ -716,3 +716,21 @@ def test_optuna_grid_sampler_keeps_the_grid_id_where_the_queue_reads_it():
     trial.suggest_categorical("x", [1, 2])
     frozen = study.get_trials()[0]
     assert frozen.system_attrs.get("grid_id") in (0, 1) and frozen.system_attrs.get("search_space") == {"x": [1, 2]}
+
+
+def test_loss_curves_need_no_dense_arm_and_name_what_tells_the_arms_apart():
+    """A study without a dense arm (claim2-collapse) still gets its loss curves; two Monarch arms that differ in
+    schedule, rate and data are told apart in the legend, and a dense arm, when there is one, is 'dense'."""
+    from lit_factor.study import figures
+
+    def row(**kw):
+        return {"task": "sst2", "method": "monarch", "budget": 0.1, "staged": False, "schedule": None,
+                "learning_rate": 1e-4, "max_train_samples": 4000, "max_epochs": 1,
+                "train_loss": [[0, 0.69], [10, 0.6]], **kw}
+    rows = [row(staged=True, schedule="order=['.*'], spread=0.25"), row(learning_rate=7.5e-5, max_train_samples=3008)]
+    labels = [t.get_text() for t in figures.loss_curves(rows).axes[0].get_legend().get_texts()]
+    assert len(labels) == 2 and "spread=0.25" in labels[0] and "lr 7.5e-05, examples 3008" in labels[1]
+    assert "schedule" not in labels[1]
+    fig = figures.loss_curves([row(method="none", budget=None), row()])
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["dense", "monarch"]
+    assert figures.loss_curves([row(method="none", budget=None)]) is None

@@ -10,6 +10,7 @@ Each function returns the figure, or None when the study holds nothing to draw (
 from __future__ import annotations
 
 import statistics
+import textwrap
 from collections import defaultdict
 
 import matplotlib
@@ -94,26 +95,41 @@ def success_rates(rows: list[dict]):
     return fig
 
 
+#: what else may tell two factorized arms of one figure apart (shown in the legend when it differs), and its name
+_ARM_FACTS = {"schedule": "", "learning_rate": "lr", "max_train_samples": "examples", "max_epochs": "epochs"}
+
+
+def _arm_label(r: dict, detail: list[str]) -> str:
+    parts = [_line_label(r)] + [f"{_ARM_FACTS[k]} {r.get(k)}".strip() for k in detail
+                                if r.get(k) is not None and (k != "schedule" or r.get("staged"))]
+    return textwrap.fill(", ".join(parts), 38)
+
+
 def loss_curves(rows: list[dict], target: float = 0.25):
+    """Training loss per step of every run at the budget nearest ``target``, with the dense runs when the study has
+    them (a study without a dense arm -- e.g. claim2-collapse -- still shows when its runs stop learning)."""
     rows = [r for r in rows if r.get("train_loss") and r.get("method")]
     budgets = {r["budget"] for r in rows if r["method"] != "none" and r.get("budget") is not None}
-    if not budgets or not any(r["method"] == "none" for r in rows):
+    if not budgets:
         return None
     budget = min(budgets, key=lambda b: abs(b - target))
     rows = [r for r in rows if r["method"] == "none" or r.get("budget") == budget]
+    factorized = [r for r in rows if r["method"] != "none"]
+    detail = [k for k in _ARM_FACTS if len({str(r.get(k)) for r in factorized}) > 1]
     tasks = sorted({r["task"] for r in rows})
     fig, axes = _panels(len(tasks))
     colors: dict[str, str] = {}
     for ax, task in zip(axes, tasks, strict=True):
         for r in (r for r in rows if r["task"] == task):
-            label = "dense" if r["method"] == "none" else _line_label(r)
+            label = "dense" if r["method"] == "none" else _arm_label(r, detail)
             color = colors.setdefault(label, f"C{len(colors)}")
             steps, losses = zip(*r["train_loss"], strict=True)
             ax.plot(steps, losses, color=color, alpha=0.7, linewidth=1, label=label)
         handles, labels = ax.get_legend_handles_labels()
         unique = dict(zip(labels, handles, strict=True))
-        ax.legend(unique.values(), unique.keys(), fontsize=8)
-        ax.set(title=f"{task}: dense vs factorized at {budget:g}", xlabel="step", ylabel="training loss")
+        ax.legend(unique.values(), unique.keys(), fontsize=7)
+        versus = "dense vs factorized" if len(factorized) < len(rows) else "factorized"
+        ax.set(title=f"{task}: {versus} at {budget:g}", xlabel="step", ylabel="training loss")
     fig.tight_layout()
     return fig
 
