@@ -5,9 +5,10 @@ The suspects are the optimizer state of the new factors (stale Adam moments, a w
 decay applied while they were unused) and the learning rate they get. This test pins the mechanics down: a layer
 switched after k optimizer steps gets, at its first step, exactly the update a brand-new AdamW at the current
 learning rate gives the same projected factors (no state carried over, bias correction from step 1), and the
-factors are untouched (not even decayed) before the switch. docs/results.md (claim 2) and the issue-21 report say
-what the collapse is instead: the schedule leaves too few steps at a high enough learning rate after the last
-stage to climb out of the constant-predictor plateau that a 10 % projection falls into.
+factors are untouched (not even decayed) before the switch. What the collapse is instead -- too little training
+left after the last stage (studies claim2-collapse and claim2-collapse-control: all at once given only that
+remainder collapses too, the staged schedule run twice as long trains) -- is in docs/guide.md, "When staging
+collapses".
 """
 
 import copy
