@@ -221,6 +221,7 @@ class Claim:
     #: one test for the comparisons that share an arm (signed: the claim's direction positive), from the informative
     #: ones of the unit and all of them (see :func:`weakest`, :func:`staged_together`); never the one that looked best
     combine: Callable[[list[Comparison], list[Comparison]], st.Test] | None = None
+    see_also: str = ""  #: where the project explains more (a Markdown sentence with links relative to docs/)
 
 
 @dataclass
@@ -540,7 +541,11 @@ register(Claim("2", "Staged factorization makes compression reliable",
                "Factorizing a pretrained model stage by stage during fine-tuning avoids the instability of naive "
                "all-at-once projection, above all with little data.",
                "difference of success rates (staged minus all at once; Fisher's exact)", check_claim2,
-               combine=staged_together))
+               combine=staged_together,
+               see_also="Why staged Monarch at 10 % ends at the majority class where all at once trains (too little "
+                        "training left after the last stage, not the switch): [the guide](guide.md), \"When staging "
+                        "collapses\", and the studies `claim2-collapse` and "
+                        "`claim2-collapse-control` below."))
 register(Claim("3", "Pretrained weight matrices are close to full rank",
                "The weight matrices of pretrained transformers are close to full rank, so a low-rank "
                "approximation alone loses much of them.", "rank fraction for a 10 % error (analyze)",

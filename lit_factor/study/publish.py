@@ -229,6 +229,8 @@ def claim_section(answer: cl.Answer, machines: dict[str, str], figure: str | Non
     rests = _rests_on(answer, machines)
     if rests:
         lines += [f"Rests on: {', '.join(rests)}.", ""]
+    if claim.see_also:
+        lines += [f"See also: {claim.see_also}", ""]
     if claim.key == "goal":
         lines += ["Selection: the trials record each run's dev metric, not its per-example predictions, so a "
                   "recipe cannot be chosen on one half of the dev set and scored on the other. Instead no recipe is "
