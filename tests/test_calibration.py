@@ -51,3 +51,12 @@ def test_a_task_that_never_trained_has_no_calibrated_schedule_and_the_section_sa
     assert lines["0.0001mrpc"].rstrip(" |").endswith("no")
     assert lines["5e-05mrpc"].rstrip(" |").endswith("fewer than 3 runs")
     assert "**yes** (calibrated)" in lines["0.0001stsb"]
+
+
+def test_a_choice_from_an_unfinished_calibration_grid_is_provisional():
+    rows = dense("calibrate-mrpc", **TRAINS)
+    assert "(`calibrate-mrpc`)." in cb.section(rows, MAJORITY)
+    assert "(`calibrate-mrpc`, provisional: its grid is not finished)" in cb.section(rows, MAJORITY, {"calibrate-mrpc"})
+    from lit_factor.study.publish import finished_grid
+    assert finished_grid("**Progress:** 12 of 12 grid points finished (12 succeeded, 0 failed); ...")
+    assert not finished_grid("**Progress:** 5 of 12 grid points finished (5 succeeded, 0 failed); ...")

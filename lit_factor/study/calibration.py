@@ -85,8 +85,9 @@ def _fmt(t: st.Test | None) -> str:
     return f"{t.effect:+.4f} [{t.low:+.4f}, {t.high:+.4f}]" if t.low == t.low else f"{t.effect:+.4f}"
 
 
-def section(rows: list[dict], majority: dict) -> str:
-    """The generated 'Where the dense model trains' section of docs/results.md."""
+def section(rows: list[dict], majority: dict, unfinished: set[str] = frozenset()) -> str:
+    """The generated 'Where the dense model trains' section of docs/results.md; a choice made from a calibration
+    study in ``unfinished`` (grid points not yet run) is marked provisional: a schedule still to come may win."""
     arms = dense_arms(rows, majority)
     chosen = calibrated(arms)
     lines = ["## Where the dense model trains", "",
@@ -98,7 +99,8 @@ def section(rows: list[dict], majority: dict) -> str:
              "`lit_factor/study/calibration.py` says why.", ""]
     if chosen:
         lines += ["**Calibrated:** " + "; ".join(
-            f"{task}: lr {_num(a.get('learning_rate'))}, {_num(a.get('max_epochs'))} epochs (`{a.study}`)"
+            f"{task}: lr {_num(a.get('learning_rate'))}, {_num(a.get('max_epochs'))} epochs (`{a.study}`"
+            + (", provisional: its grid is not finished)" if a.study in unfinished else ")")
             for task, a in sorted(chosen.items())) + ".", ""]
     else:
         lines += ["**Calibrated:** no calibration grid has a schedule that trained yet.", ""]

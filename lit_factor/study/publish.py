@@ -71,6 +71,7 @@ schedules and machines: it answers "which way, and how surely", the per-comparis
 """
 
 _SECTION = re.compile(r"<!-- begin (study|analyze) (\S+) \(generated\) -->\n(.*?)<!-- end \1 \2 -->", re.S)
+_PROGRESS = re.compile(r"\*\*Progress:\*\* (\d+) of (\d+) grid points finished")
 _RAN_ON = re.compile(r"\*\*Ran on:\*\* (.*?)\.?\n")
 
 
@@ -112,6 +113,12 @@ def name_of(folder: Path, header: str) -> str:
     """The study's name, from the header its report wrote (the folder's name when there is none)."""
     found = re.search(r"^## Study `([^`]+)`", header, re.M)
     return found.group(1) if found else folder.name
+
+
+def finished_grid(header: str) -> bool:
+    """Whether the report's header says every grid point finished ("**Progress:** N of N grid points ...")."""
+    found = _PROGRESS.search(header)
+    return bool(found) and found.group(1) == found.group(2)
 
 
 def machine_of(header: str) -> str:
@@ -346,7 +353,8 @@ def build_page(studies: Path = STUDIES, page: Path = PAGE) -> Path:
     for f in folders:  # each study's own report.md says what the page says of it
         (f / "report.md").write_text(study_section(f, names[f], headers, rows_of, answers, None, majority,
                                                    within.get(names[f])), encoding="utf-8")
-    sections.append(calibration.section(rows, majority))
+    unfinished = {name for name, header in headers.items() if not finished_grid(header)}
+    sections.append(calibration.section(rows, majority, unfinished))
     text = "\n".join([HEADER, _block(ANSWERS, "\n".join(["## Answers at a glance", "",
                                                          answers_table(answers, machines), "", *sections])),
                       "", "# Appendix: the studies", "",
