@@ -60,3 +60,45 @@ def test_a_choice_from_an_unfinished_calibration_grid_is_provisional():
     from lit_factor.study.publish import finished_grid
     assert finished_grid("**Progress:** 12 of 12 grid points finished (12 succeeded, 0 failed); ...")
     assert not finished_grid("**Progress:** 5 of 12 grid points finished (5 succeeded, 0 failed); ...")
+
+
+def test_claim1_trained_runs_each_task_at_its_finished_calibration():
+    """studies/claim1_trained.yaml promises "the calibrated schedule": once a task's calibration grid has finished
+    (docs/results.md, "Calibrated:"), every cell of that task -- in the whole study and in its variant -- must run
+    at it. A provisional choice (grid unfinished) binds nothing yet."""
+    from pathlib import Path
+
+    from lit_factor.study import publish
+    from lit_factor.study.spec import load_spec
+
+    root = Path(__file__).resolve().parents[1]
+    final = {task: s for task, s in publish.calibrated_schedules(root / "docs" / "studies").items() if s.final}
+    path = root / "studies" / "claim1_trained.yaml"
+    for variant in (None, *final):
+        spec = load_spec(path, variant)
+        for cell in spec.cells():
+            task = spec.task_of(cell)
+            if task in final:
+                keys = spec.overrides({**cell, "seed": 1})
+                assert (keys.get("model.learning_rate"), keys.get("trainer.max_epochs")) == \
+                    (final[task].learning_rate, final[task].max_epochs), (variant, task, final[task].study)
+
+
+def test_a_calibrated_schedule_is_read_from_the_committed_studies(tmp_path):
+    import json
+
+    from lit_factor.study import publish
+
+    folder = tmp_path / "calibrate-mrpc"
+    folder.mkdir()
+    rows = dense("calibrate-mrpc", **TRAINS, epochs=2)
+    columns = ["study", "verdict", "task", "method", "max_train_samples", "max_epochs", "max_steps",
+               "learning_rate", "seed", "final", "monitor", "val/accuracy"]
+    (folder / "trials.csv").write_text(
+        ",".join(columns) + "\n" + "".join(",".join("" if r[c] is None else str(r[c]) for c in columns) + "\n"
+                                           for r in rows), encoding="utf-8")
+    (folder / publish.STUDY_HEADER).write_text(
+        "## Study `calibrate-mrpc`\n\n**Progress:** 3 of 4 grid points finished\n", encoding="utf-8")
+    (tmp_path / "majority.json").write_text(json.dumps({"tasks": MAJORITY}), encoding="utf-8")
+    found = publish.calibrated_schedules(tmp_path)["mrpc"]
+    assert (found.learning_rate, found.max_epochs, found.study, found.final) == (1e-4, 2, "calibrate-mrpc", False)

@@ -42,6 +42,19 @@ class DenseArm:
         return self.gate.tests.get(self.metric)
 
 
+@dataclass(frozen=True)
+class Schedule:
+    """A calibrated schedule: what a later grid sets for the task (``final``: its calibration grid finished)."""
+    learning_rate: float
+    max_epochs: int
+    study: str
+    final: bool
+
+    @classmethod
+    def of(cls, arm: DenseArm, final: bool) -> Schedule:
+        return cls(arm.get("learning_rate"), arm.get("max_epochs"), arm.study, final)
+
+
 def dense_arms(rows: list[dict], majority: dict) -> list[DenseArm]:
     """Every (study, setting) with finished dense runs (distilled ones aside), in study then setting order."""
     dense = [r for r in cl.finished(rows) if r.get("method") == "none" and not cl.distilled(r)]

@@ -315,20 +315,38 @@ def superseded(rows_of: dict[str, list[dict]]) -> dict[str, str]:
     return out
 
 
-def build_page(studies: Path = STUDIES, page: Path = PAGE) -> Path:
-    """Regenerate ``page`` from every study folder under ``studies`` (see the module doc)."""
-    import matplotlib.pyplot as plt
-
-    majority = load_majority(studies / "majority.json")
+def read_studies(studies: Path = STUDIES) -> tuple[list[Path], dict[Path, str], dict[str, str], dict[str, list]]:
+    """The published study folders, each folder's study name, and per name its header and its trials' rows."""
     folders = study_folders(studies)
-    headers, rows_of, machines, names = {}, {}, {}, {}
+    names, headers, rows_of = {}, {}, {}
     for folder in folders:
         header_file = folder / STUDY_HEADER
         header = header_file.read_text(encoding="utf-8") if header_file.is_file() else \
             f"## Study `{folder.name}`\n\n(no header recorded)\n"
         name = names[folder] = name_of(folder, header)
-        headers[name], machines[name] = header, machine_of(header)
+        headers[name] = header
         rows_of[name] = cl.read_trials(folder / "trials.csv", name)
+    return folders, names, headers, rows_of
+
+
+def calibrated_schedules(studies: Path = STUDIES) -> dict[str, calibration.Schedule]:
+    """task -> the schedule the page names as calibrated (see calibration.py), read from the committed studies;
+    the grids that later run "at the calibrated schedule" (studies/claim1_trained.yaml) are checked against it."""
+    _, _, headers, rows_of = read_studies(studies)
+    within = superseded(rows_of)
+    rows = [r for name in rows_of if name not in within for r in rows_of[name]]
+    arms = calibration.dense_arms(rows, load_majority(studies / "majority.json"))
+    return {task: calibration.Schedule.of(arm, final=finished_grid(headers.get(arm.study, "")))
+            for task, arm in calibration.calibrated(arms).items()}
+
+
+def build_page(studies: Path = STUDIES, page: Path = PAGE) -> Path:
+    """Regenerate ``page`` from every study folder under ``studies`` (see the module doc)."""
+    import matplotlib.pyplot as plt
+
+    majority = load_majority(studies / "majority.json")
+    folders, names, headers, rows_of = read_studies(studies)
+    machines = {name: machine_of(header) for name, header in headers.items()}
     within = superseded(rows_of)
     rows = [r for name in rows_of if name not in within for r in rows_of[name]]
     answers = cl.answers(rows, majority, {"3": claim3_text(studies)})
