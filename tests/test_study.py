@@ -83,6 +83,18 @@ def test_variant_updates_args_and_replaces_seeds(tmp_path, base_yaml):
     assert spec.name == "c-full" and spec.args == {"a.b": 1, "c.d": 3} and spec.seeds == [1, 2, 3]
 
 
+def test_a_variant_selects_options_of_a_named_axis_by_name(tmp_path, base_yaml):
+    options = {"mrpc": {"data.task": "mrpc", "trainer.max_epochs": 2}, "rte": {"data.task": "rte"}}
+    path = write_study(tmp_path / "t.yaml", base=str(base_yaml), axes={"task": options, "x.y": [1, 2]}, seeds=[1],
+                       variants={"mrpc": {"axes": {"task": ["mrpc"], "x.y": [2]}}, "bad": {"axes": {"task": ["qnli"]}}})
+    spec = load_spec(path, "mrpc")
+    assert spec.axes == {"task": {"mrpc": options["mrpc"]}, "x.y": [2]}  # a plain axis's list still replaces
+    assert spec.overrides({"task": "mrpc", "x.y": 2, "seed": 1})["trainer.max_epochs"] == 2
+    with pytest.raises(UserError, match=r"variants.bad: axes.task: option\(s\) 'qnli' not in the study's axis; "
+                                        r"allowed: mrpc, rte"):
+        load_spec(path, "bad")
+
+
 @pytest.mark.parametrize("study, message", [
     ({"axes": {"x.y": [1]}, "seeds": [1], "bogus": 1}, "unknown key(s) bogus"),
     ({"axes": {"seed": [1]}, "seeds": [1]}, "'seed' is reserved"),

@@ -20,6 +20,7 @@
     command: [python, cli.py, fit]       # default: this checkout's cli.py fit, with the running Python
     variants:                            # --variant full: these top-level keys replace (args/axes: update) the above
       full: {args: {data.max_train_samples: null}, seeds: [1, 2, 3, 4, 5]}
+      lowrank: {axes: {compression: [lowrank-25]}}   # a list of a named axis's options selects them
     report_with: [claim1-pilot]          # report these studies' trials in one table with this one's (same
                                          # base, args and axis names: a study that adds cells to another)
 
@@ -209,7 +210,23 @@ def _apply_variant(data: dict, variant, where: str) -> dict:
     for key, value in variant.items():
         merge = key in ("args", "axes") and isinstance(value, dict)
         out[key] = {**(data.get(key) or {}), **value} if merge else value
+    if isinstance(variant.get("axes"), dict):
+        out["axes"] = {axis: _select(data.get("axes"), axis, values, where)
+                       for axis, values in out["axes"].items()}
     return out
+
+
+def _select(axes, axis: str, values, where: str):
+    """A variant's axis given as a list of option *names* of the study's named-options axis selects those options
+    (``task: [mrpc]``), so that a one-task variant does not restate the task's bundle."""
+    options = (axes or {}).get(axis) if isinstance(axes, dict) else None
+    if not isinstance(options, dict) or not isinstance(values, list):
+        return values
+    unknown = [v for v in values if v not in options]
+    if unknown:
+        raise UserError(f"{where}: axes.{axis}: option(s) {', '.join(map(repr, unknown))} not in the study's "
+                        f"axis; allowed: {', '.join(options)}")
+    return {name: options[name] for name in values}
 
 
 def _strings(value, where: str) -> list[str]:
