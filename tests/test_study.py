@@ -10,6 +10,7 @@ import csv
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -194,7 +195,7 @@ def test_run_ends_when_its_workers_do_not_at_its_next_progress_poll(tmp_path, ba
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}  # run() sets its own
     start = time.time()
     try:
-        assert run(load_spec(path), str(path), None, RunOptions(root=tmp_path / "logs", poll=120.0)) == 0
+        assert run(str(path), [(load_spec(path), None)], RunOptions(root=tmp_path / "logs", poll=120.0)) == 0
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
@@ -506,10 +507,13 @@ def test_workers_share_cores_and_take_one_gpu_each(monkeypatch):
     from lit_factor.study.trial import trial_env
 
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
-    cmds = worker_commands("s.yaml", None, "sqlite:///x.db", RunOptions(workers=3, gpus=["0", "1"]))
+    cmds = worker_commands("s.yaml", [(None, "sqlite:///x.db")], RunOptions(workers=3, gpus=["0", "1"]))
     assert [c[c.index("--gpu") + 1] for c in cmds] == ["0", "1", "0"]
     assert {c[c.index("--threads") + 1] for c in cmds} == {"5"}
-    assert all("--gpu" not in c for c in worker_commands("s.yaml", None, "u", RunOptions(workers=2, gpus=[])))
+    assert all("--gpu" not in c for c in worker_commands("s.yaml", [(None, "u")], RunOptions(workers=2, gpus=[])))
+    queue = worker_commands("s.yaml", [("a", "u1"), ("b", "u2")], RunOptions(workers=1, gpus=[]))[0]
+    assert queue[queue.index("--variant"):queue.index("--variant") + 8] == \
+        ["--variant", "a", "--storage", "u1", "--variant", "b", "--storage", "u2"]
     env = trial_env(5, "1")
     assert env["CUDA_VISIBLE_DEVICES"] == "1" and env["OMP_NUM_THREADS"] == "5"
 
@@ -596,7 +600,7 @@ def test_bad_grid_stores_nothing_and_the_corrected_file_then_runs(tmp_path, base
     path = write_study(tmp_path / "fix.yaml", base=str(base_yaml), axes={"model.factorization.method":
                                                                         ["lowrank", "svdx"]}, seeds=[1])
     with pytest.raises(UserError, match="svdx"):
-        run(load_spec(path), str(path), None, RunOptions(root=tmp_path / "logs"))
+        run(str(path), [(load_spec(path), None)], RunOptions(root=tmp_path / "logs"))
     assert not (tmp_path / "logs").exists()  # no database: the corrected file is not "another grid"
     write_study(path, base=str(base_yaml), command=FAKE, axes={"model.factorization.method": ["lowrank", "monarch"]},
                 seeds=[1])
@@ -665,6 +669,37 @@ def test_dead_workers_trial_is_requeued_and_run_once_when_its_heartbeat_is_stale
     assert _points(study) == [("lowrank", 1), ("monarch", 1)]  # every grid point exactly once
     retried = next(t for t in real_trials(study) if t.system_attrs.get("failed_trial") == dead.number)
     assert retried.state.name == "COMPLETE" and retried.params == dead.params
+
+
+def test_a_queue_worker_goes_on_when_nothing_is_left_to_start_instead_of_waiting(tmp_path, base_yaml):
+    """In a queue (--variant a,b) a worker leaves a study whose last trial runs on another worker: waiting for it
+    left a core idle for most of a fit at the end of every study. The study's last worker still waits."""
+    worker, study, _ = _worker(tmp_path, base_yaml, "queued", sleep=lambda s: pytest.fail("a queue does not wait"))
+    elsewhere = study.ask()  # another worker's trial, running
+    for axis, values in study.user_attrs["search_space"].items():
+        elsewhere.suggest_categorical(axis, values)
+    worker.reap = lambda study: None  # that worker is alive
+    assert worker.loop(wait=False) == 1  # the free grid point, then on
+    assert len(_points(study)) == 1 and study.get_trials()[elsewhere.number].state.name == "RUNNING"
+    waited = []
+    worker.sleep = lambda s: (waited.append(s), study.tell(elsewhere, 0.0))  # the other trial ends meanwhile
+    assert worker.loop() == 0 and len(waited) == 1  # the last study of a queue waits, as a single study does
+
+
+@pytest.mark.slow  # two studies of fake fits through the real CLI and worker processes (~20 s loaded)
+def test_study_run_runs_variants_as_one_queue(tmp_path, base_yaml):
+    path = write_study(tmp_path / "q.yaml", base=str(base_yaml), command=FAKE, axes={"fake.x": [1, 2]}, seeds=[1],
+                       variants={"a": {"seeds": [1, 2]}, "b": {"axes": {"fake.x": [3]}}})
+    proc = run_cli("run", str(path), "--variant", "a,b", "--workers", "2", "--root", "logs", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "q-a: [" in proc.stdout and "q-b: [" in proc.stdout
+    for name, n in (("q-a", 4), ("q-b", 1)):
+        study = open_study(tmp_path / "logs", name)
+        assert sum(t.state.name == "COMPLETE" for t in real_trials(study)) == n
+        assert study.user_attrs["commands"] == ["python cli.py study " + shlex.join(
+            ["run", str(path), "--variant", "a,b", "--workers", "2", "--root", "logs"])]
+    proc = run_cli("run", str(path), "--variant", "a,a", "--root", "logs", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --variant a,a: a variant is named twice")
 
 
 def test_trial_declared_dead_while_running_is_left_to_its_requeued_copy(tmp_path, base_yaml, monkeypatch, capsys):

@@ -47,7 +47,8 @@ def parser() -> argparse.ArgumentParser:
                                        help="also report this study's trials in the same tables (repeatable; "
                                             "added to the study file's report_with)")
     for sp in sub.choices.values():
-        sp.add_argument("--variant", help="a variant of the study file (e.g. full)")
+        sp.add_argument("--variant", help="a variant of the study file (e.g. full); run: several, comma-separated "
+                                          "(mrpc,rte), run as a queue, one study after the other")
         sp.add_argument("--storage", help="SQLAlchemy URL or journal:///path "
                                                  "(default: the record docs/studies/<name>/journal.log)")
         sp.add_argument("--root", default=str(st.ROOT), help="run directories and default databases (logs/studies)")
@@ -103,7 +104,10 @@ def main(argv: list[str] | None = None) -> int:
                               data_dir=args.data_dir, gpus=args.gpus.split(",") if args.gpus else None,
                               threads=args.threads, heartbeat=args.heartbeat, grace=args.grace,
                               retry_errors=args.retry_errors)
-            return run(load_spec(args.file, args.variant), args.file, args.variant, opts, _command(argv))
+            variants = args.variant.split(",") if args.variant else [None]
+            if len(set(variants)) != len(variants):
+                raise UserError(f"--variant {args.variant}: a variant is named twice")
+            return run(args.file, [(load_spec(args.file, v), v) for v in variants], opts, _command(argv))
         spec, study = _open(args)
         if args.command == "status":
             from lit_factor.study.status import cell_table

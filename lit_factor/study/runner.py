@@ -3,6 +3,11 @@
 Workers share the machine: each gets ``cores // workers`` CPU threads and, where there are GPUs, one GPU
 (worker i takes GPU i mod n). Rerunning the same command resumes: finished grid points are skipped, trials of
 dead workers are re-queued once their heartbeat is stale.
+
+Several variants of one study file (``--variant mrpc,rte,cola``) run as a queue: a worker that finds nothing left
+to start in one study goes on to the next instead of idling until the others' last fits end (the calibration grid
+is five such studies; a core idled for most of a fit at the end of each). Only the last study's workers wait for
+its running trials; a trial of an earlier study whose worker dies is re-queued when that study runs again.
 """
 
 from __future__ import annotations
@@ -69,14 +74,17 @@ def emulated_bf16(spec: StudySpec, gpus: list[str]) -> list[str]:
             if str(spec.overrides(cell).get("trainer.precision", "")).startswith("bf16")]
 
 
-def worker_commands(spec_path: str, variant: str | None, url: str, opts: RunOptions) -> list[list[str]]:
+def worker_commands(spec_path: str, queue: list[tuple[str | None, str]], opts: RunOptions) -> list[list[str]]:
+    """One worker command per worker; ``queue``: (variant, storage URL) of each study, in the order run."""
     gpus = visible_gpus() if opts.gpus is None else opts.gpus
     threads = opts.threads or max(1, (os.cpu_count() or 1) // opts.workers)
     cmds = []
     for i in range(opts.workers):
-        cmd = [sys.executable, "-m", "lit_factor.study.worker", spec_path, "--storage", url, "--root", str(opts.root),
+        cmd = [sys.executable, "-m", "lit_factor.study.worker", spec_path, "--root", str(opts.root),
                "--index", str(i), "--threads", str(threads), "--heartbeat", str(opts.heartbeat)]
-        cmd += ["--variant", variant] if variant else []
+        for variant, url in queue:
+            cmd += ["--variant", variant] if variant else []
+            cmd += ["--storage", url]
         cmd += ["--gpu", gpus[i % len(gpus)]] if gpus else []
         cmd += ["--data-dir", opts.data_dir] if opts.data_dir else []
         cmd += ["--grace", str(opts.grace)] if opts.grace else []
@@ -84,16 +92,12 @@ def worker_commands(spec_path: str, variant: str | None, url: str, opts: RunOpti
     return cmds
 
 
-def run(spec: StudySpec, spec_path: str, variant: str | None, opts: RunOptions, command: str | None = None) -> int:
-    """Run the study to the end; 0 when every grid point has a result, 1 when some errored or a worker died."""
-    if not stored(spec.name, opts):  # a new study: its whole grid is checked before anything is stored
-        tr.check_grid(spec, opts.data_dir)
+def open_study(spec: StudySpec, opts: RunOptions, command: str | None, machine: str) -> tuple[str, object]:
+    """Create or reopen the study (its grid already checked) and record the command and machine it runs with."""
     url = opts.storage or st.default_storage(spec.name, opts.root)
     study = st.create(spec, st.storage(url, opts.heartbeat, opts.grace))  # before workers race to it
     if command and command not in study.user_attrs.get("commands", []):
         study.set_user_attr("commands", [*study.user_attrs.get("commands", []), command])
-    gpus = visible_gpus() if opts.gpus is None else opts.gpus
-    machine = describe_machine(gpus)
     if machine not in study.user_attrs.get("machines", []):
         study.set_user_attr("machines", [*study.user_attrs.get("machines", []), machine])
     if opts.retry_errors:  # after a fix: the grid points whose every try crashed get one more
@@ -101,27 +105,40 @@ def run(spec: StudySpec, spec_path: str, variant: str | None, opts: RunOptions, 
                    if stat.point_state(ts) == "errored" and ts[-1].user_attrs.get("verdict") == tr.ERROR]
         for trial in errored:
             st.requeue(study, trial)
-        print(f"re-queued {len(errored)} errored grid point(s)", flush=True)
+        print(f"{spec.name}: re-queued {len(errored)} errored grid point(s)", flush=True)
     before = stat.counts(study)
     print(f"study {spec.name}: {spec.size()} trials ({len(spec.cells())} cells x {len(spec.seeds)} seeds), "
           f"{before['succeeded'] + before['failed']} already finished; storage {st.masked(url)}; "
-          f"{opts.workers} worker(s) on {machine}",
-          flush=True)
-    if slow := emulated_bf16(spec, gpus):
-        print(f"warning: {len(slow)} of {len(spec.cells())} cells train in bf16 (first: {slow[0]}) on a CPU without "
-              f"native bf16 (AVX-512 BF16, AMX, Arm BF16): emulated, about ten times slower than fp32 (docs/speed.md)",
-              file=sys.stderr, flush=True)
+          f"{opts.workers} worker(s) on {machine}", flush=True)
+    return url, study
+
+
+def run(spec_path: str, queue: list[tuple[StudySpec, str | None]], opts: RunOptions,
+        command: str | None = None) -> int:
+    """Run the studies of ``queue`` (each a spec and the variant it came from) to the end, in turn; 0 when every
+    grid point of every study has a result, 1 when some errored, are left running or queued, or a worker died."""
+    for spec, _ in queue:  # every new study's whole grid is checked before anything is stored
+        if not stored(spec.name, opts):
+            tr.check_grid(spec, opts.data_dir)
+    gpus = visible_gpus() if opts.gpus is None else opts.gpus
+    machine = describe_machine(gpus)
+    opened = [(spec, variant, *open_study(spec, opts, command, machine)) for spec, variant in queue]
+    for spec, *_ in opened:
+        if slow := emulated_bf16(spec, gpus):
+            print(f"warning: {spec.name}: {len(slow)} of {len(spec.cells())} cells train in bf16 (first: {slow[0]}) "
+                  f"on a CPU without native bf16 (AVX-512 BF16, AMX, Arm BF16): emulated, about ten times slower "
+                  f"than fp32 (docs/speed.md)", file=sys.stderr, flush=True)
     # workers die with this process (as their fits die with them): a killed run leaves nothing training
-    cmds = worker_commands(spec_path, variant, url, opts)
+    cmds = worker_commands(spec_path, [(variant, url) for _, variant, url, _ in opened], opts)
     for sig in (signal.SIGINT, signal.SIGTERM):  # `kill` stops the study like Ctrl-C
         signal.signal(sig, signal.default_int_handler)
     procs = [subprocess.Popen(cmd, preexec_fn=die_with_parent) for cmd in cmds]
-    start, shown = time.time(), None
-    finished0 = _finished(before)
+    progress = [Progress(study, len(opened) > 1) for *_, study in opened]
     try:
         while running := [p for p in procs if p.poll() is None]:
             _wait(running[0], opts.poll)  # the run ends when its last worker does, not at the next poll
-            shown = _show(study, start, finished0, shown)
+            for shown in progress:
+                shown.show()
     except KeyboardInterrupt:
         print("interrupted: stopping the workers (their trials go back to the queue)", file=sys.stderr, flush=True)
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -132,12 +149,18 @@ def run(spec: StudySpec, spec_path: str, variant: str | None, opts: RunOptions, 
         for p in procs:
             p.wait()
         return 130
-    _show(study, start, finished0, shown)
-    final = stat.counts(study)
+    unfinished = []
+    for shown in progress:
+        final = shown.show(last=True)
+        if final["errored"] or final["queued"] or final["running"]:
+            unfinished.append(shown.study.study_name)
     bad = [p.returncode for p in procs if p.returncode != 0]
     if bad:
         print(f"warning: {len(bad)} worker(s) ended with exit status {bad}", file=sys.stderr, flush=True)
-    return 1 if bad or final["errored"] or final["queued"] or final["running"] else 0
+    if unfinished and len(progress) > 1:
+        print(f"warning: not every grid point has a result in {', '.join(unfinished)}: rerun the command to resume",
+              file=sys.stderr, flush=True)
+    return 1 if bad or unfinished else 0
 
 
 def stored(name: str, opts: RunOptions) -> bool:
@@ -160,9 +183,24 @@ def _finished(c) -> int:
     return c["succeeded"] + c["failed"] + c["errored"]
 
 
-def _show(study, start: float, finished0: int, shown: str | None) -> str:
-    c = stat.counts(study)
-    key = str(sorted(c.items()))
-    if key != shown:
-        print(stat.progress(c, time.time() - start, _finished(c) - finished0), flush=True)
-    return key
+class Progress:
+    """One study's progress line, printed when its counts change; in a queue, named, and timed from when its first
+    trial started (so that a later study's ETA does not count the time spent on the ones before it)."""
+
+    def __init__(self, study, named: bool) -> None:
+        self.study, self.named = study, named
+        self.before = stat.counts(study)
+        self.start: float | None = None
+        self.shown: str | None = None
+
+    def show(self, last: bool = False):
+        """Print the line if it changed (``last``: also a study that never started here, once)."""
+        c = stat.counts(self.study)
+        if self.start is None and (c["running"] or _finished(c) > _finished(self.before) or last):
+            self.start = time.time()
+        key = str(sorted(c.items()))
+        if key != self.shown and self.start is not None:
+            line = stat.progress(c, time.time() - self.start, _finished(c) - _finished(self.before))
+            print(f"{self.study.study_name}: {line}" if self.named else line, flush=True)
+            self.shown = key
+        return c

@@ -56,14 +56,15 @@ class Worker:
     #: fails and re-queues trials of dead workers (default: :meth:`reap_dead`; tests: an explicit event)
     reap: Callable[[optuna.Study], None] | None = None
 
-    def loop(self) -> int:
-        """Run trials until the grid is done; the number run."""
+    def loop(self, wait: bool = True) -> int:
+        """Run trials until the grid is done; the number run. ``wait=False``: return as soon as nothing is left to
+        start (a queue's worker goes on to the next study; the running trials are their own workers')."""
         done = 0
         while True:
             (self.reap or self.reap_dead)(self.study)  # a dead worker's trial is failed and re-queued here
             state = st.grid_state(self.study)
             if not state.waiting and not state.unstarted:
-                if not state.running:
+                if not state.running or not wait:
                     return done
                 self.sleep(self.heartbeat)  # a running trial may still turn out stale: wait and see
                 continue
@@ -229,8 +230,9 @@ def progress_line(number: int, params: dict, verdict: str, result: dict, wall: f
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m lit_factor.study.worker", description=__doc__)
     p.add_argument("spec")
-    p.add_argument("--variant")
-    p.add_argument("--storage", required=True)
+    p.add_argument("--variant", action="append", default=[],
+                   help="repeatable, with one --storage each: the studies of a queue, in turn")
+    p.add_argument("--storage", action="append", required=True)
     p.add_argument("--root", default=str(st.ROOT))
     p.add_argument("--index", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
@@ -242,13 +244,18 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):  # stop like Ctrl-C (even if started with SIGINT ignored)
         signal.signal(sig, signal.default_int_handler)  # the running trial goes back to the queue
     try:
-        spec = load_spec(args.spec, args.variant)
-        store = st.storage(args.storage, int(args.heartbeat), args.grace and int(args.grace))
-        if not st.exists(spec.name, store):  # started by hand as the study's first worker: check the grid first
-            tr.check_grid(spec, args.data_dir)
-        worker = Worker(spec, st.create(spec, store), store, Path(args.root), args.index, args.threads, args.gpu,
-                        args.data_dir, args.heartbeat)
-        worker.loop()
+        variants = args.variant or [None]
+        if len(variants) != len(args.storage):
+            raise UserError(f"{len(args.variant)} --variant for {len(args.storage)} --storage: give one of each "
+                            f"per study")
+        for i, (variant, url) in enumerate(zip(variants, args.storage, strict=True)):
+            spec = load_spec(args.spec, variant)
+            store = st.storage(url, int(args.heartbeat), args.grace and int(args.grace))
+            if not st.exists(spec.name, store):  # started by hand as the study's first worker: check the grid
+                tr.check_grid(spec, args.data_dir)
+            worker = Worker(spec, st.create(spec, store), store, Path(args.root), args.index, args.threads, args.gpu,
+                            args.data_dir, args.heartbeat)
+            worker.loop(wait=i == len(variants) - 1)  # only the queue's last study waits for others' trials
     except UserError as err:
         fail(err)
     except KeyboardInterrupt:
