@@ -129,6 +129,12 @@ def test_minilm_travels_too_and_its_grids_resume_from_the_committed_journals(gri
     assert "--storage" not in started[0] and started[0][started[0].index("--variant") + 1] == "monarch"
     back = tmp_path / "back" / "claim2_mrpc-monarch.journal.log"
     assert back.read_bytes() == (REPO / "docs" / "studies" / "claim2_mrpc-monarch" / "journal.log").read_bytes()
+    # variants as one queue (the calibration's five tasks): one `study run`, every study's record comes back
+    assert grid.main(["run", "--studies", "studies/claim2_mrpc.yaml:lowrank,monarch"]) == 0
+    assert started[1][started[1].index("--variant") + 1] == "lowrank,monarch"
+    for name in ("claim2_mrpc-lowrank", "claim2_mrpc-monarch"):
+        back = tmp_path / "back" / f"{name}.journal.log"
+        assert back.read_bytes() == (REPO / "docs" / "studies" / name / "journal.log").read_bytes()
 
 
 @needs_minilm
