@@ -94,6 +94,16 @@ def test_a_variant_selects_options_of_a_named_axis_by_name(tmp_path, base_yaml):
     with pytest.raises(UserError, match=r"variants.bad: axes.task: option\(s\) 'qnli' not in the study's axis; "
                                         r"allowed: mrpc, rte"):
         load_spec(path, "bad")
+    # the study's exclude rules follow: a rule about options left out no longer applies, a typo still fails
+    write_study(path, base=str(base_yaml), axes={"task": options, "x.y": [1, 2]}, seeds=[1],
+                exclude=[{"task": "mrpc"}, {"task": ["rte", "mrpc"], "x.y": 2}],
+                variants={"rte": {"axes": {"task": ["rte"]}}, "typo": {"axes": {"task": ["rte"]}}})
+    assert load_spec(path).size() == 1 and load_spec(path, "rte").exclude == [{"task": ["rte"], "x.y": [2]}]
+    assert load_spec(path, "rte").cells() == [{"task": "rte", "x.y": 1}]
+    write_study(path, base=str(base_yaml), axes={"task": options, "x.y": [1, 2]}, seeds=[1],
+                exclude=[{"task": "mrcp"}], variants={"rte": {"axes": {"task": ["rte"]}}})
+    with pytest.raises(UserError, match="task='mrcp' is not a value of that axis"):
+        load_spec(path, "rte")
 
 
 @pytest.mark.parametrize("study, message", [

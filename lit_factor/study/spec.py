@@ -213,6 +213,26 @@ def _apply_variant(data: dict, variant, where: str) -> dict:
     if isinstance(variant.get("axes"), dict):
         out["axes"] = {axis: _select(data.get("axes"), axis, values, where)
                        for axis, values in out["axes"].items()}
+        if "exclude" not in variant:  # the study's rules, less what they say of the options left out
+            out["exclude"] = _narrow(data.get("exclude"), data.get("axes") or {}, out["axes"])
+    return out
+
+
+def _narrow(rules, before: dict, after: dict) -> list:
+    """``exclude`` rules for a variant that selected options of named axes: a selected axis keeps the rule's values
+    still in it; a rule left with none can no longer match and is dropped. A name that is no option of the study's
+    axis at all stays, so that ``_exclude`` refuses it as it would in the study itself."""
+    out = []
+    for rule in _as_list(rules):
+        if not isinstance(rule, dict):
+            out.append(rule)  # malformed: _exclude says so
+            continue
+        kept = dict(rule)
+        for axis, values in rule.items():
+            if isinstance(before.get(axis), dict) and isinstance(after.get(axis), dict) and before[axis] != after[axis]:
+                kept[axis] = [v for v in _as_list(values) if v in after[axis] or v not in before[axis]]
+        if all(kept.values()):
+            out.append(kept)
     return out
 
 
