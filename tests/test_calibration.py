@@ -45,7 +45,7 @@ def test_a_task_that_never_trained_has_no_calibrated_schedule_and_the_section_sa
     arms = cb.dense_arms(rows, MAJORITY)
     assert set(cb.calibrated(arms)) == {"stsb"}  # regression: its metric alone decides
     text = cb.section(rows, MAJORITY)
-    assert "stsb: lr 0.0001, 3 epochs (`calibrate-stsb`)" in text
+    assert "stsb: lr 0.0001, 3 epochs (`calibrate-stsb`; claim 1 at it: not run yet)" in text
     lines = {line.split("|")[5].strip() + line.split("|")[2].strip(): line for line in text.splitlines()
              if line.startswith("| `")}
     assert lines["0.0001mrpc"].rstrip(" |").endswith("no")
@@ -55,8 +55,9 @@ def test_a_task_that_never_trained_has_no_calibrated_schedule_and_the_section_sa
 
 def test_a_choice_from_an_unfinished_calibration_grid_is_provisional():
     rows = dense("calibrate-mrpc", **TRAINS)
-    assert "(`calibrate-mrpc`)." in cb.section(rows, MAJORITY)
-    assert "(`calibrate-mrpc`, provisional: its grid is not finished)" in cb.section(rows, MAJORITY, {"calibrate-mrpc"})
+    assert "(`calibrate-mrpc`; claim 1 at it: not run yet)." in cb.section(rows, MAJORITY)
+    assert "(`calibrate-mrpc`, provisional: its grid is not finished; claim 1 at it: not run yet)" in \
+        cb.section(rows, MAJORITY, {"calibrate-mrpc"})
     from lit_factor.study.publish import finished_grid
     assert finished_grid("**Progress:** 12 of 12 grid points finished (12 succeeded, 0 failed); ...")
     assert not finished_grid("**Progress:** 5 of 12 grid points finished (5 succeeded, 0 failed); ...")
@@ -71,7 +72,6 @@ def test_claim1_trained_runs_each_task_at_its_finished_calibration():
 
     import yaml
 
-    from lit_factor.study import claims as cl
     from lit_factor.study import publish
     from lit_factor.study.spec import load_spec
 
@@ -87,19 +87,11 @@ def test_claim1_trained_runs_each_task_at_its_finished_calibration():
                 keys = spec.overrides({**cell, "seed": 1})
                 assert (keys.get("model.learning_rate"), keys.get("trainer.max_epochs")) == \
                     (final[task].learning_rate, final[task].max_epochs), (variant, task, final[task].study)
-    run = {whole.task_of(cell) for cell in whole.cells()}
-    published = [r for rows in publish.read_studies(root / "docs" / "studies")[3].values() for r in cl.finished(rows)]
-    grid = {(b.get("model.factorization.method"), b.get("model.factorization.budget"))
+    arms = {(b.get("model.factorization.method"), b.get("model.factorization.budget"))
             for b in whole.axes["compression"].values()}
-    for task in set(final) - run:  # claims compare arms within one study: one study must hold the whole grid
-        s = final[task]
-        seeds: dict[str, dict[tuple, set]] = {}
-        for r in published:
-            if (r["task"], r["max_train_samples"], r["learning_rate"], r["max_epochs"]) == \
-                    (task, None, s.learning_rate, s.max_epochs) and not r.get("staged") and not cl.distilled(r):
-                seeds.setdefault(r["study"], {}).setdefault((r["method"], r["budget"]), set()).add(r["seed"])
-        covering = [name for name, arms in seeds.items() if all(len(arms.get(arm, ())) >= 3 for arm in grid)]
-        assert covering, f"{task} is excluded, but no published study has its whole grid at {s}"
+    assert arms == set(cb.CLAIM1_ARMS)  # what claim1_at looks for is what the study file runs
+    for task in set(final) - {whole.task_of(cell) for cell in whole.cells()}:
+        assert final[task].claim1, f"{task} is excluded, but no published study holds its whole grid at {final[task]}"
 
 
 def test_a_calibrated_schedule_is_read_from_the_committed_studies(tmp_path):
@@ -120,3 +112,19 @@ def test_a_calibrated_schedule_is_read_from_the_committed_studies(tmp_path):
     (tmp_path / "majority.json").write_text(json.dumps({"tasks": MAJORITY}), encoding="utf-8")
     found = publish.calibrated_schedules(tmp_path)["mrpc"]
     assert (found.learning_rate, found.max_epochs, found.study, found.final) == (1e-4, 2, "calibrate-mrpc", False)
+
+
+def test_claim1_at_names_only_a_study_with_the_whole_grid_at_the_schedule():
+    arm = cb.dense_arms(dense("calibrate-mrpc", **TRAINS), MAJORITY)[0]  # lr 1e-4, 3 epochs, full set
+
+    def grid(study, lr=1e-4, leave_out=None):
+        rows = dense(study, **TRAINS, lr=lr)
+        for method, budget in cb.CLAIM1_ARMS[1:]:
+            if (method, budget) != leave_out:
+                rows += [{**r, "method": method, "budget": budget} for r in dense(study, **TRAINS, lr=lr)]
+        return rows
+
+    rows = grid("whole") + grid("no-blockwise-25", leave_out=("blockwise", 0.25)) + grid("other-rate", lr=5e-5)
+    assert cb.claim1_at(rows, arm) == ["whole"]
+    staged = [{**r, "staged": True} if r["method"] == "monarch" else r for r in grid("whole")]
+    assert cb.claim1_at(staged, arm) == []  # claim 1 compares all-at-once runs

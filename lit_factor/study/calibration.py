@@ -20,6 +20,9 @@ from lit_factor.study import stats as st
 
 #: a study whose name starts so is a calibration grid (one task per study: calibrate-mrpc, calibrate-cola, ...)
 CALIBRATION = "calibrate"
+#: the arms of claim 1 on a task that trains (studies/claim1_trained.yaml): dense, and each structure at 50 % and
+#: 25 % of the targeted weights, all at once
+CLAIM1_ARMS = (("none", None), *((m, b) for b in (0.5, 0.25) for m in ("lowrank", "monarch", "blockwise")))
 
 
 @dataclass(frozen=True)
@@ -44,15 +47,13 @@ class DenseArm:
 
 @dataclass(frozen=True)
 class Schedule:
-    """A calibrated schedule: what a later grid sets for the task (``final``: its calibration grid finished)."""
+    """A calibrated schedule: what a later grid sets for the task (``final``: its calibration grid finished;
+    ``claim1``: the published studies that already hold claim 1's whole grid at it, :func:`claim1_at`)."""
     learning_rate: float
     max_epochs: int
     study: str
     final: bool
-
-    @classmethod
-    def of(cls, arm: DenseArm, final: bool) -> Schedule:
-        return cls(arm.get("learning_rate"), arm.get("max_epochs"), arm.study, final)
+    claim1: tuple[str, ...] = ()
 
 
 def dense_arms(rows: list[dict], majority: dict) -> list[DenseArm]:
@@ -75,6 +76,19 @@ def calibrated(arms: list[DenseArm]) -> dict[str, DenseArm]:
         if current is None or _rank(arm) > _rank(current):
             best[task] = arm
     return best
+
+
+def claim1_at(rows: list[dict], arm: DenseArm) -> list[str]:
+    """The studies holding claim 1's whole grid (every arm of :data:`CLAIM1_ARMS`, at least ``MIN_N`` seeds, all
+    at once, not distilled) in the setting of the dense arm ``arm`` (its task, training set, epochs and rate):
+    claims compare arms within one study, so one study must hold them all."""
+    where = {name: arm.get(name) for name in cl.SETTING if name != "section"}
+    seeds: dict[str, dict[tuple, set]] = {}
+    for r in cl.finished(rows):
+        if all(r.get(k) == v for k, v in where.items()) and not r.get("staged") and not cl.distilled(r):
+            seeds.setdefault(r["section"], {}).setdefault((r.get("method"), r.get("budget")), set()).add(r.get("seed"))
+    return sorted(study for study, arms in seeds.items()
+                  if all(len(arms.get(a, ())) >= st.MIN_N for a in CLAIM1_ARMS))
 
 
 def _rank(arm: DenseArm) -> tuple:
@@ -113,7 +127,8 @@ def section(rows: list[dict], majority: dict, unfinished: set[str] = frozenset()
     if chosen:
         lines += ["**Calibrated:** " + "; ".join(
             f"{task}: lr {_num(a.get('learning_rate'))}, {_num(a.get('max_epochs'))} epochs (`{a.study}`"
-            + (", provisional: its grid is not finished)" if a.study in unfinished else ")")
+            + (", provisional: its grid is not finished" if a.study in unfinished else "")
+            + "; claim 1 at it: " + (", ".join(f"`{s}`" for s in claim1_at(rows, a)) or "not run yet") + ")"
             for task, a in sorted(chosen.items())) + ".", ""]
     else:
         lines += ["**Calibrated:** no calibration grid has a schedule that trained yet.", ""]

@@ -336,7 +336,9 @@ def calibrated_schedules(studies: Path = STUDIES) -> dict[str, calibration.Sched
     within = superseded(rows_of)
     rows = [r for name in rows_of if name not in within for r in rows_of[name]]
     arms = calibration.dense_arms(rows, load_majority(studies / "majority.json"))
-    return {task: calibration.Schedule.of(arm, final=finished_grid(headers.get(arm.study, "")))
+    return {task: calibration.Schedule(arm.get("learning_rate"), arm.get("max_epochs"), arm.study,
+                                       finished_grid(headers.get(arm.study, "")),
+                                       tuple(calibration.claim1_at(rows, arm)))
             for task, arm in calibration.calibrated(arms).items()}
 
 
