@@ -64,10 +64,11 @@ def test_a_choice_from_an_unfinished_calibration_grid_is_provisional():
 
 
 def test_claim1_trained_runs_each_task_at_its_finished_calibration():
-    """studies/claim1_trained.yaml promises claim 1 on every task "at the calibrated schedule": once a task's
-    calibration grid has finished (docs/results.md, "Calibrated:"), every cell of that task -- in the whole study and
-    in its variant -- runs at it, or the task is excluded because a published study already has the whole grid
-    (every compression option, full training set, 3 seeds) at that schedule. A provisional choice binds nothing."""
+    """studies/claim1_trained.yaml promises claim 1 on every task that trains "at the calibrated schedule": every task
+    it runs -- in the whole study and in each variant -- has a finished calibration grid (docs/results.md,
+    "Calibrated:") and every cell runs at its schedule, so no cell runs at a guessed one; and every task whose grid
+    has finished is there, or excluded because a published study already holds the whole grid (every compression
+    option, full training set, 3 seeds) at that schedule. A provisional choice binds nothing."""
     from pathlib import Path
 
     import yaml
@@ -79,19 +80,22 @@ def test_claim1_trained_runs_each_task_at_its_finished_calibration():
     final = {task: s for task, s in publish.calibrated_schedules(root / "docs" / "studies").items() if s.final}
     path = root / "studies" / "claim1_trained.yaml"
     whole = load_spec(path)
-    for variant in (None, *yaml.safe_load(path.read_text())["variants"]):
+    variants = yaml.safe_load(path.read_text())["variants"]
+    for variant in (None, *variants):
         spec = load_spec(path, variant) if variant else whole
         for cell in spec.cells():
             task = spec.task_of(cell)
-            if task in final:
-                keys = spec.overrides({**cell, "seed": 1})
-                assert (keys.get("model.learning_rate"), keys.get("trainer.max_epochs")) == \
-                    (final[task].learning_rate, final[task].max_epochs), (variant, task, final[task].study)
+            assert task in final, f"{task} runs before its calibration grid has finished"
+            keys = spec.overrides({**cell, "seed": 1})
+            assert (keys.get("model.learning_rate"), keys.get("trainer.max_epochs")) == \
+                (final[task].learning_rate, final[task].max_epochs), (variant, task, final[task].study)
+    run = {whole.task_of(cell) for cell in whole.cells()}
+    assert set(variants) == run  # one study per task, as the queue runs them
     arms = {(b.get("model.factorization.method"), b.get("model.factorization.budget"))
             for b in whole.axes["compression"].values()}
     assert arms == set(cb.CLAIM1_ARMS)  # what claim1_at looks for is what the study file runs
-    for task in set(final) - {whole.task_of(cell) for cell in whole.cells()}:
-        assert final[task].claim1, f"{task} is excluded, but no published study holds its whole grid at {final[task]}"
+    for task in set(final) - run:
+        assert final[task].claim1, f"{task} calibrated at {final[task]}: add it, no published study holds its grid"
 
 
 def test_a_calibrated_schedule_is_read_from_the_committed_studies(tmp_path):

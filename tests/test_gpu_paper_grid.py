@@ -94,6 +94,16 @@ def test_prepare_receive_assemble_round_trip(grid, tmp_path, glue_writer, monkey
         load_model("mpnet")
 
 
+def test_issue21_runs_every_task_of_the_calibration_and_claim1_study_files(grid):
+    """The GPU run of issue 21 names the study files' variants one by one (one study per task, as the CPU queue
+    runs them, so both add to the same records): a task added to a file must be added here too."""
+    for entry in grid.ISSUE21:
+        path, _, names = entry.partition(":")
+        if path in ("studies/calibrate.yaml", "studies/claim1_trained.yaml"):
+            variants = yaml.safe_load((REPO / path).read_text())["variants"]
+            assert set(names.split(",")) == set(variants), entry
+
+
 @needs_minilm
 def test_minilm_travels_too_and_its_grids_resume_from_the_committed_journals(grid, tmp_path, glue_writer,
                                                                               monkeypatch, capsys):
