@@ -3,6 +3,8 @@ which one each task is calibrated at, and the generated section."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from lit_factor.study import calibration as cb
 
 MAJORITY = {"mrpc": {"f1": 0.81, "accuracy": 0.68}, "stsb": {"pearson": 0.0}}
@@ -63,39 +65,62 @@ def test_a_choice_from_an_unfinished_calibration_grid_is_provisional():
     assert not finished_grid("**Progress:** 5 of 12 grid points finished (5 succeeded, 0 failed); ...")
 
 
-def test_claim1_trained_runs_each_task_at_its_finished_calibration():
-    """studies/claim1_trained.yaml promises claim 1 on every task that trains "at the calibrated schedule": every task
-    it runs -- in the whole study and in each variant -- has a finished calibration grid (docs/results.md,
-    "Calibrated:") and every cell runs at its schedule, so no cell runs at a guessed one; and every task whose grid
-    has finished is there, or excluded because a published study already holds the whole grid (every compression
-    option, full training set, 3 seeds) at that schedule. A provisional choice binds nothing."""
-    from pathlib import Path
+ROOT = Path(__file__).resolve().parents[1]
 
+
+def finished_calibrations() -> dict:
+    """The committed record's calibrated schedules whose grid has finished (a provisional choice binds nothing)."""
+    from lit_factor.study import publish
+
+    return {task: s for task, s in publish.calibrated_schedules(ROOT / "docs" / "studies").items() if s.final}
+
+
+def runs_at_calibration(path: Path, final: dict) -> set[str]:
+    """Checks that every cell of the study file ``path`` -- the whole study and each variant -- whose task has a
+    finished calibration runs at its schedule; returns the tasks of the whole study."""
     import yaml
 
-    from lit_factor.study import publish
     from lit_factor.study.spec import load_spec
 
-    root = Path(__file__).resolve().parents[1]
-    final = {task: s for task, s in publish.calibrated_schedules(root / "docs" / "studies").items() if s.final}
-    path = root / "studies" / "claim1_trained.yaml"
     whole = load_spec(path)
-    variants = yaml.safe_load(path.read_text())["variants"]
-    for variant in (None, *variants):
+    for variant in (None, *yaml.safe_load(path.read_text())["variants"]):
         spec = load_spec(path, variant) if variant else whole
         for cell in spec.cells():
             task = spec.task_of(cell)
-            assert task in final, f"{task} runs before its calibration grid has finished"
-            keys = spec.overrides({**cell, "seed": 1})
-            assert (keys.get("model.learning_rate"), keys.get("trainer.max_epochs")) == \
-                (final[task].learning_rate, final[task].max_epochs), (variant, task, final[task].study)
-    run = {whole.task_of(cell) for cell in whole.cells()}
-    assert set(variants) == run  # one study per task, as the queue runs them
+            if task in final:
+                keys = spec.overrides({**cell, "seed": 1})
+                assert (keys.get("model.learning_rate"), keys.get("trainer.max_epochs")) == \
+                    (final[task].learning_rate, final[task].max_epochs), (path.name, variant, task, final[task].study)
+    return {whole.task_of(cell) for cell in whole.cells()}
+
+
+def test_claim1_trained_runs_each_task_at_its_finished_calibration():
+    """studies/claim1_trained.yaml promises claim 1 on every task that trains "at the calibrated schedule": every task
+    it runs has a finished calibration grid (docs/results.md, "Calibrated:") and runs at its schedule, in the whole
+    study and in each variant, so no cell runs at a guessed one; and every task whose grid has finished is there, or
+    left out because a published study already holds the whole grid (every compression option, full training set,
+    3 seeds) at that schedule."""
+    import yaml
+
+    from lit_factor.study.spec import load_spec
+
+    final = finished_calibrations()
+    path = ROOT / "studies" / "claim1_trained.yaml"
+    run = runs_at_calibration(path, final)
+    assert run <= set(final), f"{run - set(final)} run before their calibration grid has finished"
+    assert set(yaml.safe_load(path.read_text())["variants"]) == run  # one study per task, as the queue runs them
     arms = {(b.get("model.factorization.method"), b.get("model.factorization.budget"))
-            for b in whole.axes["compression"].values()}
+            for b in load_spec(path).axes["compression"].values()}
     assert arms == set(cb.CLAIM1_ARMS)  # what claim1_at looks for is what the study file runs
     for task in set(final) - run:
         assert final[task].claim1, f"{task} calibrated at {final[task]}: add it, no published study holds its grid"
+
+
+def test_claim2_runs_each_task_at_its_finished_calibration():
+    """Claim 2's grid (studies/claim2_mrpc.yaml: MRPC, and CoLA in its variant) runs every task whose calibration
+    grid has finished at the calibrated schedule, in every variant."""
+    final = finished_calibrations()
+    assert "mrpc" in runs_at_calibration(ROOT / "studies" / "claim2_mrpc.yaml", final) and "mrpc" in final
 
 
 def test_a_calibrated_schedule_is_read_from_the_committed_studies(tmp_path):
