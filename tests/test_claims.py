@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import math
 
+import numpy as np
 import pytest
 from scipy import stats as sps
 
@@ -238,6 +239,17 @@ def test_a_success_must_beat_the_majority_class_on_accuracy():
     fake = run("lowrank", 0.85, 1, task="mrpc", acc=0.68)  # F1 above the baseline, accuracy at the majority class
     assert not cl.succeeded(fake, MAJORITY)
     assert cl.succeeded(run("lowrank", 0.85, 1, task="mrpc", acc=0.75), MAJORITY)
+
+
+def test_the_majority_class_read_back_in_float32_is_not_a_success():
+    # CoLA's majority class is 721 of 1043 dev sentences; logged in float32 it reads 1.2e-8 above 721/1043, which is
+    # how a model that predicts "acceptable" everywhere (MCC 0.0256) once counted as a success
+    majority = {"cola": {"matthews": 0.0, "accuracy": 721 / 1043}}
+    at_majority = float(np.float32(721 / 1043))
+    assert at_majority > 721 / 1043
+    assert not cl.succeeded(run("lowrank", 0.0256, 1, task="cola", acc=at_majority), majority)
+    one_more = float(np.float32(722 / 1043))
+    assert cl.succeeded(run("lowrank", 0.03, 1, task="cola", acc=one_more), majority)
 
 
 # --- the compression goal ------------------------------------------------------------------------------------------
