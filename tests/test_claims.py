@@ -241,15 +241,18 @@ def test_a_success_must_beat_the_majority_class_on_accuracy():
     assert cl.succeeded(run("lowrank", 0.85, 1, task="mrpc", acc=0.75), MAJORITY)
 
 
-def test_the_majority_class_read_back_in_float32_is_not_a_success():
+def test_the_majority_class_read_back_in_float32_is_neither_a_success_nor_a_trained_task():
     # CoLA's majority class is 721 of 1043 dev sentences; logged in float32 it reads 1.2e-8 above 721/1043, which is
     # how a model that predicts "acceptable" everywhere (MCC 0.0256) once counted as a success
     majority = {"cola": {"matthews": 0.0, "accuracy": 721 / 1043}}
-    at_majority = float(np.float32(721 / 1043))
+    at_majority, one_more = float(np.float32(721 / 1043)), float(np.float32(722 / 1043))
     assert at_majority > 721 / 1043
     assert not cl.succeeded(run("lowrank", 0.0256, 1, task="cola", acc=at_majority), majority)
-    one_more = float(np.float32(722 / 1043))
     assert cl.succeeded(run("lowrank", 0.03, 1, task="cola", acc=one_more), majority)
+    stuck = arm("none", [0.3, 0.31, 0.32], task="cola", acc=at_majority)  # MCC up, accuracy at the majority class
+    gate = cl.trained(stuck, cl.key(stuck[0]), majority)
+    assert not gate.ok and gate.tests["accuracy"].effect == 0.0
+    assert cl.trained(arm("none", [0.3, 0.31, 0.32], task="cola", acc=one_more), cl.key(stuck[0]), majority).ok
 
 
 # --- the compression goal ------------------------------------------------------------------------------------------

@@ -32,6 +32,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from lit_factor.study import stats as st
 
 PAPER = ('Gupta et al. 2024, "An Empirical Investigation of Matrix Factorization Methods for Pre-trained '
@@ -111,20 +113,27 @@ def finished(rows: Iterable[dict]) -> list[dict]:
     return [r for r in rows if r.get("verdict") in ("succeeded", "failed")]
 
 
-#: How far a logged accuracy must rise above the majority class's to beat it. Dev metrics are logged in float32, so a
-#: model that predicts the majority class everywhere reads up to ~2e-8 *above* the exact score on CoLA (721/1043) and
-#: RTE (146/277). One more correct dev example is worth at least 1/1500 (STS-B's dev set is the largest used), so
-#: 1e-6 tells the two apart on every GLUE task here.
-BEATS_BY = 1e-6
+def as_logged(score: float) -> float:
+    """A score at the precision runs log it: float32. A model that predicts the majority class everywhere logs an
+    accuracy ~1e-8 *above* the exact float64 score on CoLA (721/1043) and RTE (146/277), so against the float64
+    score it would beat the majority class (and a dense arm stuck there would count as trained). Compared as logged,
+    both sides agree; one more correct dev example is worth >= 1/1500, far above float32's resolution."""
+    return float(np.float32(score))
+
+
+def majority_score(majority: dict, task: str | None, metric: str) -> float | None:
+    """The majority-class score of ``task`` on ``metric``, as logged (:func:`as_logged`); None when unknown."""
+    score = (majority.get(task) or {}).get(metric)
+    return None if score is None else as_logged(score)
 
 
 def succeeded(row: dict, majority: dict) -> bool:
-    """The fit succeeded and (classification) its dev accuracy beats the majority class by at least one example."""
+    """The fit succeeded and (classification) its dev accuracy beats the majority class."""
     if row.get("verdict") != "succeeded":
         return False
-    floor = (majority.get(row.get("task")) or {}).get("accuracy")
+    floor = majority_score(majority, row.get("task"), "accuracy")
     acc = number(row, "val/accuracy")
-    return floor is None or (acc is not None and acc > floor + BEATS_BY)
+    return floor is None or (acc is not None and as_logged(acc) > floor)
 
 
 def distilled(row: dict) -> bool:
@@ -173,11 +182,12 @@ def trained(rows: list[dict], setting: tuple, majority: dict) -> Trained:
     for m in dict.fromkeys([metric, "accuracy"]):
         if m not in floors:
             continue
-        values = [v for r in dense if (v := number(r, f"val/{m}") if m != metric else number(r, "final")) is not None]
+        values = [as_logged(v) for r in dense
+                  if (v := number(r, f"val/{m}") if m != metric else number(r, "final")) is not None]
         if len(values) < st.MIN_N:
             why = why or f"dense arm has {len(values)} run(s) on {m} (fewer than {st.MIN_N})"
             continue
-        t = tests[m] = st.one_sample(values, floors[m])
+        t = tests[m] = st.one_sample(values, majority_score(majority, task, m))
         evidence.append(f"{m} {t.effect:+.4f} [{t.low:+.4f}, {t.high:+.4f}] over the majority class")
         if not t.low > 0:
             why = why or f"task did not train: dense {', '.join(evidence)}"
