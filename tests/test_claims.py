@@ -255,6 +255,35 @@ def test_the_majority_class_read_back_in_float32_is_neither_a_success_nor_a_trai
     assert cl.trained(arm("none", [0.3, 0.31, 0.32], task="cola", acc=one_more), cl.key(stuck[0]), majority).ok
 
 
+def test_where_all_at_once_fails_counts_flat_runs_of_trained_tasks_only():
+    at_majority = float(np.float32(0.68))
+    flat = [run("lowrank", 0.85, 1, task="mrpc", acc=0.75), run("lowrank", 0.81, 2, task="mrpc", acc=at_majority),
+            run("monarch", 0.5, 1, task="mrpc", acc=0.5, verdict="failed")]
+    others = [run("lowrank", 0.85, 3, task="mrpc", acc=0.75, staged=True, schedule="spread=0.5"),  # staged
+              run("lowrank", 0.85, 4, task="mrpc", acc=0.75, teacher="self"),  # distilled
+              *arm("lowrank", [0.9, 0.9, 0.9], study="untrained")]  # no dense arm there: not counted
+    dense = [run("none", 0.88, s, task="mrpc", acc=0.80 + 0.01 * s) for s in (1, 2, 3)]
+    cells = cl.all_at_once(dense + flat + others, MAJORITY)
+    assert [(c.study, c.task, c.budget) for c in cells] == [("s", "mrpc", 0.5)]
+    assert cells[0].per_method == {"lowrank": (1, 2), "monarch": (0, 1)}
+    assert (cells[0].succeeded, cells[0].runs) == (1, 3)
+
+
+def test_the_claim2_section_says_where_all_at_once_fails(tmp_path):
+    import json
+
+    from lit_factor.study.publish import build_page
+
+    studies = tmp_path / "studies"
+    _write(studies / "a", DENSE + arm("lowrank", [0.80, 0.81, 0.82]) +
+           [run("monarch", 0.5, s, verdict="failed") for s in (1, 2, 3)])
+    (studies / "majority.json").write_text(json.dumps({"tasks": MAJORITY}))
+    text = build_page(studies, tmp_path / "results.md").read_text()
+    section = text[text.index("## Claim 2"):text.index("## Claim 3")]
+    assert "**Where all at once fails**" in section
+    assert "| sst2 | `s` | 50% | 3/6 | 3/3 | 0/3 | – |" in section  # the rows name their study
+
+
 # --- the compression goal ------------------------------------------------------------------------------------------
 def goal(recipe_values, dense_values, budget=0.5):
     dense = arm("none", dense_values, recipe="svd")
