@@ -273,7 +273,7 @@ def all_at_once_table(cells: list[cl.AllAtOnce]) -> str:
            "|---|---|---|---|" + "---|" * len(methods)]
     for c in cells:
         per = [f"{s}/{n}" if n else "–" for s, n in (c.per_method.get(m, (0, 0)) for m in methods)]
-        out.append(f"| {c.task} | `{c.study}` | {cl._pct(c.budget)} | {c.succeeded}/{c.runs} | "
+        out.append(f"| {c.task} | `{c.study}` | {c.budget:.0%} | {c.succeeded}/{c.runs} | "
                    + " | ".join(per) + " |")
     return "\n".join(out)
 
