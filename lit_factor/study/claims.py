@@ -239,6 +239,9 @@ class Claim:
     #: ones of the unit and all of them (see :func:`weakest`, :func:`staged_together`); never the one that looked best
     combine: Callable[[list[Comparison], list[Comparison]], st.Test] | None = None
     see_also: str = ""  #: where the project explains more (a Markdown sentence with links relative to docs/)
+    #: Markdown the claim's section shows before its figure, made from the same rows and majority table (claim 2:
+    #: where all at once fails, :func:`all_at_once_markdown`)
+    context: Callable[[list[dict], dict], str] | None = None
 
 
 @dataclass
@@ -469,6 +472,21 @@ def all_at_once(rows: list[dict], majority: dict) -> list[AllAtOnce]:
             for (task, study, budget), by_method in sorted(cells.items(), key=lambda kv: (*kv[0][:2], -kv[0][2]))]
 
 
+def all_at_once_markdown(cells: list[AllAtOnce]) -> str:
+    """Claim 2's context: a table of all-at-once success per study, task and kept fraction ('' when none)."""
+    if not cells:
+        return ""
+    methods = [m for m in NAMES if m != "none"]
+    out = ["**Where all at once fails** (staging can only show it helps there): all-at-once runs, not distilled, "
+           "wherever the dense model trained; a success beats the majority class on accuracy too.", "",
+           "| task | study | kept | all at once succeeded | " + " | ".join(NAMES[m] for m in methods) + " |",
+           "|---|---|---|---|" + "---|" * len(methods)]
+    for c in cells:
+        per = [f"{s}/{n}" if n else "–" for s, n in (c.per_method.get(m, (0, 0)) for m in methods)]
+        out.append(f"| {c.task} | `{c.study}` | {_pct(c.budget)} | {c.succeeded}/{c.runs} | " + " | ".join(per) + " |")
+    return "\n".join(out)
+
+
 def _schedule(text) -> str:
     parts = dict(p.split("=", 1) for p in str(text or "").split(", ") if "=" in p)
     return f"spread {parts['spread']}" if "spread" in parts else (str(text) if text else "default")
@@ -596,7 +614,8 @@ register(Claim("2", "Staged factorization makes compression reliable",
                see_also="Why staged Monarch at 10 % ends at the majority class where all at once trains (too little "
                         "training left after the last stage, not the switch): [the guide](guide.md), \"When staging "
                         "collapses\", and the studies `claim2-collapse` and "
-                        "`claim2-collapse-control` below."))
+                        "`claim2-collapse-control` below.",
+               context=lambda rows, majority: all_at_once_markdown(all_at_once(rows, majority))))
 register(Claim("3", "Pretrained weight matrices are close to full rank",
                "The weight matrices of pretrained transformers are close to full rank, so a low-rank "
                "approximation alone loses much of them.", "rank fraction for a 10 % error (analyze)",

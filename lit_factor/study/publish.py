@@ -8,7 +8,7 @@ header its report wrote -- study file, grid, progress, machine, commands), judge
    the studies and machines it rests on);
 2. a section per claim: what the paper says, the answer in one sentence, a forest plot (one row per task x
    budget x study; ``docs/studies/claims/<claim>.png``) and every comparison with its numbers; claim 2's also
-   says where all at once fails (``claims.all_at_once``), the only places staging can show it helps;
+   says where all at once fails (its registered ``context``), the only places staging can show it helps;
 3. where the dense model trains: every study setting with a dense arm, its margins over the majority class and
    each task's calibrated schedule (lit_factor/study/calibration.py);
 4. the appendix: per study its header, its share of the findings, its tables (recomputed from trials.csv), its
@@ -228,7 +228,7 @@ def _table(comps: list[cl.Comparison]) -> list[str]:
 
 
 def claim_section(answer: cl.Answer, machines: dict[str, str], figure: str | None, context: str = "") -> str:
-    """A claim's section; ``context``: Markdown shown before its figure (claim 2: where all at once fails)."""
+    """A claim's section; ``context``: Markdown shown before its figure (its ``Claim.context``)."""
     claim = answer.claim
     title = f"Claim {claim.key}: {claim.title}" if claim.key != "goal" else claim.title
     lines = [f"## {title}", "", f"*{'The paper' if claim.key != 'goal' else 'The goal'}:* {claim.statement}", "",
@@ -260,22 +260,6 @@ def claim_section(answer: cl.Answer, machines: dict[str, str], figure: str | Non
         lines += [f"<details><summary>{len(insufficient)} insufficient comparisons ({_reasons(answer)})</summary>",
                   "", *_table(insufficient), "", "</details>", ""]
     return "\n".join(lines)
-
-
-def all_at_once_table(cells: list[cl.AllAtOnce]) -> str:
-    """Claim 2's context: all-at-once success per study, task and kept fraction, where the dense model trained."""
-    if not cells:
-        return ""
-    methods = [m for m in cl.NAMES if m != "none"]
-    out = ["**Where all at once fails** (staging can only show it helps there): all-at-once runs, not distilled, "
-           "wherever the dense model trained; a success beats the majority class on accuracy too.", "",
-           "| task | study | kept | all at once succeeded | " + " | ".join(cl.NAMES[m] for m in methods) + " |",
-           "|---|---|---|---|" + "---|" * len(methods)]
-    for c in cells:
-        per = [f"{s}/{n}" if n else "–" for s, n in (c.per_method.get(m, (0, 0)) for m in methods)]
-        out.append(f"| {c.task} | `{c.study}` | {c.budget:.0%} | {c.succeeded}/{c.runs} | "
-                   + " | ".join(per) + " |")
-    return "\n".join(out)
 
 
 def answers_table(answers: list[cl.Answer], machines: dict[str, str]) -> str:
@@ -385,7 +369,7 @@ def build_page(studies: Path = STUDIES, page: Path = PAGE) -> Path:
             import os
 
             figure = os.path.relpath(path, page.parent).replace(os.sep, "/")
-        context = all_at_once_table(cl.all_at_once(rows, majority)) if a.claim.key == "2" else ""
+        context = a.claim.context(rows, majority) if a.claim.context else ""
         sections.append(claim_section(a, machines, figure, context))
     old = page.read_text(encoding="utf-8") if page.is_file() else ""
     carried = [_block(f"{kind} {name}", body) for kind, name, body in _SECTION.findall(old) if kind == "analyze"]
