@@ -147,3 +147,25 @@ def test_majority_baseline_rules():
 def test_settings_are_user_errors(kw, match):
     with pytest.raises(UserError, match=match):
         StabilityMonitor(**kw)
+
+
+
+@pytest.mark.parametrize("majority,total", [(146, 277), (721, 1043)])  # RTE's and CoLA's dev sets
+def test_a_model_at_the_majority_class_fails_although_float32_rounds_its_accuracy_up(majority, total):
+    """The accuracy a constant predictor logs (torchmetrics, float32) is ~1e-8 above the exact float64 share of the
+    majority class on RTE and CoLA: compared unrounded, such a run succeeded. One more correct example succeeds."""
+    from torchmetrics.classification import Accuracy
+
+    target = torch.tensor([1] * majority + [0] * (total - majority))
+    for extra in (0, 1):
+        preds = torch.ones(total, dtype=torch.long)
+        preds[total - extra:] = 0  # extra = 1: the last minority example predicted right too
+        acc = Accuracy(task="multiclass", num_classes=2)(preds, target)
+        assert acc.dtype == torch.float32 and float(acc) > majority / total  # the trap, for both
+        monitor = StabilityMonitor(monitor="val/accuracy")
+        monitor.steps, monitor.ema = 1, 0.5  # a finite running loss: only the dev metric decides
+        monitor._label_counts = {1: majority, 0: total - majority}
+        trainer = types.SimpleNamespace(callback_metrics={"val/accuracy": acc}, world_size=1, loggers=[],
+                                        global_step=10)
+        monitor.on_train_end(trainer, None)
+        assert monitor.succeeded is bool(extra), (extra, float(acc), monitor.summary["reasons"])

@@ -117,7 +117,9 @@ def as_logged(score: float) -> float:
     """A score at the precision runs log it: float32. A model that predicts the majority class everywhere logs an
     accuracy ~1e-8 *above* the exact float64 score on CoLA (721/1043) and RTE (146/277), so against the float64
     score it would beat the majority class (and a dense arm stuck there would count as trained). Compared as logged,
-    both sides agree; one more correct dev example is worth >= 1/1500, far above float32's resolution."""
+    both sides agree; one more correct dev example is worth >= 1/1500, far above float32's resolution. A fit's own
+    verdict compares so too (``lit_factor.train.callbacks.stability.as_logged``), but records of fits judged before
+    it did say "succeeded" at exactly the majority class: this check is what keeps them honest."""
     return float(np.float32(score))
 
 
