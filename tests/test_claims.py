@@ -307,7 +307,7 @@ def test_goal_checks_accuracy_too_on_mrpc():
 
 
 # --- the page ------------------------------------------------------------------------------------------------------
-def _write(folder, rows):
+def _write(folder, rows, ran_on="CPU only, 2 CPU cores"):
     folder.mkdir(parents=True)
     cols = ["trial", "verdict", "compression", "seed", *[k for k in rows[0] if k not in ("verdict", "seed", "section")]]
     with open(folder / "trials.csv", "w", newline="") as f:
@@ -315,7 +315,7 @@ def _write(folder, rows):
         w.writeheader()
         for i, r in enumerate(rows):
             w.writerow({**{k: "" if v is None else v for k, v in r.items()}, "trial": i, "compression": r["method"]})
-    (folder / "study.md").write_text(f"## Study `{folder.name}`\n\n**Ran on:** CPU only, 2 CPU cores.\n")
+    (folder / "study.md").write_text(f"## Study `{folder.name}`\n\n**Ran on:** {ran_on}.\n")
 
 
 def test_the_page_starts_with_one_row_per_claim_then_a_section_per_claim_then_the_studies(tmp_path):
@@ -338,6 +338,25 @@ def test_the_page_starts_with_one_row_per_claim_then_a_section_per_claim_then_th
     assert (studies / "claims" / "claim_1.png").is_file() and "studies/claims/claim_1.png" in text
     assert "supported" in (studies / "a" / "report.md").read_text()
     assert build_page(studies, tmp_path / "results.md").read_text() == text  # regenerated: the same page
+
+
+def test_the_answers_table_names_each_machine_once_though_a_study_ran_on_two(tmp_path):
+    """A study resumed on a second machine records both ("A; B"); the claim's row named B twice when another
+    study had run on B alone."""
+    import json
+
+    from lit_factor.study.publish import build_page
+
+    studies = tmp_path / "studies"
+    _write(studies / "a", DENSE + arm("lowrank", [0.80, 0.81, 0.82]) + arm("monarch", [0.70, 0.71, 0.72]),
+           ran_on="CPU only (avx2), 2 CPU cores; CPU only (avx512f), 2 CPU cores")
+    _write(studies / "b", [{**r, "study": "b"} for r in DENSE + arm("lowrank", [0.80, 0.82, 0.84]) +
+                           arm("monarch", [0.70, 0.72, 0.74])], ran_on="CPU only (avx512f), 2 CPU cores")
+    (studies / "majority.json").write_text(json.dumps({"tasks": MAJORITY}))
+    text = build_page(studies, tmp_path / "results.md").read_text()
+    claim1 = next(line for line in text.splitlines() if line.startswith("| [Claim 1:"))
+    assert "| 2 / 0 / 0 / 0 / 0 |" in claim1  # both studies count
+    assert claim1.endswith("| CPU only (avx2), 2 CPU cores; CPU only (avx512f), 2 CPU cores |")
 
 
 def test_a_study_joined_into_another_report_counts_once(tmp_path):

@@ -271,7 +271,9 @@ def answers_table(answers: list[cl.Answer], machines: dict[str, str]) -> str:
         verdict = a.text.split("**")[1] if a.text.startswith("**") else a.verdict
         pooled = fmt_test(a.pooled) if a.pooled is not None else "–"
         counts = _counts(a) if a.claim.key != "3" else "(no trials)"
-        rests = "; ".join(dict.fromkeys(machines.get(c.study, "?") for c in a.informative)) or "–"
+        # a study that ran on several machines names them all, "; "-joined (report.header): count each once
+        rests = "; ".join(dict.fromkeys(m for c in a.informative for m in machines.get(c.study, "?").split("; ")))
+        rests = rests or "–"
         out.append(f"| {label} | **{verdict}** | {pooled} | {counts} | {rests} |")
     return "\n".join(out)
 
