@@ -169,3 +169,45 @@ def test_a_model_at_the_majority_class_fails_although_float32_rounds_its_accurac
                                         global_step=10)
         monitor.on_train_end(trainer, None)
         assert monitor.succeeded is bool(extra), (extra, float(acc), monitor.summary["reasons"])
+
+
+def _judge(monitor: StabilityMonitor, counts: dict[int, int], metrics: dict) -> StabilityMonitor:
+    """The verdict at the end of a run with a finite running loss, these dev label counts and logged metrics."""
+    monitor.steps, monitor.ema = 1, 0.5
+    monitor._label_counts = dict(counts)
+    trainer = types.SimpleNamespace(callback_metrics=metrics, world_size=1, loggers=[], global_step=10)
+    monitor.on_train_end(trainer, None)
+    return monitor
+
+
+@pytest.mark.parametrize("true_negatives,expect", [(40, False), (200, True)])
+def test_on_cola_an_mcc_above_zero_fails_when_accuracy_is_below_the_majority_class(true_negatives, expect):
+    """CoLA's dev set (721 acceptable, 322 not): predicting "not acceptable" for 100 sentences of which 40 are
+    right gives MCC > 0 (the monitored metric's baseline) but accuracy 0.672 < 0.691, the majority class's share:
+    not a trained classifier, so the run fails (issue 21). With 200 of them right it beats both and succeeds."""
+    from torchmetrics.classification import Accuracy, MatthewsCorrCoef
+
+    target = torch.tensor([1] * 721 + [0] * 322)
+    preds = torch.ones_like(target)
+    preds[721 - (100 - true_negatives):721] = 0  # wrong "not acceptable" calls
+    preds[721:721 + true_negatives] = 0  # right ones
+    metrics = {"val/matthews": MatthewsCorrCoef(task="binary")(preds, target),
+               "val/accuracy": Accuracy(task="binary")(preds, target)}
+    assert float(metrics["val/matthews"]) > 0
+    assert (float(metrics["val/accuracy"]) > 721 / 1043) is expect
+    monitor = _judge(StabilityMonitor(monitor="val/matthews"), {1: 721, 0: 322}, metrics)
+    assert monitor.succeeded is expect, monitor.summary["reasons"]
+    assert monitor.summary["accuracy_threshold"] == pytest.approx(721 / 1043)
+    if not expect:
+        assert monitor.summary["reasons"] == [f"val/accuracy {float(metrics['val/accuracy']):.4f} <= majority class "
+                                              f"{721 / 1043:.4f}"]
+    # accuracy=None turns the rule off: MCC alone decides, as before
+    assert _judge(StabilityMonitor(monitor="val/matthews", accuracy=None), {1: 721, 0: 322}, metrics).succeeded
+
+
+def test_the_accuracy_rule_skips_regression_and_unlogged_accuracy():
+    """No integer labels counted (STS-B's float scores) or no accuracy logged: rule 4 does not apply."""
+    pearson = {"val/pearson": torch.tensor(0.3)}
+    assert _judge(StabilityMonitor(monitor="val/pearson"), {}, pearson).succeeded
+    assert "accuracy" not in _judge(StabilityMonitor(monitor="val/f1"), {1: 279, 0: 129},
+                                    {"val/f1": torch.tensor(0.85)}).summary

@@ -12,7 +12,10 @@ when all of these hold:
 3. its final dev metric (``monitor``, the last validation value) beats the **majority-class baseline**: the score
    that always predicting the most frequent dev label gets with the same metric (accuracy: that label's share;
    binary F1: 2p/(1+p) if the majority label is the positive class 1, else 0; Matthews correlation, Pearson or
-   Spearman correlation: 0), or ``success_threshold`` when given. Without ``monitor`` only 1-2 count.
+   Spearman correlation: 0), or ``success_threshold`` when given. Without ``monitor`` only 1-2 count;
+4. on a classification task, its final dev accuracy (``accuracy``, when logged) also beats the majority class's
+   share. An MCC or F1 above its baseline is not enough: a model that predicts the majority class almost everywhere
+   scores MCC > 0 on CoLA, or F1 0.81 on MRPC, while its accuracy sits at or below the constant predictor's.
 
 Why not Lightning's ``EarlyStopping(check_finite=True, divergence_threshold=...)``: it checks a logged metric at
 epoch/validation ends against an absolute threshold; a run that explodes mid-epoch trains on garbage until then,
@@ -81,11 +84,13 @@ class StabilityMonitor(Callback):
         success_threshold: the dev metric must exceed this; ``None`` uses the majority-class baseline.
         initial_loss: the untrained model's expected loss, the reference until the running loss exists; ``None``:
             ln(num_labels) for a classifier with 2+ labels (not distilling), else the first step's loss.
+        accuracy: logged dev accuracy that must also beat the majority class's share on a classification task
+            (rule 4; skipped where the monitor is that accuracy or it was not logged); ``None`` turns rule 4 off.
     """
 
     def __init__(self, factor: float = 10.0, warmup_steps: int = 20, smoothing: float = 0.98,
                  monitor: str | None = None, success_threshold: float | None = None,
-                 initial_loss: float | None = None) -> None:
+                 initial_loss: float | None = None, accuracy: str | None = "val/accuracy") -> None:
         if not factor > 1:
             raise UserError(f"StabilityMonitor factor={factor} must be > 1 (times the reference loss)")
         if not 0 <= smoothing < 1:
@@ -97,7 +102,7 @@ class StabilityMonitor(Callback):
         if monitor is not None and success_threshold is None:
             majority_baseline(monitor, {0: 1})  # fail now, not after training, on a metric without a baseline rule
         self.factor, self.warmup_steps, self.smoothing = factor, warmup_steps, smoothing
-        self.monitor, self.success_threshold = monitor, success_threshold
+        self.monitor, self.success_threshold, self.accuracy = monitor, success_threshold, accuracy
         self.initial_loss = initial_loss  # the reference before the running loss exists (None: found at step 0)
         self.ema = 0.0
         self.steps = 0  # steps folded into the running loss
@@ -225,17 +230,33 @@ class StabilityMonitor(Callback):
                 reasons.append("no dev labels seen for the majority baseline (give success_threshold)")
             elif as_logged(value) <= as_logged(threshold):
                 reasons.append(f"{self.monitor} {value:.4f} <= baseline {threshold:.4f}")
+            reasons += self._accuracy_reasons(metrics, counts, summary)
         summary["succeeded"] = not reasons
         summary["reasons"] = reasons
         self.summary = summary
         # trainer.log_dir is a collective under DDP: every rank reads it. No logger: no file (log_dir would be cwd).
         self._report(trainer.log_dir if trainer.loggers else None, summary)
 
+    def _accuracy_reasons(self, metrics: Mapping[str, Any], counts: dict[int, int],
+                          summary: dict[str, Any]) -> list[str]:
+        """Rule 4: on a classification task (integer dev labels were counted) the logged dev accuracy must beat
+        the majority class's share too, unless the monitored metric already is that accuracy."""
+        if not self.accuracy or self.accuracy == self.monitor or not counts or metrics.get(self.accuracy) is None:
+            return []
+        value, share = float(metrics[self.accuracy]), majority_baseline("accuracy", counts)
+        summary.update(accuracy=value, accuracy_threshold=share)
+        if math.isfinite(value) and as_logged(value) > as_logged(share):
+            return []
+        return [f"{self.accuracy} {value:.4f} <= majority class {share:.4f}"]
+
     @rank_zero_only
     def _report(self, log_dir: str | None, summary: dict[str, Any]) -> None:
         if summary["succeeded"]:
             detail = (f"{summary['monitor']} {summary['dev_metric']:.4f} > baseline {summary['threshold']:.4f}"
                       if self.monitor else "finite loss, no divergence")
+            if "accuracy" in summary:
+                detail += (f", {self.accuracy} {summary['accuracy']:.4f} > majority class "
+                           f"{summary['accuracy_threshold']:.4f}")
             rank_zero_info(f"RUN SUCCEEDED: {detail}")
         else:
             rank_zero_info(f"RUN FAILED: {'; '.join(summary['reasons'])}")
@@ -256,8 +277,8 @@ class StabilityMonitor(Callback):
 def run_failed(trainer: pl.Trainer) -> list[str]:
     """Why a finished ``fit`` counts as failed (empty: it did not), for the exit status of a command line.
 
-    With a :class:`StabilityMonitor` its verdict rules (divergence, non-finite loss, dev metric at or below the
-    majority baseline). Without one, a non-finite final training loss still fails the run.
+    With a :class:`StabilityMonitor` its verdict rules (divergence, non-finite loss, dev metric or, classifying,
+    dev accuracy at or below the majority baseline). Without one, a non-finite final training loss still fails the run.
     """
     monitors = [c for c in trainer.callbacks if isinstance(c, StabilityMonitor)]
     if monitors:
