@@ -8,6 +8,7 @@ in one warning line.
 
 from __future__ import annotations
 
+import os
 import platform
 from pathlib import Path
 
@@ -53,3 +54,15 @@ def cpu_description() -> dict[str, str | None]:
     flags = set(info.split())
     vector = next((f for f in ("avx512f", "avx2", "avx", "neon", "asimd") if f in flags), None)
     return {"cpu": name, "vector": vector, "native_bf16": cpu_bf16()}
+
+
+def describe_machine(gpus: list[str]) -> str:
+    """What a study's trials ran on, in one line (recorded with the study and with each trial: results from a GPU
+    and a laptop differ in train time and latency, and a report must say which is which)."""
+    cores = f"{os.cpu_count()} CPU cores"
+    if gpus and torch.cuda.is_available():
+        return f"{len(gpus)} x {torch.cuda.get_device_name(0)}, {cores}"
+    # two 2-core machines differed 4.5x in an fp32 step, and bf16 is native on one only (docs/speed.md)
+    cpu = cpu_description()
+    native = f", native bf16 ({cpu['native_bf16']})" if cpu["native_bf16"] else ""
+    return f"CPU only ({cpu['cpu']}, {cpu['vector'] or 'vector extensions unknown'}{native}), {cores}"

@@ -394,3 +394,24 @@ def test_claim2_leaves_distilled_runs_out():
     staged = [run("lowrank", 0.8, s, staged=True, schedule="spread=0.5", teacher="self") for s in (1, 2, 3)]
     flat = [run("lowrank", 0.5, s, verdict="failed") for s in (1, 2, 3)]
     assert cl.judge(cl.CLAIMS["2"], DENSE + staged + flat, MAJORITY).comparisons == []
+
+
+def test_claim4_compares_speedups_within_a_machine_when_a_grid_ran_on_two():
+    """Seeds 1-3 on a CPU, seeds 4-6 resumed on a GPU: pooled, each arm's spread would be the machines' gap and
+    low rank's clear lead (per machine) would drown in it. Each trial's recorded machine splits the comparison."""
+    cpu, gpu = "CPU only (x, avx2), 2 CPU cores", "1 x H100, 16 CPU cores"
+
+    def speedups(method, values, machine, first_seed):
+        rows = [run(method, 0.8, seed, speedup=v) for seed, v in enumerate(values, start=first_seed)]
+        return [{**r, "machine": machine} for r in rows]
+
+    rows = (speedups("lowrank", [1.60, 1.62, 1.61], cpu, 1) + speedups("monarch", [1.40, 1.41, 1.42], cpu, 1)
+            + speedups("lowrank", [3.10, 3.12, 3.11], gpu, 4) + speedups("monarch", [2.90, 2.91, 2.92], gpu, 4))
+    answer = cl.judge(cl.CLAIMS["4"], rows, MAJORITY)
+    labels = sorted(c.label for c in answer.comparisons)
+    assert labels == [f"50%, low rank vs Monarch, on {gpu}", f"50%, low rank vs Monarch, on {cpu}"]
+    assert all(c.test.effect == pytest.approx(0.20, abs=0.005) and c.test.p < 0.01 for c in answer.comparisons)
+    # without the per-trial machine (rows recorded before it) both machines' seeds form one arm, as before
+    legacy = [{k: v for k, v in r.items() if k != "machine"} for r in rows]
+    (pooled,) = cl.judge(cl.CLAIMS["4"], legacy, MAJORITY).comparisons
+    assert pooled.label == "50%, low rank vs Monarch" and pooled.test.p > 0.05

@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from lit_factor.errors import UserError
+from lit_factor.hardware import describe_machine
 from lit_factor.study import cli as study_cli
 from lit_factor.study import storage as st
 from lit_factor.study.spec import load_spec
@@ -434,6 +435,7 @@ def test_real_2x2_grid_2_workers_csv_and_report(tmp_path, tiny_base):
         assert r["task"] == "sst2" and r["monitor"] == "val/accuracy" and 0 <= float(r["final"]) <= 1
         assert (float(r["kept_fraction"]) < 0.6) == (r["method"] == "lowrank")
         assert (tmp_path / r["run_dir"] / "fit.log").is_file()
+        assert r["machine"].startswith("CPU only (")  # each trial says what it ran on (claim 4 compares within one)
     for name in ("metric_vs_kept", "loss_curves"):
         assert matplotlib.image.imread(out / f"{name}.png").ndim == 3
     assert_hparams(out / "tensorboard", expected_runs=4)
@@ -453,6 +455,7 @@ def test_real_diverging_trial_is_failed_not_errored_not_retried(tmp_path, tiny_b
     trials = open_study(tmp_path / "logs", "div").get_trials()
     assert len(trials) == 1 and trials[0].state.name == "COMPLETE"
     assert trials[0].user_attrs["verdict"] == "failed" and trials[0].user_attrs["exit_code"] == 3
+    assert trials[0].user_attrs["machine"] == describe_machine([])
     stability = trials[0].user_attrs["result"]["stability"]
     assert stability["succeeded"] is False and stability["diverged"] is True
     assert "trial 0 failed" in capsys.readouterr().out

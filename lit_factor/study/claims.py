@@ -496,11 +496,18 @@ def _schedule(text) -> str:
 
 # --- claim 4 ----------------------------------------------------------------------------------------------------------
 def check_claim4(rows: list[dict], majority: dict) -> list[Comparison]:
-    """Per study, setting and budget: the inference speedup over dense measured at the end of each fit, low rank
-    against each other structure. Speed does not depend on whether the task trained: no training gate."""
+    """Per study, setting, budget and machine: the inference speedup over dense measured at the end of each fit,
+    low rank against each other structure. Speed does not depend on whether the task trained: no training gate.
+    A speedup is an in-process ratio, but its size depends on the machine (a GPU's is not a CPU's, and two CPUs
+    differ): seeds of one grid that ran on different machines are compared per machine, where each trial recorded
+    its own (rows from before that have none, and stay together)."""
     out = []
     flat = [r for r in finished(rows) if number(r, "latency_speedup") is not None]
-    for (setting, budget, recipe), cell in sorted(_by_setting(flat, ("budget", "recipe")).items(), key=str):
+    machines = {r.get("section"): set() for r in flat}
+    for r in flat:
+        machines[r.get("section")].add(r.get("machine"))
+    cells = _by_setting(flat, ("budget", "recipe", "machine"))
+    for (setting, budget, recipe, machine), cell in sorted(cells.items(), key=str):
         by_method = group(cell, ("method",))
         if ("lowrank",) not in by_method:
             continue
@@ -510,9 +517,12 @@ def check_claim4(rows: list[dict], majority: dict) -> list[Comparison]:
             a, b = by_method[("lowrank",)], by_method[(other,)]
             va, vb = _arms(a, "latency_speedup"), _arms(b, "latency_speedup")
             label = f"{_pct(budget)}, low rank vs {NAMES[other]}" + (f", recipe {recipe}" if recipe else "")
+            if len(machines[setting[0]]) > 1:
+                label += f", on {machine or 'a machine not recorded'}"
             out.append(Comparison("4", setting[0], setting[SETTING.index("task")], label, st.welch(va, vb),
                                   "speedup over dense", 1, "", f"{st.fmt_stat(va, 2)} vs {st.fmt_stat(vb, 2)}",
-                                  _params_note(a, b, ("low rank", NAMES[other])), unit=str((setting, budget, recipe))))
+                                  _params_note(a, b, ("low rank", NAMES[other])),
+                                  unit=str((setting, budget, recipe, machine))))
     return out
 
 

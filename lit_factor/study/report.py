@@ -31,7 +31,7 @@ RESULT_COLUMNS = ("monitor", "final", "best", "best_epoch", "kept_fraction", "mo
                   "params_targeted_factorized", "train_time_s", "latency_speedup")
 FACT_COLUMNS = ("task", "method", "budget", "staged", "schedule", "max_train_samples", "learning_rate",
                 "max_epochs", "max_steps", "teacher")
-TAIL_COLUMNS = ("wall_s", "exit_code", "run_dir")
+TAIL_COLUMNS = ("machine", "wall_s", "exit_code", "run_dir")  # machine: per trial (blank before it was recorded)
 
 
 def axis_column(axis: str) -> str:

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from lit_factor.hardware import cpu_description, emulates_bf16
+from lit_factor.hardware import describe_machine, emulates_bf16
 from lit_factor.study import status as stat
 from lit_factor.study import storage as st
 from lit_factor.study import trial as tr
@@ -49,20 +49,6 @@ def visible_gpus() -> list[str]:
     import torch
 
     return [str(i) for i in range(torch.cuda.device_count())]
-
-
-def describe_machine(gpus: list[str]) -> str:
-    """What the trials of one ``study run`` ran on (recorded with the study: results from a GPU and a laptop differ
-    in train time and latency, and a report must say which is which)."""
-    import torch
-
-    cores = f"{os.cpu_count()} CPU cores"
-    if gpus and torch.cuda.is_available():
-        return f"{len(gpus)} x {torch.cuda.get_device_name(0)}, {cores}"
-    # two 2-core machines differed 4.5x in an fp32 step, and bf16 is native on one only (docs/speed.md)
-    cpu = cpu_description()
-    native = f", native bf16 ({cpu['native_bf16']})" if cpu["native_bf16"] else ""
-    return f"CPU only ({cpu['cpu']}, {cpu['vector'] or 'vector extensions unknown'}{native}), {cores}"
 
 
 def emulated_bf16(spec: StudySpec, gpus: list[str]) -> list[str]:

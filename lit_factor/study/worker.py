@@ -26,6 +26,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_s
 from optuna.trial import TrialState
 
 from lit_factor.errors import UserError, fail
+from lit_factor.hardware import describe_machine
 from lit_factor.study import storage as st
 from lit_factor.study import trial as tr
 from lit_factor.study.carry_on import carry_on_point, process_alive
@@ -115,6 +116,8 @@ class Worker:
         trial.set_user_attr("carried_on", carry.as_attr() if carry else None)  # a copy inherits its original's
         trial.set_user_attr("run_dir", str(run_dir))
         trial.set_user_attr("worker", self.index)
+        # per trial, not only per study: a grid resumed elsewhere mixes machines, and speed compares within one
+        trial.set_user_attr("machine", describe_machine([self.gpu] if self.gpu else []))
         trial.set_user_attr("verdict", "running")
         rc = tr.execute(cmd, tr.trial_env(self.threads, self.gpu), log_file,
                         on_start=lambda pid: trial.set_user_attr("pid", pid))
