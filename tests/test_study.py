@@ -778,6 +778,27 @@ def test_optuna_grid_sampler_keeps_the_grid_id_where_the_queue_reads_it():
     assert frozen.system_attrs.get("grid_id") in (0, 1) and frozen.system_attrs.get("search_space") == {"x": [1, 2]}
 
 
+@pytest.mark.parametrize("machines,expect", [(["CPU A"], ["CPU A", "GPU B"]), (["CPU A", "GPU B"], [None, "GPU B"])])
+def test_a_trial_without_its_own_machine_takes_the_studys_only_one(machines, expect):
+    """Trials recorded before each named its machine: on a study that only ever ran on one, that one; on a study
+    that ran on several, unknown (claim 4 then keeps them together rather than guess)."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution
+
+    from lit_factor.study.report import trial_rows
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    study = optuna.create_study()
+    study.set_user_attr("search_space", {"x": [1, 2], "seed": [1]})
+    study.set_user_attr("machines", machines)
+    space = {"x": CategoricalDistribution([1, 2]), "seed": CategoricalDistribution([1])}
+    for x, attrs in ((1, {}), (2, {"machine": "GPU B"})):
+        study.add_trial(optuna.trial.create_trial(params={"x": x, "seed": 1}, distributions=space, value=0.5,
+                                                  user_attrs={"verdict": "succeeded", "result": {"final": 0.5},
+                                                              **attrs}))
+    assert [r["machine"] for r in sorted(trial_rows(study), key=lambda r: r["x"])] == expect
+
+
 def test_loss_curves_need_no_dense_arm_and_name_what_tells_the_arms_apart():
     """A study without a dense arm (claim2-collapse) still gets its loss curves; two Monarch arms that differ in
     schedule, rate and data are told apart in the legend, and a dense arm, when there is one, is 'dense'."""

@@ -59,6 +59,9 @@ def trial_rows(study: optuna.Study, reread: bool = False) -> list[dict[str, Any]
     """One row per grid point that has a finished trial (its latest complete one, else its latest error).
     ``reread``: results read again from the run directories found on this machine (after a reader update)."""
     rows = []
+    # trials recorded before each said what it ran on: the study's machine, where it only ever ran on one
+    machines = study.user_attrs.get("machines") or []
+    fallback = machines[0] if len(machines) == 1 else None
     for trials in stat.grid_points(study).values():
         t = stat.final_trial(trials)
         if t is None or stat.point_state(trials) in ("running", "queued"):
@@ -72,6 +75,7 @@ def trial_rows(study: optuna.Study, reread: bool = False) -> list[dict[str, Any]
                **{axis_column(a): v for a, v in t.params.items()}, **facts,
                **{k: result.get(k) for k in RESULT_COLUMNS}, **{k: t.user_attrs.get(k) for k in TAIL_COLUMNS}}
         row.setdefault("task", t.params.get("data.task"))
+        row["machine"] = row["machine"] or fallback
         row["train_loss"] = result.get("train_loss")  # for the figures, not the CSV
         row["latency_setting"] = result.get("latency_setting")
         row["final_metrics"], row["extra"] = result.get("final_metrics") or {}, result.get("extra") or {}
