@@ -634,7 +634,8 @@ register(Claim("3", "Pretrained weight matrices are close to full rank",
                lambda rows, majority: []))
 register(Claim("4", "Low rank runs faster than Monarch",
                "At equal parameters, low-rank layers run faster than Monarch layers.",
-               "difference of the inference speedup over dense (low rank minus the other structure; Welch's t)",
+               "difference of the inference speedup over dense (low rank minus the other structure; Welch's t), "
+               "on one machine: a grid whose trials ran on several is compared per machine",
                check_claim4))
 register(Claim("goal", "Compression goal: within 1 point of dense at 50 % kept, 2 points at 25 %",
                "This project's goal: a factorized model within 1 point of the dense model trained alike at 50 % "
