@@ -143,7 +143,8 @@ def test_majority_baseline_rules():
 @pytest.mark.parametrize("kw,match", [({"factor": 1.0}, "factor=1.0 must be > 1"),
                                       ({"smoothing": 1.0}, r"smoothing=1.0 must be in \[0, 1\)"),
                                       ({"warmup_steps": -1}, "warmup_steps=-1 must be >= 0"),
-                                      ({"initial_loss": 0.0}, "initial_loss=0.0 must be a finite loss")])
+                                      ({"initial_loss": 0.0}, "initial_loss=0.0 must be a finite loss"),
+                                      ({"accuracy": "val/f1"}, "accuracy='val/f1' must name a logged dev accuracy")])
 def test_settings_are_user_errors(kw, match):
     with pytest.raises(UserError, match=match):
         StabilityMonitor(**kw)

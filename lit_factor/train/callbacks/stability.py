@@ -99,6 +99,9 @@ class StabilityMonitor(Callback):
             raise UserError(f"StabilityMonitor warmup_steps={warmup_steps} must be >= 0")
         if initial_loss is not None and not (math.isfinite(initial_loss) and initial_loss > 0):
             raise UserError(f"StabilityMonitor initial_loss={initial_loss} must be a finite loss > 0 (or null)")
+        if accuracy is not None and "acc" not in accuracy.lower():
+            raise UserError(f"StabilityMonitor accuracy={accuracy!r} must name a logged dev accuracy "
+                            "(e.g. val/accuracy), or be null to judge the monitored metric alone")
         if monitor is not None and success_threshold is None:
             majority_baseline(monitor, {0: 1})  # fail now, not after training, on a metric without a baseline rule
         self.factor, self.warmup_steps, self.smoothing = factor, warmup_steps, smoothing
