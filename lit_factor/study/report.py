@@ -127,7 +127,10 @@ def progress_text(study: optuna.Study) -> str:
     c: Counter = stat.counts(study)
     total = sum(c.values())
     finished = c["succeeded"] + c["failed"]
-    return (f"{finished} of {total} grid points finished ({c['succeeded']} succeeded, {c['failed']} failed); "
+    # the fits' own verdicts; the tables' "succeeded" re-checks accuracy against the majority class (claims.py), which
+    # fits recorded before the StabilityMonitor did so did not
+    return (f"{finished} of {total} grid points finished (by their fits' own verdicts: {c['succeeded']} succeeded, "
+            f"{c['failed']} failed); "
             f"{c['errored']} errored, {c['running']} running, {c['queued']} not run.")
 
 
