@@ -524,6 +524,9 @@ def test_workers_share_cores_and_take_one_gpu_each(monkeypatch):
     assert [c[c.index("--gpu") + 1] for c in cmds] == ["0", "1", "0"]
     assert {c[c.index("--threads") + 1] for c in cmds} == {"5"}
     assert all("--gpu" not in c for c in worker_commands("s.yaml", [(None, "u")], RunOptions(workers=2, gpus=[])))
+    assert all("--machine" not in c for c in cmds)
+    described = worker_commands("s.yaml", [(None, "u")], RunOptions(workers=2, gpus=[]), "CPU only (x), 2 CPU cores")
+    assert all(c[c.index("--machine") + 1] == "CPU only (x), 2 CPU cores" for c in described)  # one description
     queue = worker_commands("s.yaml", [("a", "u1"), ("b", "u2")], RunOptions(workers=1, gpus=[]))[0]
     assert queue[queue.index("--variant"):queue.index("--variant") + 8] == \
         ["--variant", "a", "--storage", "u1", "--variant", "b", "--storage", "u2"]

@@ -503,7 +503,7 @@ def check_claim4(rows: list[dict], majority: dict) -> list[Comparison]:
     its own (rows from before that have none, and stay together)."""
     out = []
     flat = [r for r in finished(rows) if number(r, "latency_speedup") is not None]
-    machines = {r.get("section"): set() for r in flat}
+    machines: dict[str, set] = defaultdict(set)  # study -> the machines its rows name
     for r in flat:
         machines[r.get("section")].add(r.get("machine"))
     cells = _by_setting(flat, ("budget", "recipe", "machine"))

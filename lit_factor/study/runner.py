@@ -60,8 +60,10 @@ def emulated_bf16(spec: StudySpec, gpus: list[str]) -> list[str]:
             if str(spec.overrides(cell).get("trainer.precision", "")).startswith("bf16")]
 
 
-def worker_commands(spec_path: str, queue: list[tuple[str | None, str]], opts: RunOptions) -> list[list[str]]:
-    """One worker command per worker; ``queue``: (variant, storage URL) of each study, in the order run."""
+def worker_commands(spec_path: str, queue: list[tuple[str | None, str]], opts: RunOptions,
+                    machine: str | None = None) -> list[list[str]]:
+    """One worker command per worker; ``queue``: (variant, storage URL) of each study, in the order run;
+    ``machine``: what their trials record they ran on (described once here, not by every worker)."""
     gpus = visible_gpus() if opts.gpus is None else opts.gpus
     threads = opts.threads or max(1, (os.cpu_count() or 1) // opts.workers)
     cmds = []
@@ -74,6 +76,7 @@ def worker_commands(spec_path: str, queue: list[tuple[str | None, str]], opts: R
         cmd += ["--gpu", gpus[i % len(gpus)]] if gpus else []
         cmd += ["--data-dir", opts.data_dir] if opts.data_dir else []
         cmd += ["--grace", str(opts.grace)] if opts.grace else []
+        cmd += ["--machine", machine] if machine else []
         cmds.append(cmd)
     return cmds
 
@@ -115,7 +118,7 @@ def run(spec_path: str, queue: list[tuple[StudySpec, str | None]], opts: RunOpti
                   f"on a CPU without native bf16 (AVX-512 BF16, AMX, Arm BF16): emulated, about ten times slower "
                   f"than fp32 (docs/speed.md)", file=sys.stderr, flush=True)
     # workers die with this process (as their fits die with them): a killed run leaves nothing training
-    cmds = worker_commands(spec_path, [(variant, url) for _, variant, url, _ in opened], opts)
+    cmds = worker_commands(spec_path, [(variant, url) for _, variant, url, _ in opened], opts, machine)
     for sig in (signal.SIGINT, signal.SIGTERM):  # `kill` stops the study like Ctrl-C
         signal.signal(sig, signal.default_int_handler)
     procs = [subprocess.Popen(cmd, preexec_fn=die_with_parent) for cmd in cmds]

@@ -52,10 +52,17 @@ class Worker:
     gpu: str | None = None
     data_dir: str | None = None
     heartbeat: float = 30.0
+    #: what each trial records it ran on (``study run`` passes the study's description, made once for all its
+    #: workers; None: this worker describes its own machine, once)
+    machine: str | None = None
     #: waits between looks at a grid whose last trials are running elsewhere (tests: an event, not a clock)
     sleep: Callable[[float], None] = time.sleep
     #: fails and re-queues trials of dead workers (default: :meth:`reap_dead`; tests: an explicit event)
     reap: Callable[[optuna.Study], None] | None = None
+
+    def __post_init__(self) -> None:
+        if self.machine is None:
+            self.machine = describe_machine([self.gpu] if self.gpu else [])
 
     def loop(self, wait: bool = True) -> int:
         """Run trials until the grid is done; the number run. ``wait=False``: return as soon as nothing is left to
@@ -117,7 +124,7 @@ class Worker:
         trial.set_user_attr("run_dir", str(run_dir))
         trial.set_user_attr("worker", self.index)
         # per trial, not only per study: a grid resumed elsewhere mixes machines, and speed compares within one
-        trial.set_user_attr("machine", describe_machine([self.gpu] if self.gpu else []))
+        trial.set_user_attr("machine", self.machine)
         trial.set_user_attr("verdict", "running")
         rc = tr.execute(cmd, tr.trial_env(self.threads, self.gpu), log_file,
                         on_start=lambda pid: trial.set_user_attr("pid", pid))
@@ -243,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir")
     p.add_argument("--heartbeat", type=float, default=30.0)
     p.add_argument("--grace", type=float)
+    p.add_argument("--machine", help="what the trials ran on, as recorded (default: this machine, described)")
     args = p.parse_args(argv)
     for sig in (signal.SIGINT, signal.SIGTERM):  # stop like Ctrl-C (even if started with SIGINT ignored)
         signal.signal(sig, signal.default_int_handler)  # the running trial goes back to the queue
@@ -257,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
             if not st.exists(spec.name, store):  # started by hand as the study's first worker: check the grid
                 tr.check_grid(spec, args.data_dir)
             worker = Worker(spec, st.create(spec, store), store, Path(args.root), args.index, args.threads, args.gpu,
-                            args.data_dir, args.heartbeat)
+                            args.data_dir, args.heartbeat, args.machine)
             worker.loop(wait=i == len(variants) - 1)  # only the queue's last study waits for others' trials
     except UserError as err:
         fail(err)
